@@ -1,0 +1,1 @@
+"""Analysis pipelines: pure image analysis, no Celery, network or database code."""
