@@ -1,0 +1,99 @@
+"""The contract between the node and an analysis pipeline.
+
+A pipeline gates a DICOM data set (``accepts``), turns an accepted one into an
+:class:`ImageInput` (``load``) and analyses inputs into :class:`ImageResult`
+objects (``run``). It imports no Celery, network or database code, so it can be
+run and tested on a numpy array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from pydicom import Dataset
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The quality gate's answer for one data set: accepted, or skipped with a reason."""
+
+    accepted: bool
+    reason: str = ""
+
+    @classmethod
+    def accept(cls) -> Verdict:
+        return cls(True, "")
+
+    @classmethod
+    def skip(cls, reason: str) -> Verdict:
+        return cls(False, reason)
+
+
+@dataclass
+class ImageInput:
+    """One image ready for analysis.
+
+    ``pixels`` is 2-D float32 at the source resolution, after the Modality LUT,
+    oriented so that higher values are brighter (MONOCHROME2). ``display`` is the
+    same image windowed to uint8 for overlays.
+    """
+
+    sop_instance_uid: str
+    pixels: np.ndarray
+    display: np.ndarray
+    pixel_spacing_mm: tuple[float, float] | None = None
+
+
+@dataclass
+class Finding:
+    """One finding's score for one image.
+
+    ``heatmap`` is float32 in [0, 1] at the source resolution and zero outside the
+    lungs; ``region`` is the localized boolean region (set when flagged).
+    ``experimental`` heads report a score but are never flagged.
+    """
+
+    name: str
+    display_name: str
+    probability: float
+    threshold: float
+    flagged: bool
+    experimental: bool
+    heatmap: np.ndarray | None = None
+    region: np.ndarray | None = None
+
+
+@dataclass
+class ImageResult:
+    """Everything a pipeline says about one image."""
+
+    sop_instance_uid: str
+    lung_mask: np.ndarray
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def flagged(self) -> list[Finding]:
+        return [f for f in self.findings if f.flagged]
+
+
+@runtime_checkable
+class Pipeline(Protocol):
+    """What the node needs of an analysis pipeline."""
+
+    name: str
+    version: str
+
+    def accepts(self, dataset: Dataset) -> Verdict:
+        """Return whether ``dataset`` is an image this pipeline analyses, and why not."""
+        ...
+
+    def load(self, dataset: Dataset) -> ImageInput:
+        """Decode and normalise an accepted data set into an :class:`ImageInput`."""
+        ...
+
+    def run(self, inputs: Sequence[ImageInput]) -> list[ImageResult]:
+        """Analyse ``inputs``; one result per input, in order."""
+        ...

@@ -1,0 +1,1 @@
+"""Chest X-ray analysis: lung segmentation, finding classification, Grad-CAM."""
