@@ -1,0 +1,221 @@
+"""One validated settings object: YAML file → ``DICOM_NODE_*`` environment → CLI flags.
+
+Later sources win. Nested keys are reached in the environment with ``__``
+(``DICOM_NODE_SCP__PORT=104``). A wrong key or value raises :class:`ConfigError`
+naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from dicom_node.errors import ConfigError
+
+ENV_PREFIX = "DICOM_NODE_"
+CONFIG_FILE_ENV = "DICOM_NODE_CONFIG"
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_ae_title(value: str) -> str:
+    if not AE_TITLE.match(value) or not value.strip():
+        raise ValueError("an AE title is 1 to 16 printable characters, no backslash")
+    return value.strip()
+
+
+class AllowedPeer(Section):
+    """A calling AE the SCP accepts, optionally only from one host."""
+
+    ae_title: str
+    host: str | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class TlsSettings(Section):
+    """DICOM TLS: certificate and key of this node, CA bundle of its peers."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    require_peer_certificate: bool = False
+
+
+class ScpSettings(Section):
+    ae_title: str = "DICOM_NODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_peers: list[AllowedPeer] = Field(
+        default_factory=list, description="calling AEs accepted; empty accepts any"
+    )
+    check_called_ae: bool = True
+    max_associations: int = Field(10, ge=1)
+    max_pdu_bytes: int = Field(1_048_576, ge=0, description="0: no limit")
+    max_dataset_mb: float = Field(1024, gt=0)
+    min_free_disk_mb: float = Field(1024, ge=0)
+    acse_timeout_s: float = Field(30, gt=0)
+    dimse_timeout_s: float = Field(60, gt=0)
+    network_timeout_s: float = Field(60, gt=0)
+    tls: TlsSettings | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class SchedulerSettings(Section):
+    study_quiet_seconds: float = Field(5, ge=0)
+    poll_seconds: float = Field(0.5, gt=0)
+
+
+class GateSettings(Section):
+    min_patient_age_years: float = Field(18, ge=0)
+
+
+class BrokerSettings(Section):
+    url: str | None = Field(None, description="default: SQLite file in the state folder")
+    result_backend: str | None = None
+    polling_interval_s: float = Field(0.1, gt=0)
+
+
+class WorkerSettings(Section):
+    embedded: bool = Field(True, description="serve starts and supervises one worker")
+    pool: Literal["solo", "threads"] = "solo"
+    concurrency: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class AuditSettings(Section):
+    enabled: bool = True
+    database_url: str | None = Field(None, description="default: SQLite file in the state folder")
+    secret: SecretStr | None = Field(
+        None, description="key of the pseudonym hash and the chain; default: generated once"
+    )
+
+
+class Settings(BaseSettings):
+    """The node's whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    state_dir: Path = Path("dicom-node-state")
+    database_url: str | None = Field(None, description="default: SQLite file in the state folder")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    scp: ScpSettings = Field(default_factory=ScpSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.state_dir / "results"
+
+    @property
+    def node_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.state_dir / 'node.db').resolve()}"
+
+    @property
+    def audit_database_url(self) -> str:
+        return self.audit.database_url or f"sqlite:///{(self.state_dir / 'audit.db').resolve()}"
+
+    @property
+    def broker_url(self) -> str:
+        return self.broker.url or f"sqla+sqlite:///{(self.state_dir / 'broker.db').resolve()}"
+
+    def redacted(self) -> dict[str, Any]:
+        """Return the settings as plain data with secrets and URL passwords hidden."""
+        data = self.model_dump(mode="json")
+        data["audit"]["secret"] = "***" if self.audit.secret else None
+        for section, key in (("", "database_url"), ("audit", "database_url"),
+                             ("broker", "url"), ("broker", "result_backend")):
+            holder = data[section] if section else data
+            if holder.get(key):
+                holder[key] = _redact_url(holder[key])
+        return data
+
+
+def _redact_url(url: str) -> str:
+    return re.sub(r"(//[^:/@]+):[^@]+@", r"\1:***@", url)
+
+
+def _unknown_environment_keys() -> list[str]:
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {CONFIG_FILE_ENV}
+    return sorted(
+        key for key in os.environ
+        if key.startswith(ENV_PREFIX) and key.split("__")[0] not in known
+    )
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"{where}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the effective settings from a YAML file, the environment and ``overrides``.
+
+    ``config_file`` defaults to ``$DICOM_NODE_CONFIG``; with neither, the built-in
+    defaults apply. ``overrides`` (from CLI flags) are nested dicts and win over
+    everything. Raises :class:`ConfigError` naming each bad key or value.
+    """
+    path = config_file or os.environ.get(CONFIG_FILE_ENV)
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if content is not None and not isinstance(content, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys")
+    unknown = _unknown_environment_keys()
+    if unknown:
+        raise ConfigError(f"unknown environment setting(s): {', '.join(unknown)}")
+    settings_cls = type(
+        "Settings", (Settings,),
+        {"model_config": SettingsConfigDict(**{**Settings.model_config, "yaml_file": path})},
+    )
+    try:
+        return settings_cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        source = f" (from {path})" if path else ""
+        raise ConfigError(f"invalid configuration{source}: {_describe(exc)}") from exc

@@ -1,0 +1,38 @@
+"""The node's exceptions, converted at the edges: to DICOM statuses in ``scp``,
+to ``ClickException`` in ``cli``, to audit outcomes in ``tasks``."""
+
+
+class NodeError(Exception):
+    """Base class of every error the node raises on purpose."""
+
+
+class ConfigError(NodeError):
+    """The configuration is missing, unreadable or invalid; the message names the key."""
+
+
+class SpoolError(NodeError):
+    """An instance cannot be written to the spool."""
+
+
+class InvalidUIDError(SpoolError):
+    """A UID is not a valid DICOM UID and must not become a path."""
+
+
+class DiskFullError(SpoolError):
+    """Free disk space is below the configured minimum."""
+
+
+class DatasetTooLargeError(SpoolError):
+    """A data set is larger than the configured maximum."""
+
+
+class UnreadableDatasetError(SpoolError):
+    """A received data set cannot be decoded."""
+
+
+class BrokerUnavailableError(NodeError):
+    """The message broker cannot be reached; the outbox keeps the message."""
+
+
+class PeerError(NodeError):
+    """A DICOM peer could not be reached or refused the request."""
