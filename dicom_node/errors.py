@@ -30,9 +30,21 @@ class UnreadableDatasetError(SpoolError):
     """A received data set cannot be decoded."""
 
 
+class SOPClassMismatchError(SpoolError):
+    """A data set's SOP Class differs from the one its C-STORE request names."""
+
+
 class BrokerUnavailableError(NodeError):
     """The message broker cannot be reached; the outbox keeps the message."""
 
 
 class PeerError(NodeError):
     """A DICOM peer could not be reached or refused the request."""
+
+
+class AuditError(NodeError):
+    """The audit trail cannot be written or read."""
+
+
+class SubjectError(NodeError):
+    """A subject's data cannot be exported or erased."""

@@ -1,0 +1,110 @@
+"""What can happen on the node, and how it maps onto DICOM PS3.15 Annex A.5 audit messages."""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+
+class DicomCode(NamedTuple):
+    """A coded concept: (CodeValue, CodingSchemeDesignator, CodeMeaning)."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+APPLICATION_ACTIVITY = DicomCode("110100", "DCM", "Application Activity")
+AUDIT_LOG_USED = DicomCode("110101", "DCM", "Audit Log Used")
+INSTANCES_ACCESSED = DicomCode("110103", "DCM", "DICOM Instances Accessed")
+INSTANCES_TRANSFERRED = DicomCode("110104", "DCM", "DICOM Instances Transferred")
+STUDY_DELETED = DicomCode("110105", "DCM", "DICOM Study Deleted")
+EXPORT = DicomCode("110106", "DCM", "Export")
+PATIENT_RECORD = DicomCode("110110", "DCM", "Patient Record")
+SECURITY_ALERT = DicomCode("110113", "DCM", "Security Alert")
+USER_AUTHENTICATION = DicomCode("110114", "DCM", "User Authentication")
+
+
+class AuditEvent(enum.StrEnum):
+    """One kind of step the node records; the value is what the store and the CLI show."""
+
+    NODE_STARTED = "node-started"
+    NODE_STOPPED = "node-stopped"
+    CONFIG_LOADED = "config-loaded"
+    ASSOCIATION_ACCEPTED = "association-accepted"
+    ASSOCIATION_REJECTED = "association-rejected"
+    INSTANCE_RECEIVED = "instance-received"
+    INSTANCE_IGNORED = "instance-ignored"
+    INSTANCE_REJECTED = "instance-rejected"
+    JOB_QUEUED = "job-queued"
+    JOB_SKIPPED = "job-skipped"
+    JOB_STARTED = "job-started"
+    JOB_COMPLETED = "job-completed"
+    JOB_FAILED = "job-failed"
+    RESULT_SENT = "result-sent"
+    RESULT_FAILED = "result-failed"
+    DATA_PURGED = "data-purged"
+    SUBJECT_EXPORTED = "subject-exported"
+    SUBJECT_ERASED = "subject-erased"
+    AUDIT_QUERIED = "audit-queried"
+
+    @property
+    def dicom_event_id(self) -> DicomCode:
+        """Return the A.5 EventID (CID 400) this event is reported as."""
+        return _EVENT_IDS[self]
+
+    @property
+    def dicom_action(self) -> str:
+        """Return the A.5 EventActionCode: C(reate), R(ead), U(pdate), D(elete) or E(xecute)."""
+        return _ACTIONS[self]
+
+
+_EVENT_IDS: dict[AuditEvent, DicomCode] = {
+    AuditEvent.NODE_STARTED: APPLICATION_ACTIVITY,
+    AuditEvent.NODE_STOPPED: APPLICATION_ACTIVITY,
+    AuditEvent.CONFIG_LOADED: SECURITY_ALERT,  # EventTypeCode 110129 Software Configuration
+    AuditEvent.ASSOCIATION_ACCEPTED: USER_AUTHENTICATION,
+    AuditEvent.ASSOCIATION_REJECTED: SECURITY_ALERT,  # EventTypeCode 110126 Node Authentication
+    AuditEvent.INSTANCE_RECEIVED: INSTANCES_TRANSFERRED,
+    AuditEvent.INSTANCE_IGNORED: INSTANCES_TRANSFERRED,
+    AuditEvent.INSTANCE_REJECTED: INSTANCES_TRANSFERRED,
+    AuditEvent.JOB_QUEUED: INSTANCES_ACCESSED,
+    AuditEvent.JOB_SKIPPED: INSTANCES_ACCESSED,
+    AuditEvent.JOB_STARTED: INSTANCES_ACCESSED,
+    AuditEvent.JOB_COMPLETED: INSTANCES_ACCESSED,
+    AuditEvent.JOB_FAILED: INSTANCES_ACCESSED,
+    AuditEvent.RESULT_SENT: INSTANCES_TRANSFERRED,
+    AuditEvent.RESULT_FAILED: INSTANCES_TRANSFERRED,
+    AuditEvent.DATA_PURGED: STUDY_DELETED,
+    AuditEvent.SUBJECT_EXPORTED: EXPORT,
+    AuditEvent.SUBJECT_ERASED: PATIENT_RECORD,
+    AuditEvent.AUDIT_QUERIED: AUDIT_LOG_USED,
+}
+
+_ACTIONS: dict[AuditEvent, str] = {
+    **{event: "E" for event in AuditEvent},
+    AuditEvent.INSTANCE_RECEIVED: "C",
+    AuditEvent.INSTANCE_IGNORED: "C",
+    AuditEvent.INSTANCE_REJECTED: "C",
+    AuditEvent.JOB_QUEUED: "R",
+    AuditEvent.RESULT_SENT: "R",
+    AuditEvent.RESULT_FAILED: "R",
+    AuditEvent.DATA_PURGED: "D",
+    AuditEvent.SUBJECT_EXPORTED: "R",
+    AuditEvent.SUBJECT_ERASED: "D",
+    AuditEvent.AUDIT_QUERIED: "R",
+}
+
+
+class Outcome(enum.StrEnum):
+    """How an event ended; maps onto the A.5 EventOutcomeIndicator."""
+
+    SUCCESS = "success"
+    MINOR_FAILURE = "minor-failure"
+    SERIOUS_FAILURE = "serious-failure"
+    MAJOR_FAILURE = "major-failure"
+
+    @property
+    def dicom_indicator(self) -> int:
+        """Return the EventOutcomeIndicator: 0, 4, 8 or 12."""
+        return 4 * list(Outcome).index(self)

@@ -1,0 +1,116 @@
+"""The audit database: its tables, its engine, and the write lock that serializes appends.
+
+Three tables: ``audit_events`` (the chained rows), ``audit_pseudonyms`` (keyed hash of a
+patient's identifiers → random pseudonym) and ``audit_chain`` (one row: the chain's head,
+and the anchor left by the last purge). Writers take an exclusive lock for the whole
+transaction: ``BEGIN IMMEDIATE`` on SQLite, ``pg_advisory_xact_lock`` on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    event,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.engine import Engine
+
+from dicom_node.db import UTCDateTime, make_engine
+
+T = TypeVar("T")
+
+ADVISORY_LOCK_KEY = 0x6175646974  # "audit"
+
+metadata = MetaData()
+
+events = Table(
+    "audit_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("time", UTCDateTime(), nullable=False, index=True),
+    Column("event", String(32), nullable=False, index=True),
+    Column("event_id", String(16), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("actor", String(128), index=True),
+    Column("remote", String(128)),
+    Column("pseudonym", String(40), index=True),
+    Column("study_uid", String(64), index=True),
+    Column("series_uid", String(64)),
+    Column("sop_uid", String(64)),
+    Column("job_id", Integer),
+    Column("detail", Text, nullable=False, default=""),
+    Column("hash", String(64), nullable=False),
+)
+
+pseudonyms = Table(
+    "audit_pseudonyms", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("pseudonym", String(40), nullable=False, unique=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+chain = Table(
+    "audit_chain", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("head_id", Integer, nullable=False),
+    Column("head_hash", String(64), nullable=False),
+    Column("anchor_id", Integer, nullable=False),
+    Column("anchor_hash", String(64), nullable=False),
+)
+
+GENESIS_HASH = "0" * 64
+
+
+def make_audit_engine(url: str) -> Engine:
+    """Return an engine for the audit store at ``url`` with its schema created.
+
+    SQLite files get WAL with ``synchronous=NORMAL`` (an append costs no fsync; a power
+    cut may lose the last events but never corrupts the chain), and transactions
+    begun through :func:`write_engine` start with ``BEGIN IMMEDIATE``.
+    """
+    engine = make_engine(url)
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _audit_pragmas(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+            dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection: Connection) -> None:
+            immediate = connection.get_execution_options().get("audit_write", False)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    run_locked(engine, _create_schema)
+    return engine
+
+
+def write_engine(engine: Engine) -> Engine:
+    """Return a view of ``engine`` whose transactions hold the audit write lock."""
+    return engine.execution_options(audit_write=True)
+
+
+def run_locked(engine: Engine, work: Callable[[Connection], T]) -> T:
+    """Run ``work`` in one transaction holding the store's exclusive write lock; return its result."""
+    with write_engine(engine).begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": ADVISORY_LOCK_KEY})
+        return work(connection)
+
+
+def _create_schema(connection: Connection) -> None:
+    metadata.create_all(connection)
+    if connection.execute(select(chain.c.id)).first() is None:
+        connection.execute(insert(chain).values(id=1, head_id=0, head_hash=GENESIS_HASH,
+                                                anchor_id=0, anchor_hash=GENESIS_HASH))

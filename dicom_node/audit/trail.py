@@ -1,0 +1,185 @@
+"""The audit trail: pseudonyms for patients and chained, serialized appends of events."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy.exc import OperationalError
+
+from dicom_node.audit import store
+from dicom_node.audit.events import AuditEvent, Outcome
+from dicom_node.audit.keys import AuditKeys, load_or_create_secret
+from dicom_node.errors import AuditError
+
+if TYPE_CHECKING:
+    from dicom_node.config import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+WRITE_ATTEMPTS = 6
+FIRST_BACKOFF_S = 0.05
+
+
+class AuditTrail:
+    """The node's audit store; one per process, shared by its threads."""
+
+    def __init__(self, url: str, secret: bytes) -> None:
+        self.url = url
+        self._keys = AuditKeys(secret)
+        self._thread_lock = threading.Lock()
+        self._pid = os.getpid()
+        self.engine = store.make_audit_engine(url)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AuditTrail:
+        """Return the trail the settings describe; a no-op trail when auditing is disabled.
+
+        The secret is ``audit.secret`` or, unset, the key generated once in the state
+        folder. Raises :class:`AuditError` when the key or the store cannot be opened.
+        """
+        if not settings.audit.enabled:
+            return DisabledAuditTrail()
+        return cls(settings.audit_database_url, audit_secret(settings))
+
+    @property
+    def keys(self) -> AuditKeys:
+        return self._keys
+
+    def pseudonym(self, patient_id: str | None, issuer: str | None = None) -> str | None:
+        """Return the patient's pseudonym, creating it on first sight; None without an ID.
+
+        Raises :class:`AuditError` when the store stays unwritable.
+        """
+        if not patient_id or not patient_id.strip():
+            return None
+        key = self._keys.patient_key(patient_id, issuer)
+        found = self._lookup(key)
+        return found or self.write(lambda connection: _get_or_create(connection, key))
+
+    def lookup_pseudonym(self, patient_id: str, issuer: str | None = None) -> str | None:
+        """Return the patient's pseudonym without creating one; None when unknown or erased."""
+        if not patient_id.strip():
+            return None
+        return self._lookup(self._keys.patient_key(patient_id, issuer))
+
+    def forget_pseudonym(self, pseudonym: str) -> bool:
+        """Delete the mapping to ``pseudonym``, unlinking every event from the person.
+
+        Returns whether a mapping was deleted.
+        """
+        statement = delete(store.pseudonyms).where(store.pseudonyms.c.pseudonym == pseudonym)
+        return self.write(lambda connection: connection.execute(statement).rowcount > 0)
+
+    def record(self, event: AuditEvent | str, *, outcome: Outcome | str = Outcome.SUCCESS,
+               actor: str | None = None, remote: str | None = None,
+               pseudonym: str | None = None, study_uid: str | None = None,
+               series_uid: str | None = None, sop_uid: str | None = None,
+               job_id: int | None = None, detail: str = "") -> None:
+        """Append one event to the chain.
+
+        ``detail`` must be free of patient data; pass a pseudonym, never a patient ID.
+        Raises ``ValueError`` for an unknown event or outcome, :class:`AuditError` when
+        the store stays unwritable after retries.
+        """
+        row = {"event": AuditEvent(event).value, "outcome": Outcome(outcome).value,
+               "actor": actor, "remote": remote, "pseudonym": pseudonym,
+               "study_uid": study_uid, "series_uid": series_uid, "sop_uid": sop_uid,
+               "job_id": job_id, "detail": detail}
+        self.write(lambda connection: self.append(connection, **row))
+
+    def append(self, connection: Connection, **fields: Any) -> int:
+        """Append an event inside a transaction begun by :meth:`write`; return its row id."""
+        head = connection.execute(select(store.chain.c.head_id, store.chain.c.head_hash)).one()
+        row = {**fields, "id": head.head_id + 1, "time": datetime.now(UTC),
+               "event_id": AuditEvent(fields["event"]).dicom_event_id.value}
+        row["hash"] = self._keys.chain_hash(head.head_hash, row)
+        connection.execute(insert(store.events).values(row))
+        connection.execute(update(store.chain).values(head_id=row["id"], head_hash=row["hash"]))
+        return row["id"]
+
+    def write(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a transaction that holds the write lock; return its result.
+
+        Retries while the store is locked or unreachable; raises :class:`AuditError`
+        when that persists.
+        """
+        self._after_fork()
+        with self._thread_lock:
+            for attempt in range(1, WRITE_ATTEMPTS + 1):
+                try:
+                    return store.run_locked(self.engine, work)
+                except OperationalError as exc:
+                    if attempt == WRITE_ATTEMPTS:
+                        logger.error("audit store %s unwritable after %d attempts: %s",
+                                     self.engine.url.render_as_string(), attempt,
+                                     type(exc.orig).__name__)
+                        raise AuditError("the audit store cannot be written") from exc
+                    logger.warning("audit store busy (attempt %d), retrying", attempt)
+                    time.sleep(FIRST_BACKOFF_S * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    def connect(self) -> Connection:
+        """Return a connection for reading; the caller closes it."""
+        self._after_fork()
+        return self.engine.connect()
+
+    def close(self) -> None:
+        """Release the store's connections."""
+        self.engine.dispose()
+
+    def _lookup(self, key: str) -> str | None:
+        with self.connect() as connection:
+            return connection.execute(
+                select(store.pseudonyms.c.pseudonym).where(store.pseudonyms.c.key == key)
+            ).scalar()
+
+    def _after_fork(self) -> None:
+        if os.getpid() != self._pid:
+            self.engine.dispose(close=False)  # the parent's connections stay the parent's
+            self._pid = os.getpid()
+            self._thread_lock = threading.Lock()
+
+
+class DisabledAuditTrail(AuditTrail):
+    """A trail that records nothing; only to measure what auditing costs."""
+
+    def __init__(self) -> None:  # no store, no key
+        pass
+
+    def pseudonym(self, patient_id: str | None, issuer: str | None = None) -> str | None:
+        return None
+
+    def record(self, event: AuditEvent | str, **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def audit_secret(settings: Settings) -> bytes:
+    """Return the configured audit secret, or the one generated in the state folder."""
+    if settings.audit.secret is not None:
+        return settings.audit.secret.get_secret_value().encode()
+    return load_or_create_secret(settings.state_dir)
+
+
+def _get_or_create(connection: Connection, key: str) -> str:
+    found = connection.execute(
+        select(store.pseudonyms.c.pseudonym).where(store.pseudonyms.c.key == key)
+    ).scalar()
+    if found:
+        return found
+    pseudonym = uuid.uuid4().hex
+    connection.execute(insert(store.pseudonyms).values(key=key, pseudonym=pseudonym,
+                                                       created_at=datetime.now(UTC)))
+    return pseudonym
