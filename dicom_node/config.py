@@ -25,6 +25,7 @@ from dicom_node.errors import ConfigError
 
 ENV_PREFIX = "DICOM_NODE_"
 CONFIG_FILE_ENV = "DICOM_NODE_CONFIG"
+DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "manifest.yaml"
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
@@ -85,6 +86,10 @@ class GateSettings(Section):
     min_patient_age_years: float = Field(18, ge=0)
 
 
+class PipelineSettings(Section):
+    manifest: Path = Field(DEFAULT_MANIFEST, description="weights manifest of the chest X-ray pipeline")
+
+
 class BrokerSettings(Section):
     url: str | None = Field(None, description="default: SQLite file in the state folder")
     result_backend: str | None = None
@@ -122,6 +127,7 @@ class Settings(BaseSettings):
     scp: ScpSettings = Field(default_factory=ScpSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -28,6 +29,22 @@ T = TypeVar("T")
 
 WRITE_ATTEMPTS = 6
 FIRST_BACKOFF_S = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One event as a caller describes it, before it gets its id, time and hash."""
+
+    event: AuditEvent
+    outcome: Outcome = Outcome.SUCCESS
+    actor: str | None = None
+    remote: str | None = None
+    pseudonym: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    job_id: int | None = None
+    detail: str = ""
 
 
 class AuditTrail:
@@ -91,17 +108,17 @@ class AuditTrail:
         Raises ``ValueError`` for an unknown event or outcome, :class:`AuditError` when
         the store stays unwritable after retries.
         """
-        row = {"event": AuditEvent(event).value, "outcome": Outcome(outcome).value,
-               "actor": actor, "remote": remote, "pseudonym": pseudonym,
-               "study_uid": study_uid, "series_uid": series_uid, "sop_uid": sop_uid,
-               "job_id": job_id, "detail": detail}
-        self.write(lambda connection: self.append(connection, **row))
+        entry = Entry(AuditEvent(event), Outcome(outcome), actor=actor, remote=remote,
+                      pseudonym=pseudonym, study_uid=study_uid, series_uid=series_uid,
+                      sop_uid=sop_uid, job_id=job_id, detail=detail)
+        self.write(lambda connection: self.append(connection, entry))
 
-    def append(self, connection: Connection, **fields: Any) -> int:
-        """Append an event inside a transaction begun by :meth:`write`; return its row id."""
+    def append(self, connection: Connection, entry: Entry) -> int:
+        """Append ``entry`` inside a transaction begun by :meth:`write`; return its row id."""
         head = connection.execute(select(store.chain.c.head_id, store.chain.c.head_hash)).one()
-        row = {**fields, "id": head.head_id + 1, "time": datetime.now(UTC),
-               "event_id": AuditEvent(fields["event"]).dicom_event_id.value}
+        row = {**dataclasses.asdict(entry), "id": head.head_id + 1, "time": datetime.now(UTC),
+               "event": entry.event.value, "outcome": entry.outcome.value,
+               "event_id": entry.event.dicom_event_id.value}
         row["hash"] = self._keys.chain_hash(head.head_hash, row)
         connection.execute(insert(store.events).values(row))
         connection.execute(update(store.chain).values(head_id=row["id"], head_hash=row["hash"]))

@@ -1,0 +1,139 @@
+"""What the ``analyze`` task does with one job: gate each instance, analyse, store results.
+
+Each instance gets a verdict (analysed / skipped with the gate's reason / failed
+with the error) and the job a final status. A job that is not queued any more is
+left alone, so a message delivered twice does nothing the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import select, update
+
+from dicom_node.audit import AuditEvent, AuditTrail, Outcome
+from dicom_node.config import Settings
+from dicom_node.db import Instance, Job, JobStatus, NodeDatabase, Verdict, utcnow
+from dicom_node.results import findings_summary, result_dir, save_result
+from dicom_node.scheduler import queue_message
+from pipelines.base import Pipeline
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InstanceOutcome:
+    verdict: Verdict
+    reason: str
+
+
+class Analyzer:
+    """Runs jobs through the quality gate and the pipeline in one worker process."""
+
+    def __init__(self, db: NodeDatabase, audit: AuditTrail, pipeline: Pipeline,
+                 results_root: Path, *, worker: str) -> None:
+        self.db = db
+        self.audit = audit
+        self.pipeline = pipeline
+        self.results_root = results_root
+        self.worker = worker
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, worker: str) -> Analyzer:
+        """Build the analyzer; loads the pipeline's weights now and raises if any is bad."""
+        from pipelines.chest_xray.pipeline import ChestXrayPipeline
+
+        pipeline = ChestXrayPipeline.from_manifest(
+            settings.pipeline.manifest, device=settings.worker.device,
+            min_age_years=settings.gate.min_patient_age_years,
+        )
+        return cls(NodeDatabase(settings.node_database_url), AuditTrail.from_settings(settings), pipeline,
+                   settings.results_dir, worker=worker)
+
+    def requeue_orphans(self) -> list[int]:
+        """Queue again the jobs this worker held when it died; return their ids."""
+        with self.db.session() as session:
+            orphans = session.scalars(select(Job.id).where(
+                Job.status == JobStatus.RUNNING, Job.worker == self.worker)).all()
+            for job_id in orphans:
+                session.execute(update(Job).where(Job.id == job_id)
+                                .values(status=JobStatus.QUEUED, started_at=None))
+                queue_message(session, "analyze", job_id)
+        if orphans:
+            logger.warning("Re-queued %d job(s) interrupted by a worker restart", len(orphans))
+        return list(orphans)
+
+    def _claim(self, job_id: int) -> Job | None:
+        with self.db.session() as session:
+            claimed = session.execute(
+                update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+                .values(status=JobStatus.RUNNING, started_at=utcnow(), worker=self.worker)
+            ).rowcount
+            return session.get(Job, job_id) if claimed else None
+
+    def run(self, job_id: int) -> JobStatus | None:
+        """Analyse the job's instances; return its final status, or None if nothing to do."""
+        job = self._claim(job_id)
+        if job is None:
+            logger.info("Job %d is not queued: nothing to do", job_id)
+            return None
+        with self.db.session() as session:
+            instances = session.scalars(
+                select(Instance).where(Instance.job_id == job_id).order_by(Instance.id)).all()
+        self.audit.record(AuditEvent.JOB_STARTED, actor=self.worker, job_id=job_id,
+                          study_uid=job.study_instance_uid,
+                          pseudonym=instances[0].patient_pseudonym if instances else None,
+                          detail=f"{len(instances)} instance(s)")
+        outcomes = [self._analyse_instance(job_id, instance) for instance in instances]
+        status, reason = _job_status(outcomes)
+        with self.db.session() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(
+                status=status, finished_at=utcnow(), reason=reason))
+        logger.info("Job %d %s", job_id, status.value)
+        return status
+
+    def _analyse_instance(self, job_id: int, instance: Instance) -> InstanceOutcome:
+        context = dict(actor=self.worker, job_id=job_id, pseudonym=instance.patient_pseudonym,
+                       study_uid=instance.study_instance_uid,
+                       series_uid=instance.series_instance_uid,
+                       sop_uid=instance.sop_instance_uid)
+        try:
+            dataset = dcmread(instance.path)
+            verdict = self.pipeline.accepts(dataset)
+            if not verdict.accepted:
+                outcome = InstanceOutcome(Verdict.SKIPPED, verdict.reason)
+                self.audit.record(AuditEvent.JOB_SKIPPED, detail=verdict.reason, **context)
+            else:
+                image = self.pipeline.load(dataset)
+                result = self.pipeline.run([image])[0]
+                save_result(result_dir(self.results_root, instance.study_instance_uid,
+                                       instance.sop_instance_uid),
+                            result, f"{self.pipeline.name} {self.pipeline.version}")
+                summary = ", ".join(
+                    f"{f['name']}={f['probability']:.2f}{' FLAGGED' if f['flagged'] else ''}"
+                    for f in findings_summary(result))
+                outcome = InstanceOutcome(Verdict.ANALYSED, summary)
+                self.audit.record(AuditEvent.JOB_COMPLETED, detail=summary, **context)
+        except Exception as exc:  # a bad input or model error is a recorded failure, not a retry
+            logger.exception("Job %d: instance %s failed", job_id, instance.sop_instance_uid)
+            outcome = InstanceOutcome(Verdict.FAILED, f"{type(exc).__name__}: {exc}")
+            self.audit.record(AuditEvent.JOB_FAILED, outcome=Outcome.SERIOUS_FAILURE,
+                              detail=outcome.reason[:500], **context)
+        with self.db.session() as session:
+            session.execute(update(Instance).where(Instance.id == instance.id).values(
+                verdict=outcome.verdict, verdict_reason=outcome.reason))
+        return outcome
+
+
+def _job_status(outcomes: list[InstanceOutcome]) -> tuple[JobStatus, str]:
+    verdicts = [o.verdict for o in outcomes]
+    if Verdict.FAILED in verdicts:
+        failed = sum(v == Verdict.FAILED for v in verdicts)
+        return JobStatus.FAILED, f"{failed} of {len(verdicts)} instance(s) failed"
+    if Verdict.ANALYSED in verdicts:
+        return JobStatus.DONE, f"{verdicts.count(Verdict.ANALYSED)} instance(s) analysed"
+    reasons = sorted({o.reason for o in outcomes})
+    return JobStatus.SKIPPED, "; ".join(reasons) or "no instances"

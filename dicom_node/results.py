@@ -1,0 +1,43 @@
+"""Where an analysed instance's results live: ``results/<study>/<sop>/``.
+
+``findings.json`` (scores, thresholds, flags; no patient data), ``masks.npz``
+(lung mask, heat-maps, regions) and, once written, one DICOM file per output kind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.base import ImageResult
+
+
+def result_dir(results_root: Path, study_uid: str, sop_uid: str) -> Path:
+    """Return the folder of one instance's results (UIDs are validated by the spool)."""
+    return results_root / study_uid / sop_uid
+
+
+def findings_summary(result: ImageResult) -> list[dict[str, object]]:
+    """Return the findings as plain data: name, probability, threshold, flagged, experimental."""
+    return [
+        {"name": f.name, "display_name": f.display_name, "probability": round(f.probability, 4),
+         "threshold": f.threshold, "flagged": f.flagged, "experimental": f.experimental}
+        for f in result.findings
+    ]
+
+
+def save_result(folder: Path, result: ImageResult, model_version: str) -> None:
+    """Write ``result`` into ``folder`` (created, replaced when it exists)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    arrays: dict[str, np.ndarray] = {"lung_mask": result.lung_mask.astype(bool)}
+    for finding in result.findings:
+        if finding.heatmap is not None:
+            arrays[f"heatmap_{finding.name}"] = finding.heatmap.astype(np.float16)
+        if finding.region is not None:
+            arrays[f"region_{finding.name}"] = finding.region.astype(bool)
+    np.savez_compressed(folder / "masks.npz", **arrays)
+    summary = {"sop_instance_uid": result.sop_instance_uid, "model_version": model_version,
+               "findings": findings_summary(result)}
+    (folder / "findings.json").write_text(json.dumps(summary, indent=2))

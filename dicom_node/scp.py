@@ -1,0 +1,297 @@
+"""The C-STORE / C-ECHO SCP: association policy, presentation contexts, handlers.
+
+Handlers only validate, write, record and return a status; they never analyse
+and never raise towards the peer. An instance is acknowledged with 0x0000 only
+after its file is durable in the spool and its row is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import tempfile
+import time
+from pathlib import Path
+
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    Verification,
+)
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from dicom_node.audit import AuditEvent, AuditTrail, Outcome
+from dicom_node.config import ScpSettings, TlsSettings
+from dicom_node.db import Instance, Job, NodeDatabase, utcnow
+from dicom_node.errors import (
+    DatasetTooLargeError,
+    DiskFullError,
+    InvalidUIDError,
+    SOPClassMismatchError,
+    UnreadableDatasetError,
+)
+from dicom_node.spool import InstanceHeader, Spool, read_header
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+PROCESSING_FAILURE = 0x0110
+OUT_OF_RESOURCES = 0xA700
+SOP_CLASS_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+KEPT_SOP_CLASSES = frozenset({
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+})
+
+# A-ASSOCIATE-RJ (result, source, diagnostic)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_BUSY = (0x02, 0x03, 0x02)
+
+
+def _server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.certificate, tls.private_key)
+    if tls.ca_certificates:
+        context.load_verify_locations(tls.ca_certificates)
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_peer_certificate else ssl.CERT_NONE
+    return context
+
+
+class StorageSCP:
+    """The node's listening AE; collaborators are passed in, handlers bound to them."""
+
+    def __init__(self, settings: ScpSettings, db: NodeDatabase, spool: Spool,
+                 audit: AuditTrail) -> None:
+        self.settings = settings
+        self.db = db
+        self.spool = spool
+        self.audit = audit
+        self.ae = self._build_ae()
+        self.server: ThreadedAssociationServer | None = None
+
+    def _build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        ae.maximum_pdu_size = s.max_pdu_bytes
+        # The node's own policy (EVT_REQUESTED) enforces the association limit and
+        # audits it; pynetdicom's check stays as a backstop one above it.
+        ae.maximum_associations = s.max_associations + 1
+        ae.acse_timeout = s.acse_timeout_s
+        ae.dimse_timeout = s.dimse_timeout_s
+        ae.network_timeout = s.network_timeout_s
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful when configured as 0)."""
+        assert self.server is not None, "the SCP is not started"
+        return self.server.server_address[1]
+
+    def start(self) -> None:
+        """Start listening in background threads; received data sets stream into the spool."""
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom streams each data set into a NamedTemporaryFile: put those in
+        # the spool's own folder so committing one is a rename on the same disk.
+        tempfile.tempdir = str(self.spool.incoming)
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        tls = _server_tls_context(self.settings.tls) if self.settings.tls else None
+        self.server = self.ae.start_server(
+            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
+            ssl_context=tls,
+        )
+        logger.info("SCP %s listening on %s:%d", self.settings.ae_title,
+                    self.settings.host, self.port)
+
+    def stop(self, *, grace_seconds: float = 30.0) -> None:
+        """Stop accepting, let in-flight associations finish, then abort the rest."""
+        if self.server is None:
+            return
+        self.server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while self.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for association in self.ae.active_associations:
+            association.abort()
+        self.server = None
+
+    def active_associations(self) -> int:
+        return sum(1 for a in self.ae.active_associations if a.is_acceptor)
+
+    # -- association policy -------------------------------------------------
+
+    def _peer_allowed(self, calling_ae: str, address: str) -> bool:
+        peers = self.settings.allowed_peers
+        if not peers:
+            return True
+        return any(p.ae_title == calling_ae and (p.host is None or p.host == address)
+                   for p in peers)
+
+    def _on_requested(self, event: Event) -> None:
+        """Accept or reject the association request by the node's policy, and audit it."""
+        assoc = event.assoc
+        calling_ae = assoc.requestor.ae_title.strip()
+        called_ae = assoc.requestor.primitive.called_ae_title.strip()
+        address = assoc.requestor.address
+        reason = ""
+        if not self._peer_allowed(calling_ae, address):
+            reject, reason = REJECT_CALLING_AE, "calling AE not allowed"
+        elif self.settings.check_called_ae and called_ae != self.settings.ae_title:
+            reject, reason = REJECT_CALLED_AE, "called AE title does not match"
+        elif self.active_associations() > self.settings.max_associations:
+            reject, reason = REJECT_BUSY, "association limit reached"
+        if reason:
+            logger.info("Rejecting association from %s at %s: %s", calling_ae, address, reason)
+            assoc.acse.send_reject(*reject)
+            self.audit.record(AuditEvent.ASSOCIATION_REJECTED, outcome=Outcome.MINOR_FAILURE,
+                              actor=calling_ae, remote=address, detail=reason)
+            return
+        self.audit.record(AuditEvent.ASSOCIATION_ACCEPTED, actor=calling_ae, remote=address)
+
+    def _on_echo(self, event: Event) -> int:
+        """Answer C-ECHO. Statuses: 0x0000."""
+        return SUCCESS
+
+    # -- C-STORE ------------------------------------------------------------
+
+    def _on_store(self, event: Event) -> int:
+        """Validate, spool and record one instance.
+
+        Statuses: 0x0000 stored (or ignored: not an image the node analyses);
+        0xA700 out of resources (disk below the minimum, data set too large, state
+        database busy); 0xA900 data set does not match the SOP class; 0xC210 cannot
+        understand (undecodable or truncated data set, missing or invalid UID);
+        0x0110 processing failure (anything unexpected, logged).
+        """
+        calling_ae = event.assoc.requestor.ae_title.strip()
+        address = event.assoc.requestor.address
+        received = Path(event.dataset_path)
+        header: InstanceHeader | None = None
+        try:
+            self.spool.check_free_space()
+            self.spool.check_size(received.stat().st_size)
+            header = read_header(received)
+            self._check_request(event, header)
+            pseudonym = self.audit.pseudonym(header.patient_id, header.issuer_of_patient_id)
+            if header.sop_class_uid not in KEPT_SOP_CLASSES:
+                received.unlink(missing_ok=True)
+                self._audit_instance(AuditEvent.INSTANCE_IGNORED, header, calling_ae, address,
+                                     pseudonym, detail="not an image the node analyses")
+                return SUCCESS
+            final = self.spool.commit(received, header)
+            self._record_instance(header, final, calling_ae, pseudonym)
+        except (DiskFullError, DatasetTooLargeError, OperationalError) as exc:
+            return self._refuse(OUT_OF_RESOURCES, exc, received, header, calling_ae, address)
+        except (UnreadableDatasetError, InvalidUIDError) as exc:
+            return self._refuse(CANNOT_UNDERSTAND, exc, received, header, calling_ae, address)
+        except SOPClassMismatchError as exc:
+            return self._refuse(SOP_CLASS_MISMATCH, exc, received, header, calling_ae, address)
+        except Exception as exc:  # a handler must answer with a status, never raise
+            logger.exception("Unexpected error storing an instance")
+            return self._refuse(PROCESSING_FAILURE, exc, received, header, calling_ae, address)
+        self._audit_instance(AuditEvent.INSTANCE_RECEIVED, header, calling_ae, address, pseudonym)
+        return SUCCESS
+
+    @staticmethod
+    def _check_request(event: Event, header: InstanceHeader) -> None:
+        """Raise when the data set's SOP Class or Instance UID differs from the request's."""
+        request = event.request
+        if header.sop_class_uid != str(request.AffectedSOPClassUID):
+            raise SOPClassMismatchError("SOP Class UID differs from the C-STORE request")
+        if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
+            raise UnreadableDatasetError("SOP Instance UID differs from the C-STORE request")
+
+    def _refuse(self, status: int, error: Exception, received: Path,
+                header: InstanceHeader | None, calling_ae: str, address: str) -> int:
+        received.unlink(missing_ok=True)
+        logger.warning("Refused an instance from %s with 0x%04X: %s", calling_ae, status, error)
+        self.audit.record(
+            AuditEvent.INSTANCE_REJECTED, outcome=Outcome.MINOR_FAILURE, actor=calling_ae,
+            remote=address, sop_uid=header.sop_instance_uid if header else None,
+            study_uid=header.study_instance_uid if header else None,
+            detail=f"status 0x{status:04X}: {error}",
+        )
+        return status
+
+    def _audit_instance(self, event: AuditEvent, header: InstanceHeader, calling_ae: str,
+                        address: str, pseudonym: str | None, detail: str = "") -> None:
+        self.audit.record(event, actor=calling_ae, remote=address, pseudonym=pseudonym,
+                          study_uid=header.study_instance_uid,
+                          series_uid=header.series_instance_uid,
+                          sop_uid=header.sop_instance_uid, detail=detail)
+
+    def _record_instance(self, header: InstanceHeader, path: Path, calling_ae: str,
+                         pseudonym: str | None) -> None:
+        """Insert or refresh the instance row; a re-sent instance whose job ran gets a new job."""
+        for attempt in range(2):
+            try:
+                with self.db.session() as session:
+                    row = session.scalar(select(Instance).where(
+                        Instance.sop_instance_uid == header.sop_instance_uid))
+                    if row is None:
+                        row = Instance(sop_instance_uid=header.sop_instance_uid)
+                        session.add(row)
+                    elif row.job_id is not None:
+                        job = session.get(Job, row.job_id)
+                        if job is not None and job.status.finished:
+                            row.job_id, row.verdict, row.verdict_reason = None, None, None
+                    row.sop_class_uid = header.sop_class_uid
+                    row.study_instance_uid = header.study_instance_uid
+                    row.series_instance_uid = header.series_instance_uid
+                    row.transfer_syntax_uid = header.transfer_syntax_uid
+                    row.path = str(path)
+                    row.size_bytes = header.size_bytes
+                    row.calling_ae = calling_ae
+                    row.patient_pseudonym = pseudonym
+                    row.received_at = utcnow()
+                return
+            except IntegrityError:
+                if attempt:
+                    raise

@@ -1,0 +1,146 @@
+"""The Celery app and its tasks. Tasks take ids, never data sets, and are idempotent.
+
+The worker process builds its :class:`WorkerContext` (databases, audit trail,
+pipeline with its weights checked) once at start, before it takes a message;
+tasks only look the context up. Inference workers use the solo or threads pool:
+torch must never be initialised in a process that forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from kombu.transport import sqlalchemy as kombu_sqlalchemy
+
+from dicom_node.config import Settings
+from dicom_node.db import OutboxMessage
+
+logger = logging.getLogger(__name__)
+
+app = Celery("dicom_node")
+
+ANALYZE = "dicom_node.analyze"
+TASKS = {"analyze": (ANALYZE, "job_id")}
+"""Outbox task name → (Celery task name, keyword argument that carries the id)."""
+
+
+def configure(settings: Settings) -> Celery:
+    """Point the Celery app at the configured broker; return it.
+
+    The default broker is kombu's SQLAlchemy transport on an SQLite file in the
+    state folder (WAL mode, a busy timeout, a short polling interval).
+    """
+    url = settings.broker_url
+    options: dict[str, Any] = {}
+    if url.startswith("sqla+"):
+        # kombu hands the transport options of this transport to create_engine,
+        # so the polling interval is set on the transport class instead.
+        kombu_sqlalchemy.Transport.polling_interval = settings.broker.polling_interval_s
+        options = {"connect_args": {"timeout": 30}}
+        if url.startswith("sqla+sqlite:///"):
+            _enable_wal(Path(url.removeprefix("sqla+sqlite:///")))
+    app.conf.update(
+        broker_url=url,
+        result_backend=settings.broker.result_backend,
+        broker_transport_options=options,
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=settings.broker.result_backend is None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_publish_retry=False,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+def _enable_wal(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path, timeout=30) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+
+
+def broker_reachable() -> bool:
+    """Return whether the configured broker accepts a connection now."""
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=3)
+        return True
+    except Exception:
+        return False
+
+
+def publish(message: OutboxMessage) -> None:
+    """Send one outbox message as a task; raises when the broker cannot take it."""
+    name, argument = TASKS[message.task]
+    app.send_task(name, kwargs={argument: message.target_id})
+
+
+def sweep_consumed_messages(settings: Settings) -> int:
+    """Delete messages the SQLAlchemy transport consumed but keeps; return how many."""
+    url = settings.broker_url
+    if not url.startswith("sqla+sqlite:///"):
+        return 0
+    path = Path(url.removeprefix("sqla+sqlite:///"))
+    if not path.exists():
+        return 0
+    with sqlite3.connect(path, timeout=30) as connection:
+        try:
+            return connection.execute("DELETE FROM kombu_message WHERE visible = 0").rowcount
+        except sqlite3.OperationalError:  # table not created yet
+            return 0
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process holds for its whole life."""
+
+    settings: Settings
+    analyzer: Any  # dicom_node.analysis.Analyzer, imported lazily (it pulls in torch)
+    name: str
+
+
+_context: WorkerContext | None = None
+
+
+def worker_name() -> str:
+    return f"dicom-node@{socket.gethostname()}"
+
+
+def start_worker(settings: Settings, *, name: str | None = None) -> None:
+    """Build the worker context (weights checked now, not on the first study) and run."""
+    global _context
+    from dicom_node.analysis import Analyzer
+
+    configure(settings)
+    name = name or worker_name()
+    analyzer = Analyzer.from_settings(settings, worker=name)
+    analyzer.requeue_orphans()
+    _context = WorkerContext(settings=settings, analyzer=analyzer, name=name)
+    queue_name = "celery"
+    app.worker_main([
+        "worker", f"--pool={settings.worker.pool}",
+        f"--concurrency={settings.worker.concurrency}", "--prefetch-multiplier=1",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        f"--hostname={name}", "-Q", queue_name, "--loglevel", settings.log_level,
+    ])
+
+
+def _require_context() -> WorkerContext:
+    if _context is None:
+        raise RuntimeError("task run outside a dicom-node worker process")
+    return _context
+
+
+@app.task(name=ANALYZE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def analyze(*, job_id: int) -> None:
+    """Analyse one job's instances; a job that is not queued any more is a no-op."""
+    _require_context().analyzer.run(job_id)

@@ -1,0 +1,106 @@
+"""The folder layouts that training and evaluation read, and their deterministic splits.
+
+- lung: ``images/`` + ``masks-lung/`` (binary PNG, same stem);
+- covid19: ``COVID/`` + ``Normal/``;
+- NIH: ``images/`` + ``labels.csv`` (``image``, ``official_split``, one column per label);
+- localization: ``images/`` + ``masks-opacity/``.
+
+Sets without an official split are split by a hash of the file stem: 70 % train,
+15 % val, 15 % test, stable across machines and runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.chest_xray.preprocess import IMAGE_SUFFIXES
+from pipelines.errors import InputError
+
+SPLIT_RULE = "sha256(file stem) mod 100: < 70 train, < 85 val, else test"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image file with its mask file (or None) and binary label (or None)."""
+
+    image: Path
+    mask: Path | None = None
+    label: int | None = None
+
+
+def hash_split(stem: str) -> str:
+    """Return "train", "val" or "test" for a file stem, by :data:`SPLIT_RULE`."""
+    bucket = int(hashlib.sha256(stem.encode()).hexdigest(), 16) % 100
+    return "train" if bucket < 70 else "val" if bucket < 85 else "test"
+
+
+def _images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise InputError(f"folder not found: {folder}")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _keep(stem: str, split: str) -> bool:
+    return split == "all" or hash_split(stem) == split
+
+
+def masked_samples(root: Path, mask_folder: str, split: str = "all") -> list[Sample]:
+    """Return the images under ``root/images`` that have a mask in ``root/mask_folder``.
+
+    Raises :class:`InputError` when a folder is missing or no image has a mask.
+    """
+    masks = {p.stem: p for p in _images(root / mask_folder)}
+    samples = [
+        Sample(image, masks[image.stem])
+        for image in _images(root / "images")
+        if image.stem in masks and _keep(image.stem, split)
+    ]
+    if not samples:
+        raise InputError(f"no images with masks in {root / mask_folder} (split {split})")
+    return samples
+
+
+def covid_samples(root: Path, split: str = "all") -> list[Sample]:
+    """Return ``root/COVID`` (label 1) and ``root/Normal`` (label 0) images in ``split``.
+
+    Raises :class:`InputError` when a folder is missing or empty.
+    """
+    samples = [
+        Sample(image, label=label)
+        for folder, label in (("COVID", 1), ("Normal", 0))
+        for image in _images(root / folder)
+        if _keep(image.stem, split)
+    ]
+    if not samples:
+        raise InputError(f"no COVID/Normal images in {root} (split {split})")
+    return samples
+
+
+def labelled_samples(root: Path, label: str, split: str = "all") -> list[Sample]:
+    """Return ``root/images`` with their ``label`` column from ``root/labels.csv``.
+
+    ``split`` filters on the ``official_split`` column when the CSV has one, else on
+    the hash split. Raises :class:`InputError` for a missing file, column or image.
+    """
+    table = root / "labels.csv"
+    if not table.is_file():
+        raise InputError(f"labels file not found: {table}")
+    files = {p.stem: p for p in _images(root / "images")}
+    samples = []
+    with table.open(newline="") as stream:
+        for row in csv.DictReader(stream):
+            if label not in row:
+                raise InputError(f"{table} has no column {label!r}")
+            stem = Path(row["image"]).stem
+            if stem not in files:
+                raise InputError(f"{table} names {stem}, which is not in {root / 'images'}")
+            chosen = row.get("official_split") or hash_split(stem)
+            if split in ("all", chosen):
+                samples.append(Sample(files[stem], label=int(row[label])))
+    if not samples:
+        raise InputError(f"no labelled images in {root} (split {split})")
+    return samples

@@ -1,0 +1,227 @@
+"""Turn DICOM data sets and PNG/JPEG files into :class:`ImageInput`, and images into network inputs.
+
+DICOM: stored values → Modality LUT → VOI LUT or window (or a percentile window when
+the data set has none) → MONOCHROME1 inversion, for any bit depth and every transfer
+syntax pydicom can decode with the installed pylibjpeg/pyjpegls plugins. The networks
+see the windowed ``display`` image, which is what their 8-bit training images are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from monai.transforms import Resize, ScaleIntensityRangePercentiles
+from PIL import Image
+from pydicom import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from scipy import ndimage
+
+from pipelines.base import ImageInput
+from pipelines.errors import InputError, WeightsError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+PERCENTILES = (0.5, 99.5)
+
+
+def load_dataset(dataset: Dataset) -> ImageInput:
+    """Return the :class:`ImageInput` of a single-frame grayscale DICOM image.
+
+    Raises :class:`InputError` when the pixel data are missing, undecodable, not
+    single-frame grayscale, or constant.
+    """
+    photometric = str(dataset.get("PhotometricInterpretation", "")).upper()
+    if photometric not in {"MONOCHROME1", "MONOCHROME2"}:
+        raise InputError(f"photometric interpretation {photometric or 'missing'} is not grayscale")
+    try:
+        stored = dataset.pixel_array
+    except Exception as exc:  # pydicom raises many types for missing plugins / bad data
+        raise InputError(f"cannot decode pixel data: {exc}") from exc
+    if stored.ndim != 2:
+        raise InputError(f"expected one 2-D frame, got pixel array of shape {stored.shape}")
+    pixels = np.asarray(apply_modality_lut(stored, dataset), dtype=np.float32)
+    display = _dicom_display(pixels, dataset)
+    if photometric == "MONOCHROME1":
+        pixels = pixels.max() + pixels.min() - pixels
+        display = 255 - display
+    return ImageInput(
+        sop_instance_uid=str(dataset.get("SOPInstanceUID", "")),
+        pixels=pixels,
+        display=display,
+        pixel_spacing_mm=_pixel_spacing(dataset),
+    )
+
+
+def load_image_file(path: Path) -> ImageInput:
+    """Return the :class:`ImageInput` of a PNG or JPEG file (colour is converted to gray).
+
+    The file stem stands in for the SOP Instance UID. Raises :class:`InputError` when
+    the file cannot be read as an image.
+    """
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+            if array.ndim == 3 or image.mode not in {"L", "I;16", "I"}:
+                array = np.asarray(image.convert("L"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read image {path.name}: {exc}") from exc
+    pixels = array.astype(np.float32)
+    display = array.astype(np.uint8) if array.dtype == np.uint8 else _window(pixels, *np.percentile(pixels, PERCENTILES))
+    return ImageInput(sop_instance_uid=path.stem, pixels=pixels, display=display)
+
+
+def load_path(path: Path) -> ImageInput:
+    """Return the :class:`ImageInput` of a DICOM, PNG or JPEG file, chosen by content/suffix.
+
+    Raises :class:`InputError` when the file is neither.
+    """
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return load_image_file(path)
+    try:
+        dataset = pydicom.dcmread(path)
+    except Exception as exc:
+        raise InputError(f"{path.name} is neither a PNG/JPEG nor a readable DICOM file: {exc}") from exc
+    return load_dataset(dataset)
+
+
+def network_image(display: np.ndarray, size: int) -> np.ndarray:
+    """Return the whole ``display`` image resized to ``size``² and scaled to [0, 1] by percentiles.
+
+    Output: float32 array of shape (size, size).
+    """
+    image = Resize((size, size), mode="area")(display[None].astype(np.float32))
+    image = ScaleIntensityRangePercentiles(*PERCENTILES, b_min=0.0, b_max=1.0, clip=True)(image)
+    return np.asarray(image[0], dtype=np.float32)
+
+
+def lung_box(lung_mask: np.ndarray, margin: float = 0.05) -> tuple[slice, slice]:
+    """Return the (rows, cols) slices of the lungs' bounding box grown by ``margin`` of its size.
+
+    Raises :class:`InputError` when the mask is empty.
+    """
+    rows = np.flatnonzero(lung_mask.any(axis=1))
+    cols = np.flatnonzero(lung_mask.any(axis=0))
+    if rows.size == 0:
+        raise InputError("no lungs found in the image")
+    pad_r = int(round((rows[-1] - rows[0] + 1) * margin))
+    pad_c = int(round((cols[-1] - cols[0] + 1) * margin))
+    height, width = lung_mask.shape
+    return (
+        slice(max(rows[0] - pad_r, 0), min(rows[-1] + pad_r + 1, height)),
+        slice(max(cols[0] - pad_c, 0), min(cols[-1] + pad_c + 1, width)),
+    )
+
+
+REGIONS = ("lung", "lung-crop", "whole")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a classifier sees: ``region`` (``lung``: lung box with everything outside the
+    dilated lungs zeroed; ``lung-crop``: lung box; ``whole``: the whole image), resized
+    to ``size``², ``channels`` 1 or 3 (gray repeated), and ``normalize`` ``percentiles``
+    (0.5-99.5 % → [0, 1], of the lung pixels for lung regions) or ``imagenet``
+    (display / 255, then ImageNet mean/std, as torchvision-trained models expect).
+    """
+
+    size: int
+    region: str = "lung"
+    channels: int = 1
+    normalize: str = "percentiles"
+
+    @classmethod
+    def from_manifest(cls, spec: Mapping[str, Any]) -> InputSpec:
+        """Return the spec of a manifest ``input`` mapping; raises :class:`WeightsError` when invalid."""
+        size = spec.get("size")
+        size = size[0] if isinstance(size, list) else size
+        made = cls(int(size or 0), spec.get("region", "lung"), int(spec.get("channels", 1)), spec.get("normalize", "percentiles"))
+        if made.size < 32 or made.region not in REGIONS or made.channels not in (1, 3) or made.normalize not in (
+            "percentiles",
+            "imagenet",
+        ):
+            raise WeightsError(
+                f"invalid input spec {dict(spec)}: size ≥ 32, region in {REGIONS}, channels 1 or 3, "
+                "normalize percentiles or imagenet"
+            )
+        return made
+
+    def as_manifest(self) -> dict[str, Any]:
+        """Return the manifest mapping of this spec."""
+        return {"size": self.size, "region": self.region, "channels": self.channels, "normalize": self.normalize}
+
+
+def classifier_input(display: np.ndarray, lung_mask: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """Return a classifier's (channels, size, size) float32 input and the source box it covers.
+
+    Raises :class:`InputError` when a lung region is asked for and the mask is empty.
+    """
+    box = lung_box(lung_mask) if spec.region != "whole" else (slice(0, display.shape[0]), slice(0, display.shape[1]))
+    crop = np.asarray(Resize((spec.size, spec.size), mode="area")(display[box][None].astype(np.float32))[0])
+    keep = np.ones(crop.shape, dtype=bool)
+    if spec.region != "whole":
+        mask = np.asarray(Resize((spec.size, spec.size), mode="nearest")(lung_mask[box][None].astype(np.float32))[0])
+        keep = ndimage.binary_dilation(mask > 0.5, iterations=max(spec.size // 64, 1))
+    if spec.normalize == "imagenet":
+        unit = np.repeat(crop[None] / 255.0, spec.channels, axis=0)
+        mean = np.asarray(IMAGENET_MEAN[: spec.channels])[:, None, None]
+        std = np.asarray(IMAGENET_STD[: spec.channels])[:, None, None]
+        image = (unit - mean) / std
+    else:
+        low, high = np.percentile(crop[keep], PERCENTILES)
+        image = np.repeat(np.clip((crop - low) / max(high - low, 1e-6), 0.0, 1.0)[None], spec.channels, axis=0)
+    if spec.region == "lung":
+        image = image * keep
+    return image.astype(np.float32), box
+
+
+def _dicom_display(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
+    """Return the VOI-transformed image as uint8 (MONOCHROME2 polarity not yet applied)."""
+    if "VOILUTSequence" in dataset:
+        voi = np.asarray(apply_voi_lut(pixels, dataset, index=0), dtype=np.float32)
+        bits = int(dataset.VOILUTSequence[0].LUTDescriptor[2])
+        return _window(voi, 0.0, float(2**bits - 1))
+    if "WindowCenter" in dataset and "WindowWidth" in dataset:
+        center = float(_first(dataset.WindowCenter))
+        width = float(_first(dataset.WindowWidth))
+        function = str(dataset.get("VOILUTFunction", "LINEAR")).upper()
+        if width > 0:
+            return _voi_window(pixels, center, width, function)
+        logger.warning("ignoring window width %s; using a percentile window", width)
+    return _window(pixels, *np.percentile(pixels, PERCENTILES))
+
+
+def _voi_window(pixels: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """Apply a DICOM VOI window (PS3.3 C.11.2.1.2) and return uint8."""
+    if function == "SIGMOID":
+        scaled = 1.0 / (1.0 + np.exp(-4.0 * (pixels - center) / width))
+        return np.round(scaled * 255).astype(np.uint8)
+    if function == "LINEAR_EXACT":
+        return _window(pixels, center - width / 2, center + width / 2)
+    return _window(pixels, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2)
+
+
+def _window(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map [low, high] linearly onto 0..255 (clipped) and return uint8."""
+    scaled = (pixels.astype(np.float32) - low) / max(float(high - low), 1e-6)
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _first(value: object) -> object:
+    return value[0] if isinstance(value, pydicom.multival.MultiValue) else value
+
+
+def _pixel_spacing(dataset: Dataset) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = dataset.get(keyword)
+        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
+            return float(value[0]), float(value[1])
+    return None

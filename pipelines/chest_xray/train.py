@@ -1,0 +1,427 @@
+"""Train the chest X-ray models and record them in the weights manifest.
+
+    python -m pipelines.chest_xray.train lung --data-dir ../shared/data --out weights/
+    python -m pipelines.chest_xray.train classifier --data-dir ../shared/data --out weights/
+
+Seeded; uses CUDA when present, else CPU. Decoded, resized images are cached as
+numpy arrays under ``--cache-dir`` (git-ignored) so that epochs are cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset
+from monai.losses import DiceCELoss
+from monai.transforms import (
+    Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+)
+from monai.utils import set_determinism
+from PIL import Image
+from sklearn.metrics import roc_auc_score, roc_curve
+from tqdm import tqdm
+
+from pipelines.chest_xray import datasets
+from pipelines.chest_xray.datasets import Sample
+from pipelines.chest_xray.gradcam import GRADCAM_LAYER
+from pipelines.chest_xray.models import build_network, load_network, read_manifest, save_weights, write_manifest
+from pipelines.chest_xray.preprocess import InputSpec, classifier_input, load_image_file, network_image
+from pipelines.chest_xray.segmentation import LungSegmenter
+from pipelines.errors import WeightsError
+
+logger = logging.getLogger(__name__)
+
+LUNG_SIZE = 256
+LUNG_ARCHITECTURE = {
+    "name": "UNet",
+    "args": {
+        "spatial_dims": 2,
+        "in_channels": 1,
+        "out_channels": 2,
+        "channels": [16, 32, 64, 128, 256],
+        "strides": [2, 2, 2, 2],
+        "num_res_units": 2,
+    },
+}
+LUNG_SETS = {
+    "openist": "lung-seg/openist: OpenIST Chest_x-ray (pi-null-mezon/OpenIST); no licence stated, research use, "
+    "not redistributable",
+    "covid-seg": "lung-seg/covid-seg: GeneralBlockchain covid-19-chest-xray-segmentations-dataset (ieee8023 images); "
+    "CC BY 4.0 repo, per-image Apache-2.0 / CC BY / CC BY-NC-SA (non-commercial)",
+}
+
+
+def pick_device() -> torch.device:
+    """Return CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cached(path: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Return the arrays stored at ``path``, building and saving them first when absent."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = build()
+        np.savez(path, **arrays)
+        logger.info("cached %s", path)
+    with np.load(path) as stored:
+        return dict(stored)
+
+
+def _binary_mask(path: Path, size: int) -> np.ndarray:
+    with Image.open(path) as mask:
+        return np.asarray(mask.convert("L").resize((size, size), Image.NEAREST)) > 127
+
+
+def lung_arrays(samples: Sequence[Sample], size: int) -> dict[str, np.ndarray]:
+    """Return uint8 images (network input × 255) and masks at ``size``², with their split."""
+    images, masks = [], []
+    for sample in tqdm(samples, desc="decode lung set"):
+        images.append(np.round(network_image(load_image_file(sample.image).display, size) * 255).astype(np.uint8))
+        masks.append(_binary_mask(sample.mask, size))
+    return {
+        "images": np.stack(images),
+        "masks": np.stack(masks).astype(np.uint8),
+        "split": np.array([datasets.hash_split(s.image.stem) for s in samples]),
+    }
+
+
+def augmentations(keys: Sequence[str], modes: Sequence[str]) -> Compose:
+    """Return the geometric and acquisition-like intensity augmentations used in training."""
+    image = keys[0]
+    return Compose(
+        [
+            RandAffined(
+                keys=keys,
+                prob=0.8,
+                rotate_range=0.15,
+                scale_range=0.12,
+                translate_range=(12, 12),
+                mode=modes,
+                padding_mode="zeros",
+            ),
+            RandAdjustContrastd(keys=image, prob=0.5, gamma=(0.6, 1.6)),
+            RandScaleIntensityd(keys=image, prob=0.3, factors=0.15),
+            RandGaussianSmoothd(keys=image, prob=0.2, sigma_x=(0.3, 1.2), sigma_y=(0.3, 1.2)),
+            RandGaussianNoised(keys=image, prob=0.3, std=0.03),
+        ]
+    )
+
+
+def dice(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Return the per-image Dice of two boolean (N, H, W) tensors (1 when both are empty)."""
+    inter = (predicted & truth).flatten(1).sum(1).float()
+    total = predicted.flatten(1).sum(1).float() + truth.flatten(1).sum(1).float()
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+
+
+def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_size: int) -> dict[str, Any]:
+    """Train the lung UNet on both lung-mask sets; return its manifest entry (weights written to ``out``)."""
+    device = pick_device()
+    roots = [data_dir / "lung-seg" / name for name in LUNG_SETS]
+    arrays = cached(
+        cache_dir / f"lung_{LUNG_SIZE}.npz",
+        lambda: lung_arrays([s for r in roots for s in datasets.masked_samples(r, "masks-lung")], LUNG_SIZE),
+    )
+    train = arrays["split"] == "train"
+    val = arrays["split"] == "val"
+    items = [
+        {"image": arrays["images"][i][None] / np.float32(255), "label": arrays["masks"][i][None].astype(np.float32)}
+        for i in np.flatnonzero(train)
+    ]
+    loader = DataLoader(
+        Dataset(items, augmentations(["image", "label"], ["bilinear", "nearest"])),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=0,
+    )
+    val_images = torch.from_numpy(arrays["images"][val][:, None] / np.float32(255))
+    val_masks = torch.from_numpy(arrays["masks"][val].astype(bool))
+    network = build_network(LUNG_ARCHITECTURE).to(device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3, weight_decay=1e-5)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    best, best_state, started = -1.0, None, time.monotonic()
+    progress = tqdm(range(epochs), desc="lung")
+    for epoch in progress:
+        network.train()
+        for batch in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(network(batch["image"].to(device)), batch["label"].to(device))
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+        network.eval()
+        with torch.no_grad():
+            predicted = torch.cat(
+                [network(chunk.to(device)).argmax(1).cpu().bool() for chunk in val_images.split(32)]
+            )
+        score = float(dice(predicted, val_masks).mean())
+        if score > best:
+            best, best_state = score, {k: v.detach().clone() for k, v in network.state_dict().items()}
+        progress.set_postfix(loss=f"{loss.item():.3f}", val_dice=f"{score:.4f}", best=f"{best:.4f}")
+        logger.info("epoch %d loss %.4f val dice %.4f", epoch + 1, loss.item(), score)
+    network.load_state_dict(best_state)
+    path = out / "lung_unet.pt"
+    return {
+        "file": path.name,
+        "sha256": save_weights(network.cpu(), path),
+        "format": "monai",
+        "architecture": LUNG_ARCHITECTURE,
+        "input": {
+            "size": [LUNG_SIZE, LUNG_SIZE],
+            "region": "whole",
+            "channels": 1,
+            "intensity": "display image, area-resized, percentiles 0.5-99.5 scaled to [0, 1]",
+        },
+        "output": "softmax over (background, lung); lung where p > 0.5 at source resolution, "
+        "two largest components kept, holes filled",
+        "threshold": 0.5,
+        "validation": {"dice_mean": round(best, 4), "images": int(val.sum())},
+        "training": {
+            "epochs": epochs,
+            "minutes": round((time.monotonic() - started) / 60, 1),
+            "images": int(train.sum()),
+            "loss": "DiceCE",
+            "optimizer": "Adam lr 1e-3, cosine decay",
+            "split": datasets.SPLIT_RULE,
+            "data": list(LUNG_SETS.values()),
+        },
+    }
+
+
+CLASSIFIER_ARCHITECTURE = {
+    "name": "DenseNet",
+    "args": {
+        "spatial_dims": 2,
+        "in_channels": 1,
+        "out_channels": 1,
+        "init_features": 32,
+        "growth_rate": 16,
+        "block_config": [4, 8, 12, 8],
+    },
+}
+COVID_DATA = (
+    "covid-radiography: COVID-19 Radiography Database (Qatar University / University of Dhaka; Chowdhury et al. "
+    "2020, Rahman et al. 2021), 224 px copy from rtchanon/Machine-Learning-for-COVID-19-detection-from-chest-X-RAYS; "
+    "research use with citation, sources carry their own licences"
+)
+NIH_DATA = (
+    "nih-cxr14: NIH ChestX-ray14 subset (1,105 images, official CheXNet split; labels from arnoweng/CheXNet); "
+    "NIH Clinical Center, unrestricted use, cite Wang et al. CVPR 2017"
+)
+THRESHOLD_RULE = "maximises Youden's J (sensitivity + specificity - 1) on the validation split"
+
+
+@dataclass(frozen=True)
+class Head:
+    """How one classifier is trained: its data, input, flagging policy and manifest text."""
+
+    name: str
+    display_name: str
+    spec: InputSpec
+    data: str
+    gate: float
+    experimental: bool
+    epochs: int
+
+
+HEADS = {
+    "covid19": Head("covid19", "COVID-19 pattern", InputSpec(128, "lung"), COVID_DATA, 0.95, False, 20),
+    "covid19-whole": Head(
+        "covid19-whole", "COVID-19 pattern (whole image, source-bias reference)", InputSpec(128, "whole"),
+        COVID_DATA, 0.95, True, 12,
+    ),
+    "pneumothorax": Head("pneumothorax", "Pneumothorax", InputSpec(192, "lung-crop"), NIH_DATA, 0.9, True, 40),
+}
+
+
+def classifier_arrays(
+    samples: Sequence[Sample], segmenter: LungSegmenter, specs: Sequence[InputSpec], splits: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Return uint8 inputs for each spec (key ``region-size``), labels and splits of ``samples``."""
+    inputs: dict[str, list[np.ndarray]] = {f"{s.region}-{s.size}": [] for s in specs}
+    for start in tqdm(range(0, len(samples), 32), desc="segment + crop"):
+        chunk = samples[start : start + 32]
+        displays = [load_image_file(s.image).display for s in chunk]
+        for display, mask in zip(displays, segmenter.masks(displays), strict=True):
+            if not mask.any():
+                mask = np.ones_like(mask)
+            for spec in specs:
+                image = classifier_input(display, mask, spec)[0][0]
+                inputs[f"{spec.region}-{spec.size}"].append(np.round(image * 255).astype(np.uint8))
+    return {
+        **{key: np.stack(images) for key, images in inputs.items()},
+        "label": np.array([s.label for s in samples], dtype=np.uint8),
+        "split": np.array(list(splits)),
+    }
+
+
+def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """Return AUROC, accuracy, sensitivity and specificity of ``scores`` at ``threshold``."""
+    predicted = scores >= threshold
+    positives, negatives = labels == 1, labels == 0
+    return {
+        "auroc": round(float(roc_auc_score(labels, scores)), 4),
+        "accuracy": round(float((predicted == positives).mean()), 4),
+        "sensitivity": round(float(predicted[positives].mean()), 4),
+        "specificity": round(float((~predicted[negatives]).mean()), 4),
+    }
+
+
+def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Return the score threshold that maximises sensitivity + specificity - 1."""
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    return float(np.clip(thresholds[int(np.argmax(tpr - fpr))], 0.0, 1.0))
+
+
+@torch.no_grad()
+def predict(network: torch.nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
+    """Return sigmoid scores of a (N, 1, H, W) tensor, in chunks."""
+    network.eval()
+    return torch.cat([torch.sigmoid(network(c.to(device))[:, 0]).cpu() for c in images.split(64)]).numpy()
+
+
+def train_classifier(head: Head, arrays: dict[str, np.ndarray], out: Path, epochs: int, batch_size: int) -> dict[str, Any]:
+    """Train one binary DenseNet head; return its manifest entry (weights written to ``out``)."""
+    device = pick_device()
+    images = arrays[f"{head.spec.region}-{head.spec.size}"]
+    labels, split = arrays["label"], arrays["split"]
+    train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+    items = [{"image": images[i][None] / np.float32(255), "label": np.float32(labels[i])} for i in train]
+    loader = DataLoader(
+        Dataset(items, augmentations(["image"], ["bilinear"])), batch_size=batch_size, shuffle=True, num_workers=0
+    )
+    val_images = torch.from_numpy(images[val][:, None] / np.float32(255))
+    network = build_network(CLASSIFIER_ARCHITECTURE).to(device)
+    positives = float(labels[train].sum())
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(train) - positives) / max(positives, 1.0)))
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    best, best_state, started = -1.0, None, time.monotonic()
+    progress = tqdm(range(epochs), desc=head.name)
+    for epoch in progress:
+        network.train()
+        for batch in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(network(batch["image"].to(device))[:, 0], batch["label"].to(device))
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+        auroc = float(roc_auc_score(labels[val], predict(network, val_images, device)))
+        if auroc > best:
+            best, best_state = auroc, {k: v.detach().clone() for k, v in network.state_dict().items()}
+        progress.set_postfix(loss=f"{loss.item():.3f}", val_auroc=f"{auroc:.4f}", best=f"{best:.4f}")
+        logger.info("%s epoch %d loss %.4f val AUROC %.4f", head.name, epoch + 1, loss.item(), auroc)
+    network.load_state_dict(best_state)
+    scores = predict(network, val_images, device)
+    threshold = youden_threshold(labels[val], scores)
+    path = out / f"{head.name}_densenet.pt"
+    return {
+        "name": head.name,
+        "display_name": head.display_name,
+        "file": path.name,
+        "sha256": save_weights(network.cpu(), path),
+        "format": "monai",
+        "architecture": CLASSIFIER_ARCHITECTURE,
+        "input": head.spec.as_manifest(),
+        "output": {"activation": "sigmoid", "index": 0},
+        "threshold": round(threshold, 4),
+        "threshold_rule": THRESHOLD_RULE,
+        "gradcam_layer": GRADCAM_LAYER,
+        "validation": {
+            **binary_metrics(labels[val], scores, threshold),
+            "images": int(len(val)),
+            "positives": int(labels[val].sum()),
+        },
+        "gate": {"metric": "validation auroc", "minimum": head.gate},
+        "experimental": head.experimental,
+        "flag_enabled": not head.experimental,
+        "training": {
+            "epochs": epochs,
+            "minutes": round((time.monotonic() - started) / 60, 1),
+            "images": int(len(train)),
+            "positives": int(positives),
+            "loss": "BCE with logits, positive class weighted by the negative/positive ratio",
+            "optimizer": "Adam lr 1e-3, weight decay 1e-4, cosine decay; best validation AUROC epoch kept",
+            "data": [head.data],
+        },
+    }
+
+
+def classifier_cache(name: str, data_dir: Path, out: Path, cache_dir: Path) -> dict[str, np.ndarray]:
+    """Return the cached inputs of the data set behind head ``name``, built with the trained lung model."""
+    manifest = read_manifest(out / "manifest.yaml")
+    device = pick_device()
+    segmenter = LungSegmenter(load_network(manifest["lung"], out, device), int(manifest["lung"]["input"]["size"][0]), device)
+    if name.startswith("covid19"):
+        samples = datasets.covid_samples(data_dir / "covid-radiography")
+        splits = [datasets.hash_split(s.image.stem) for s in samples]
+        specs = [HEADS["covid19"].spec, HEADS["covid19-whole"].spec]
+        return cached(cache_dir / "covid19.npz", lambda: classifier_arrays(samples, segmenter, specs, splits))
+    root = data_dir / "nih-cxr14"
+    samples, splits = [], []
+    for split in datasets.SPLITS:
+        chunk = datasets.labelled_samples(root, "Pneumothorax", split)
+        samples += chunk
+        splits += [split] * len(chunk)
+    return cached(cache_dir / "nih.npz", lambda: classifier_arrays(samples, segmenter, [HEADS[name].spec], splits))
+
+
+def update_manifest(out: Path, key: str, entry: dict[str, Any]) -> None:
+    """Set ``lung`` or a named finding in ``out/manifest.yaml`` to ``entry`` (creating the manifest)."""
+    path = out / "manifest.yaml"
+    try:
+        manifest = read_manifest(path)
+    except WeightsError:
+        manifest = {"pipeline": "chest_xray", "version": "0.1.0", "lung": {}, "findings": []}
+    if key == "lung":
+        manifest["lung"] = entry
+    else:
+        manifest["findings"] = [f for f in manifest["findings"] if f.get("name") != key] + [entry]
+    write_manifest(path, manifest)
+    logger.info("updated %s: %s", path, key)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line and train the chosen model(s)."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.chest_xray.train", description=__doc__)
+    parser.add_argument("model", choices=["lung", "classifier"])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("weights"))
+    parser.add_argument("--cache-dir", type=Path, default=Path(".train"))
+    parser.add_argument("--epochs", type=int, default=None, help="default: 80 (lung), per head (classifier)")
+    parser.add_argument("--heads", nargs="+", choices=list(HEADS), help="classifier heads to train (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    set_determinism(seed=args.seed)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.model == "lung":
+        entry = train_lung(args.data_dir, args.out, args.cache_dir, args.epochs or 80, args.batch_size)
+        update_manifest(args.out, "lung", entry)
+        return
+    for name in args.heads or list(HEADS):
+        head = HEADS[name]
+        set_determinism(seed=args.seed)
+        arrays = classifier_cache(name, args.data_dir, args.out, args.cache_dir)
+        entry = train_classifier(head, arrays, args.out, args.epochs or head.epochs, args.batch_size)
+        update_manifest(args.out, name, entry)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""Exceptions raised by analysis pipelines."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class of every error a pipeline raises on purpose."""
+
+
+class InputError(PipelineError, ValueError):
+    """An image or data set that cannot be analysed (undecodable, wrong shape, ...)."""
+
+
+class WeightsError(PipelineError):
+    """A weights manifest or weights file that is missing, malformed or altered."""
