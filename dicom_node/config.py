@@ -111,6 +111,16 @@ class AuditSettings(Section):
     )
 
 
+class RetentionSettings(Section):
+    data_days: float | None = Field(
+        30, gt=0, description="delete spooled images and results this long after their job "
+                              "finished; null keeps them"
+    )
+    audit_days: float | None = Field(
+        3650, gt=0, description="delete audit events older than this; null keeps them"
+    )
+
+
 class Settings(BaseSettings):
     """The node's whole configuration."""
 
@@ -131,6 +141,7 @@ class Settings(BaseSettings):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @classmethod
     def settings_customise_sources(
