@@ -49,7 +49,7 @@ class FindingClassifier:
         network = load_network(entry, root, device)
         index = int(entry.get("output", {}).get("index", 0))
         gate = entry["gate"]
-        gate_met = float(entry["validation"].get("auroc", 0.0)) >= float(gate.get("minimum", 1.0))
+        gate_met = float(entry["validation"].get("auroc") or 0.0) >= float(gate.get("minimum", 1.0))
         enabled = bool(entry.get("flag_enabled", False)) or entry["name"] in site_enabled
         return cls(
             name=str(entry["name"]),

@@ -236,13 +236,14 @@ class Head:
     gate: float
     experimental: bool
     epochs: int
+    reference: bool = False
 
 
 HEADS = {
     "covid19": Head("covid19", "COVID-19 pattern", InputSpec(128, "lung"), COVID_DATA, 0.95, False, 20),
     "covid19-whole": Head(
         "covid19-whole", "COVID-19 pattern (whole image, source-bias reference)", InputSpec(128, "whole"),
-        COVID_DATA, 0.95, True, 12,
+        COVID_DATA, 0.95, True, 12, reference=True,
     ),
     "pneumothorax": Head("pneumothorax", "Pneumothorax", InputSpec(192, "lung-crop"), NIH_DATA, 0.9, True, 40),
 }
@@ -310,6 +311,7 @@ def train_classifier(head: Head, arrays: dict[str, np.ndarray], out: Path, epoch
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(train) - positives) / max(positives, 1.0)))
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    selectable = len(set(labels[val].tolist())) == 2
     best, best_state, started = -1.0, None, time.monotonic()
     progress = tqdm(range(epochs), desc=head.name)
     for epoch in progress:
@@ -320,14 +322,22 @@ def train_classifier(head: Head, arrays: dict[str, np.ndarray], out: Path, epoch
             loss.backward()
             optimizer.step()
         schedule.step()
-        auroc = float(roc_auc_score(labels[val], predict(network, val_images, device)))
-        if auroc > best:
-            best, best_state = auroc, {k: v.detach().clone() for k, v in network.state_dict().items()}
-        progress.set_postfix(loss=f"{loss.item():.3f}", val_auroc=f"{auroc:.4f}", best=f"{best:.4f}")
-        logger.info("%s epoch %d loss %.4f val AUROC %.4f", head.name, epoch + 1, loss.item(), auroc)
-    network.load_state_dict(best_state)
-    scores = predict(network, val_images, device)
-    threshold = youden_threshold(labels[val], scores)
+        if selectable:
+            auroc = float(roc_auc_score(labels[val], predict(network, val_images, device)))
+            if auroc > best:
+                best, best_state = auroc, {k: v.detach().clone() for k, v in network.state_dict().items()}
+            progress.set_postfix(loss=f"{loss.item():.3f}", val_auroc=f"{auroc:.4f}", best=f"{best:.4f}")
+        logger.info("%s epoch %d loss %.4f", head.name, epoch + 1, loss.item())
+    if selectable:
+        network.load_state_dict(best_state)
+        scores = predict(network, val_images, device)
+        threshold = youden_threshold(labels[val], scores)
+        validation: dict[str, Any] = binary_metrics(labels[val], scores, threshold)
+        rule = THRESHOLD_RULE
+    else:
+        threshold = 0.5
+        validation = {"auroc": None, "note": "the validation split has one class only: no AUROC, gate not met"}
+        rule = "fixed at 0.5: the validation split has no positives to choose it on; last epoch kept"
     path = out / f"{head.name}_densenet.pt"
     return {
         "name": head.name,
@@ -339,10 +349,10 @@ def train_classifier(head: Head, arrays: dict[str, np.ndarray], out: Path, epoch
         "input": head.spec.as_manifest(),
         "output": {"activation": "sigmoid", "index": 0},
         "threshold": round(threshold, 4),
-        "threshold_rule": THRESHOLD_RULE,
+        "threshold_rule": rule,
         "gradcam_layer": GRADCAM_LAYER,
         "validation": {
-            **binary_metrics(labels[val], scores, threshold),
+            **validation,
             "images": int(len(val)),
             "positives": int(labels[val].sum()),
         },
@@ -355,7 +365,7 @@ def train_classifier(head: Head, arrays: dict[str, np.ndarray], out: Path, epoch
             "images": int(len(train)),
             "positives": int(positives),
             "loss": "BCE with logits, positive class weighted by the negative/positive ratio",
-            "optimizer": "Adam lr 1e-3, weight decay 1e-4, cosine decay; best validation AUROC epoch kept",
+            "optimizer": "Adam lr 1e-3, weight decay 1e-4, cosine decay",
             "data": [head.data],
         },
     }
@@ -380,19 +390,22 @@ def classifier_cache(name: str, data_dir: Path, out: Path, cache_dir: Path) -> d
     return cached(cache_dir / "nih.npz", lambda: classifier_arrays(samples, segmenter, [HEADS[name].spec], splits))
 
 
-def update_manifest(out: Path, key: str, entry: dict[str, Any]) -> None:
-    """Set ``lung`` or a named finding in ``out/manifest.yaml`` to ``entry`` (creating the manifest)."""
+def update_manifest(out: Path, section: str, entry: dict[str, Any]) -> None:
+    """Set ``lung``, or replace the entry of the same name in ``findings`` or ``references``, in
+    ``out/manifest.yaml`` (creating the manifest). References are models kept only for evaluation.
+    """
     path = out / "manifest.yaml"
     try:
         manifest = read_manifest(path)
     except WeightsError:
         manifest = {"pipeline": "chest_xray", "version": "0.1.0", "lung": {}, "findings": []}
-    if key == "lung":
+    if section == "lung":
         manifest["lung"] = entry
     else:
-        manifest["findings"] = [f for f in manifest["findings"] if f.get("name") != key] + [entry]
+        kept = [e for e in manifest.get(section, []) if e.get("name") != entry["name"]]
+        manifest[section] = kept + [entry]
     write_manifest(path, manifest)
-    logger.info("updated %s: %s", path, key)
+    logger.info("updated %s: %s %s", path, section, entry.get("name", ""))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -420,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         set_determinism(seed=args.seed)
         arrays = classifier_cache(name, args.data_dir, args.out, args.cache_dir)
         entry = train_classifier(head, arrays, args.out, args.epochs or head.epochs, args.batch_size)
-        update_manifest(args.out, name, entry)
+        update_manifest(args.out, "references" if head.reference else "findings", entry)
 
 
 if __name__ == "__main__":
