@@ -46,5 +46,5 @@ class AuditError(NodeError):
     """The audit trail cannot be written or read."""
 
 
-class SubjectError(NodeError):
-    """A subject's data cannot be exported or erased."""
+class DataRemovalError(NodeError):
+    """Spooled images or results cannot be deleted safely."""

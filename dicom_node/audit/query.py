@@ -54,18 +54,26 @@ class EventFilter:
         return " ".join(part for part in parts if part)
 
 
-def list_events(trail: AuditTrail, criteria: EventFilter, *, actor: str) -> list[Row]:
-    """Return the matching events, oldest first (the newest ``limit`` when one is given).
+def read_events(trail: AuditTrail, criteria: EventFilter) -> tuple[str | None, list[Row]]:
+    """Return the patient's pseudonym (None without one) and the matching events, unaudited.
 
-    Records AUDIT_QUERIED by ``actor``. Raises :class:`AuditError` when that fails.
+    Events come oldest first; with a ``limit``, the newest ``limit`` of them.
     """
     pseudonym = _pseudonym(trail, criteria)
-    rows: list[Row] = []
-    if pseudonym is not None or not criteria.patient_id:
-        statement = _where(select(store.events), criteria, pseudonym)
-        statement = statement.order_by(store.events.c.id.desc()).limit(criteria.limit)
-        with trail.connect() as connection:
-            rows = [dict(row) for row in connection.execute(statement).mappings()][::-1]
+    if criteria.patient_id and pseudonym is None:
+        return None, []
+    statement = _where(select(store.events), criteria, pseudonym)
+    statement = statement.order_by(store.events.c.id.desc()).limit(criteria.limit)
+    with trail.connect() as connection:
+        return pseudonym, [dict(row) for row in connection.execute(statement).mappings()][::-1]
+
+
+def list_events(trail: AuditTrail, criteria: EventFilter, *, actor: str) -> list[Row]:
+    """Return :func:`read_events`'s events and record AUDIT_QUERIED by ``actor``.
+
+    Raises :class:`AuditError` when recording fails.
+    """
+    pseudonym, rows = read_events(trail, criteria)
     trail.record(AuditEvent.AUDIT_QUERIED, actor=actor, pseudonym=pseudonym,
                  detail=f"{_joined('list', criteria.describe())}; {len(rows)} events")
     return rows
@@ -106,6 +114,12 @@ def summarize(trail: AuditTrail, by: SummaryKey, criteria: EventFilter, *,
     trail.record(AuditEvent.AUDIT_QUERIED, actor=actor, pseudonym=pseudonym,
                  detail=_joined(f"summary by {by}", criteria.describe()))
     return rows
+
+
+def plain(row: Row) -> dict[str, str | int | None]:
+    """Return ``row`` with its time as ISO 8601 text, ready for JSON or CSV."""
+    return {key: value.isoformat() if isinstance(value, datetime) else value
+            for key, value in row.items()}
 
 
 def _pseudonym(trail: AuditTrail, criteria: EventFilter) -> str | None:
