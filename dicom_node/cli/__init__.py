@@ -18,3 +18,6 @@ def main(config: Path | None) -> None:
     """A DICOM node that analyses chest X-rays beside a PACS."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+from dicom_node.cli.audit import audit
+main.add_command(audit)
