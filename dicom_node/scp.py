@@ -36,7 +36,7 @@ from pynetdicom.sop_class import (
     DigitalXRayImageStorageForProcessing,
     Verification,
 )
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -96,6 +96,20 @@ def _server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
         context.load_verify_locations(tls.ca_certificates)
     context.verify_mode = ssl.CERT_REQUIRED if tls.require_peer_certificate else ssl.CERT_NONE
     return context
+
+
+def _prefer_requestor_order(proposed: list[PresentationContext]) -> None:
+    """Make negotiation pick, for each proposed context, the peer's first syntax we support.
+
+    pynetdicom picks the first syntax of *our* list that the peer proposed, so a
+    context proposing JPEG 2000 then Explicit VR would get Explicit VR and the peer
+    would have to decompress (DCMTK's storescu then fails). Each proposed context
+    is narrowed to its own preferred, supported syntax before negotiation.
+    """
+    for context in proposed:
+        supported = [uid for uid in context.transfer_syntax if uid in TRANSFER_SYNTAXES]
+        if supported:
+            context.transfer_syntax = supported[:1]
 
 
 class StorageSCP:
@@ -193,6 +207,7 @@ class StorageSCP:
             self.audit.record(AuditEvent.ASSOCIATION_REJECTED, outcome=Outcome.MINOR_FAILURE,
                               actor=calling_ae, remote=address, detail=reason)
             return
+        _prefer_requestor_order(assoc.requestor.primitive.presentation_context_definition_list)
         self.audit.record(AuditEvent.ASSOCIATION_ACCEPTED, actor=calling_ae, remote=address)
 
     def _on_echo(self, event: Event) -> int:

@@ -8,6 +8,10 @@ from pathlib import Path
 import click
 
 from dicom_node import __version__
+from dicom_node.cli.config import config
+from dicom_node.cli.network import echo, send
+from dicom_node.cli.serve import serve, worker
+from dicom_node.cli.status import status
 
 
 @click.group()
@@ -18,6 +22,10 @@ def main(config: Path | None) -> None:
     """A DICOM node that analyses chest X-rays beside a PACS."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+for command in (serve, worker, status, echo, send, config):
+    main.add_command(command)
 
 from dicom_node.cli.audit import audit
 main.add_command(audit)

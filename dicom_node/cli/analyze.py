@@ -1,0 +1,115 @@
+"""``dicom-node analyze``: run the chest X-ray pipeline on local files, without the network."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pydicom
+from PIL import Image
+
+from pipelines.base import ImageInput, ImageResult
+from pipelines.chest_xray.overlay import render_overlay
+from pipelines.chest_xray.pipeline import ChestXrayPipeline
+from pipelines.chest_xray.preprocess import IMAGE_SUFFIXES, load_image_file
+from pipelines.errors import PipelineError, WeightsError
+
+logger = logging.getLogger(__name__)
+
+NOTICE = "AI result, not for diagnosis; research model, not for clinical use"
+
+
+def _files(paths: tuple[Path, ...]) -> list[Path]:
+    """Return the files named, and the files under the folders named, sorted."""
+    found: list[Path] = []
+    for path in paths:
+        found += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return found
+
+
+def _load(pipeline: ChestXrayPipeline, path: Path) -> ImageInput:
+    """Return the input of a PNG/JPEG, or of a DICOM file that passes the pipeline's gate.
+
+    Raises :class:`PipelineError` when the file is unreadable or the gate skips it.
+    """
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return load_image_file(path)
+    try:
+        dataset = pydicom.dcmread(path)
+    except Exception as exc:
+        raise PipelineError(f"not a PNG/JPEG nor a readable DICOM file: {exc}") from exc
+    verdict = pipeline.accepts(dataset)
+    if not verdict.accepted:
+        raise PipelineError(f"skipped: {verdict.reason}")
+    return pipeline.load(dataset)
+
+
+def _write(image: ImageInput, result: ImageResult, out: Path, stem: str) -> dict[str, Any]:
+    """Write the overlay, lung mask, heat-maps and flagged regions of one image; return its JSON record."""
+    flagged = result.flagged
+    heat = np.max([f.heatmap for f in flagged], axis=0) if flagged else None
+    region = np.any([f.region for f in flagged], axis=0) if flagged else None
+    Image.fromarray(render_overlay(image.display, result.lung_mask, heat, region)).save(out / f"{stem}.overlay.png")
+    Image.fromarray(result.lung_mask.astype(np.uint8) * 255).save(out / f"{stem}.lung-mask.png")
+    findings = []
+    for finding in result.findings:
+        Image.fromarray(np.round(finding.heatmap * 255).astype(np.uint8)).save(out / f"{stem}.heatmap-{finding.name}.png")
+        if finding.region is not None:
+            Image.fromarray(finding.region.astype(np.uint8) * 255).save(out / f"{stem}.region-{finding.name}.png")
+        findings.append(
+            {
+                "name": finding.name,
+                "display_name": finding.display_name,
+                "probability": round(finding.probability, 4),
+                "threshold": finding.threshold,
+                "flagged": finding.flagged,
+                "experimental": finding.experimental,
+                "region_pixels": int(finding.region.sum()) if finding.region is not None else 0,
+            }
+        )
+    return {
+        "lung_fraction": round(float(result.lung_mask.mean()), 4),
+        "flagged": [f.name for f in flagged],
+        "findings": findings,
+    }
+
+
+@click.command("analyze")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for overlay PNGs, masks and JSON findings.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="What to print on stdout.")
+@click.option("--weights", type=click.Path(path_type=Path), default=Path("weights/manifest.yaml"), show_default=True,
+              help="Weights manifest.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+def analyze(paths: tuple[Path, ...], out: Path, fmt: str, weights: Path, device: str) -> None:
+    """Analyse DICOM or PNG/JPEG FILES and folders locally: overlay PNG, masks and JSON findings per image."""
+    try:
+        pipeline = ChestXrayPipeline.from_manifest(weights, device=device)
+    except WeightsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, path in enumerate(_files(paths), start=1):
+        stem = f"{index:04d}-{path.stem}"
+        record: dict[str, Any] = {"file": str(path), "output": stem, "pipeline": pipeline.name,
+                                  "version": pipeline.version, "notice": NOTICE}
+        try:
+            image = _load(pipeline, path)
+            record.update(_write(image, pipeline.run([image])[0], out, stem))
+        except PipelineError as exc:
+            record["error"] = str(exc)
+        (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
+        records.append(record)
+        if fmt == "text":
+            summary = record.get("error") or ", ".join(
+                f"{f['name']} {f['probability']:.3f}{' FLAGGED' if f['flagged'] else ''}" for f in record["findings"]
+            )
+            click.echo(f"{path}: {summary}")
+    if fmt == "json":
+        click.echo(json.dumps(records, indent=2))

@@ -1,0 +1,151 @@
+"""``dicom-node serve``: the SCP, the scheduler and a supervised worker in one process tree.
+
+Start order follows the data flow: state → spool → SCP → scheduler → worker.
+Stop order is the reverse of arrival: stop accepting associations and let the
+ones in flight finish, publish what is pending, then stop the worker (which
+finishes its current task).
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from dicom_node import tasks
+from dicom_node.audit import AuditEvent, AuditTrail
+from dicom_node.config import CONFIG_FILE_ENV, ENV_PREFIX, Settings
+from dicom_node.db import NodeDatabase
+from dicom_node.scheduler import Scheduler
+from dicom_node.scp import StorageSCP
+from dicom_node.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+HOUSEKEEPING_INTERVAL_S = 60.0
+
+
+def overrides_as_environment(overrides: Mapping[str, Any], prefix: str = ENV_PREFIX) -> dict[str, str]:
+    """Flatten nested CLI overrides into ``DICOM_NODE_*`` variables for a child process."""
+    env: dict[str, str] = {}
+    for key, value in overrides.items():
+        name = f"{prefix}{key.upper()}"
+        if isinstance(value, Mapping):
+            env.update(overrides_as_environment(value, f"{name}__"))
+        elif value is not None:
+            env[name] = str(value)
+    return env
+
+
+class WorkerSupervisor:
+    """Runs ``dicom-node worker`` as a child process and restarts it when it dies."""
+
+    def __init__(self, config_file: str | None, overrides: Mapping[str, Any]) -> None:
+        self.env = {**os.environ, **overrides_as_environment(overrides)}
+        if config_file:
+            self.env[CONFIG_FILE_ENV] = str(config_file)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "dicom_node", "worker"],
+                                        env=self.env)
+        logger.info("Started worker process %d", self.process.pid)
+
+    def _watch(self) -> None:
+        backoff = 1.0
+        while not self._stop.wait(0.5):
+            assert self.process is not None
+            code = self.process.poll()
+            if code is None:
+                backoff = 1.0
+                continue
+            logger.error("Worker process %d exited with %d; restarting in %.0f s",
+                         self.process.pid, code, backoff)
+            if self._stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, 30.0)
+            self.restarts += 1
+            self._spawn()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Ask the worker to finish its task and exit; kill it after ``timeout``."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.error("Worker did not stop in %.0f s; killing it", timeout)
+            self.process.kill()
+            self.process.wait()
+
+
+class Node:
+    """The running node: everything ``serve`` starts, in order, and stops in reverse."""
+
+    def __init__(self, settings: Settings, *, run_worker: bool, config_file: str | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> None:
+        self.settings = settings
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.audit = AuditTrail.from_settings(settings)
+        self.db = NodeDatabase(settings.node_database_url)
+        self.spool = Spool(settings.spool_dir,
+                           min_free_bytes=int(settings.scp.min_free_disk_mb * 2**20),
+                           max_dataset_bytes=int(settings.scp.max_dataset_mb * 2**20))
+        tasks.configure(settings)
+        self.scp = StorageSCP(settings.scp, self.db, self.spool, self.audit)
+        self.scheduler = Scheduler(
+            self.db, self.audit, tasks.publish,
+            quiet_seconds=settings.scheduler.study_quiet_seconds,
+            poll_seconds=settings.scheduler.poll_seconds, housekeeping=self._housekeeping,
+        )
+        self.worker = WorkerSupervisor(config_file, overrides or {}) if run_worker else None
+        self._last_housekeeping = 0.0
+
+    def start(self) -> None:
+        self.audit.record(AuditEvent.CONFIG_LOADED, actor=getpass.getuser(),
+                          detail=f"state dir {self.settings.state_dir}")
+        discarded = self.spool.discard_incoming()
+        if discarded:
+            logger.warning("Discarded %d partial file(s) never acknowledged", discarded)
+        self.scp.start()
+        self.scheduler.start()
+        if self.worker is not None:
+            self.worker.start()
+        self.audit.record(AuditEvent.NODE_STARTED, actor=getpass.getuser(),
+                          detail=f"AE {self.settings.scp.ae_title} port {self.scp.port}")
+
+    def stop(self) -> None:
+        logger.info("Stopping: no new associations; finishing those in flight")
+        self.scp.stop()
+        self.scheduler.stop()
+        if self.worker is not None:
+            self.worker.stop()
+        self.audit.record(AuditEvent.NODE_STOPPED, actor=getpass.getuser())
+        self.audit.close()
+        self.db.dispose()
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now - self._last_housekeeping < HOUSEKEEPING_INTERVAL_S:
+            return
+        self._last_housekeeping = now
+        swept = tasks.sweep_consumed_messages(self.settings)
+        if swept:
+            logger.debug("Swept %d consumed broker message(s)", swept)
