@@ -1,0 +1,117 @@
+"""The audit trail as the SCP, the scheduler and the workers use it."""
+
+from __future__ import annotations
+
+import logging
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from audit_fixtures import (
+    ISSUER,
+    PATIENT_ID,
+    PATIENT_NAME,
+    make_node,
+    patient_dataset,
+    record_reception,
+)
+from dicom_node.audit import AuditEvent, AuditTrail, Outcome
+from dicom_node.audit.store import events
+from dicom_node.config import load_settings
+
+
+def count_events(trail: AuditTrail) -> int:
+    with trail.connect() as connection:
+        return connection.execute(select(func.count()).select_from(events)).scalar_one()
+
+
+def test_every_event_maps_to_a_dicom_a5_event_id() -> None:
+    assert AuditEvent.INSTANCE_RECEIVED.dicom_event_id == ("110104", "DCM",
+                                                           "DICOM Instances Transferred")
+    assert AuditEvent.AUDIT_QUERIED.dicom_event_id.value == "110101"
+    assert AuditEvent.SUBJECT_ERASED.dicom_action == "D"
+    assert all(event.dicom_event_id.scheme == "DCM" for event in AuditEvent)
+    assert [o.dicom_indicator for o in Outcome] == [0, 4, 8, 12]
+    assert AuditEvent("job-failed") is AuditEvent.JOB_FAILED
+
+
+def test_pseudonym_is_stable_random_and_depends_on_the_issuer(tmp_path: Path) -> None:
+    trail = make_node(tmp_path).trail
+    first = trail.pseudonym(PATIENT_ID, ISSUER)
+    assert first is not None and len(first) == 32
+    assert trail.pseudonym(PATIENT_ID, ISSUER) == first
+    assert trail.pseudonym(f" {PATIENT_ID} ", ISSUER) == first  # DICOM padding is not identity
+    assert trail.pseudonym(PATIENT_ID, "OTHER-HOSPITAL") != first
+    assert trail.pseudonym(PATIENT_ID) != first
+    assert trail.pseudonym("") is None and trail.pseudonym(None) is None
+    assert trail.lookup_pseudonym("never-seen") is None
+
+
+def test_generated_key_is_private_and_reused(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    first = node.trail.pseudonym(PATIENT_ID)
+    key = node.settings.state_dir / "audit.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    node.trail.close()
+    assert AuditTrail.from_settings(node.settings).pseudonym(PATIENT_ID) == first
+
+
+def test_configured_secret_is_used_and_no_key_file_written(tmp_path: Path) -> None:
+    settings = load_settings(state_dir=tmp_path, audit={"secret": "s3cret"})
+    AuditTrail.from_settings(settings).record(AuditEvent.NODE_STARTED, actor="host")
+    assert not (tmp_path / "audit.key").exists()
+
+
+def test_record_stores_the_event_with_its_codes(tmp_path: Path) -> None:
+    trail = make_node(tmp_path).trail
+    trail.record("job-failed", outcome="serious-failure", actor="worker-1", job_id=7,
+                 study_uid="1.2.3", detail="model error: shape mismatch")
+    with trail.connect() as connection:
+        row = connection.execute(select(events)).mappings().one()
+    assert (row["event"], row["event_id"], row["outcome"], row["job_id"]) == (
+        "job-failed", "110103", "serious-failure", 7)
+    assert row["time"].tzinfo is not None and len(row["hash"]) == 64
+    with pytest.raises(ValueError):
+        trail.record("instance-teleported")
+
+
+def test_disabled_trail_records_nothing(tmp_path: Path) -> None:
+    settings = load_settings(state_dir=tmp_path, audit={"enabled": False})
+    trail = AuditTrail.from_settings(settings)
+    assert trail.pseudonym(PATIENT_ID) is None
+    trail.record(AuditEvent.INSTANCE_RECEIVED, actor="PACS")
+    trail.close()
+    assert not (tmp_path / "audit.db").exists() and not (tmp_path / "audit.key").exists()
+
+
+def test_patient_name_and_id_are_stored_nowhere(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    node = make_node(tmp_path)
+    for number in range(1, 4):
+        record_reception(node.trail, patient_dataset(sop_suffix=number))
+    node.cli("audit", "list", "--patient-id", PATIENT_ID, "--issuer", ISSUER)
+    node.cli("audit", "subject", "export", "--patient-id", PATIENT_ID, "--issuer", ISSUER)
+    stored = b"".join(path.read_bytes() for path in node.settings.state_dir.glob("audit.db*"))
+    assert len(list(node.settings.state_dir.glob("audit.db-wal"))) == 1
+    assert count_events(node.trail) == 8
+    for secret in (PATIENT_ID, PATIENT_NAME, "Testperson", "Jolanda", "19610203"):
+        for encoding in ("ascii", "utf-16-le"):
+            assert secret.encode(encoding) not in stored, secret
+        assert secret not in caplog.text, secret
+
+
+def test_append_takes_about_a_millisecond(tmp_path: Path) -> None:
+    trail = make_node(tmp_path).trail
+    pseudonym = trail.pseudonym(PATIENT_ID)
+    trail.record(AuditEvent.NODE_STARTED)  # warm the connection pool
+    count = 300
+    started = time.perf_counter()
+    for number in range(count):
+        trail.record(AuditEvent.INSTANCE_RECEIVED, actor="PACS", remote="10.0.0.1",
+                     pseudonym=pseudonym, study_uid="1.2.3", sop_uid=f"1.2.3.{number}")
+    per_append_ms = (time.perf_counter() - started) / count * 1000
+    assert per_append_ms < 5, f"{per_append_ms:.2f} ms per append"  # ~0.7 ms unloaded
