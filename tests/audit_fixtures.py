@@ -44,6 +44,7 @@ class Node:
 
 def make_node(tmp_path: Path) -> Node:
     """Return a node whose state lives in ``tmp_path/state``, configured by a YAML file."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "node.yaml"
     config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state")}))
     settings = load_settings(config)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from audit_fixtures import (
+from tests.audit_fixtures import (
     ISSUER,
     PATIENT_ID,
     PATIENT_NAME,
