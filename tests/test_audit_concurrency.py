@@ -1,0 +1,84 @@
+"""Appends from several processes and threads at once keep one unbroken chain."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+from sqlalchemy import select
+
+from dicom_node.audit import AuditEvent, AuditTrail
+from dicom_node.audit.chain import verify_chain
+from dicom_node.audit.store import events
+
+SECRET = b"concurrency-test-secret"
+WRITER = """
+import sys
+from dicom_node.audit import AuditEvent, AuditTrail
+url, writer, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+trail = AuditTrail(url, {secret!r})
+pseudonym = trail.pseudonym(f"patient-{{writer}}")
+for number in range(count):
+    trail.record(AuditEvent.INSTANCE_RECEIVED, actor=f"WRITER{{writer}}", pseudonym=pseudonym,
+                 sop_uid=f"{{writer}}.{{number}}")
+trail.close()
+""".format(secret=SECRET)
+
+
+def appended_by_writer(trail: AuditTrail) -> dict[str, list[int]]:
+    """Return, per actor, the sequence numbers of its events in chain order."""
+    by_writer: dict[str, list[int]] = defaultdict(list)
+    with trail.connect() as connection:
+        for actor, sop_uid in connection.execute(
+                select(events.c.actor, events.c.sop_uid).order_by(events.c.id)):
+            by_writer[actor].append(int(sop_uid.split(".")[1]))
+    return by_writer
+
+
+def test_four_processes_append_a_thousand_events_each(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    AuditTrail(url, SECRET).close()  # creating the store in a race: see the last test
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, url, str(n), "1000"])
+               for n in range(4)]
+    assert [writer.wait(timeout=300) for writer in writers] == [0, 0, 0, 0]
+
+    trail = AuditTrail(url, SECRET)
+    report = verify_chain(trail)
+    assert report.ok, report.problems
+    assert (report.rows_checked, report.first_id, report.last_id) == (4000, 1, 4000)
+    by_writer = appended_by_writer(trail)
+    assert sorted(by_writer) == [f"WRITER{n}" for n in range(4)]
+    assert all(sequence == list(range(1000)) for sequence in by_writer.values())
+
+
+def test_threads_of_one_process_share_a_trail(tmp_path: Path) -> None:
+    trail = AuditTrail(f"sqlite:///{tmp_path / 'audit.db'}", SECRET)
+
+    def append(writer: int) -> None:
+        pseudonym = trail.pseudonym("the same patient")
+        for number in range(200):
+            trail.record(AuditEvent.JOB_STARTED, actor=f"THREAD{writer}",
+                         pseudonym=pseudonym, sop_uid=f"{writer}.{number}")
+
+    threads = [threading.Thread(target=append, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    report = verify_chain(trail)
+    assert report.ok and report.rows_checked == 800
+    assert all(sequence == list(range(200)) for sequence in appended_by_writer(trail).values())
+    with trail.connect() as connection:
+        assert len(set(connection.execute(select(events.c.pseudonym)).scalars())) == 1
+
+
+def test_processes_creating_the_store_at_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh' / 'audit.db'}"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, url, str(n), "20"])
+               for n in range(4)]
+    assert [writer.wait(timeout=120) for writer in writers] == [0, 0, 0, 0]
+    report = verify_chain(AuditTrail(url, SECRET))
+    assert report.ok and report.rows_checked == 80
