@@ -1,0 +1,250 @@
+"""What every result object shares: algorithm identity, deterministic UIDs and
+series numbers, the flag in SeriesDescription, Contributing Equipment, codes,
+and the checks of a writer's arguments.
+
+UIDs and series numbers are derived from the source SOP Instance UID, the
+pipeline name and version and the output kind, so that a re-run replaces the
+objects in the PACS instead of adding a second series.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+import numpy as np
+from pydicom import Dataset
+from pydicom.sr.coding import Code
+from pydicom.sr.codedict import codes
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
+
+from pipelines.base import Finding, ImageResult
+
+logger = logging.getLogger(__name__)
+
+#: Root of every UID the writers derive (pydicom's root, which it offers for this use).
+UID_PREFIX = PYDICOM_ROOT_UID
+#: The marking carried by every object (ASCII: the sources' character sets may be Latin-1).
+AI_DISCLAIMER = "AI result - not for diagnosis"
+#: Every SeriesDescription starts with this.
+DESCRIPTION_PREFIX = "AI CXR: "
+#: Private coding scheme for the concepts no public terminology has (flag, experimental head).
+LOCAL_SCHEME = "99DCMNODE"
+
+#: Colours shared by the overlay and the SEG's recommended display colours.
+LUNG_COLOUR = (0, 230, 0)
+REGION_COLOUR = (255, 0, 255)
+
+#: Tracking name of the lung segment ("lungs"); findings are tracked by ``Finding.name``.
+LUNGS = "lungs"
+LUNG = codes.SCT.Lung
+ANATOMICAL_STRUCTURE = codes.SCT.AnatomicalStructure
+ABNORMAL_STRUCTURE = codes.SCT.MorphologicallyAbnormalStructure
+
+#: SNOMED CT codes of the findings a chest pipeline may report, by ``Finding.name``.
+FINDING_CODES: dict[str, Code] = {
+    "covid19": Code("840539006", "SCT", "COVID-19"),
+    "pneumonia": Code("233604007", "SCT", "Pneumonia"),
+    "pneumothorax": Code("36118008", "SCT", "Pneumothorax"),
+    "effusion": Code("60046008", "SCT", "Pleural effusion"),
+    "pleural_effusion": Code("60046008", "SCT", "Pleural effusion"),
+    "cardiomegaly": Code("8186001", "SCT", "Cardiomegaly"),
+    "atelectasis": Code("46621007", "SCT", "Atelectasis"),
+    "edema": Code("19242006", "SCT", "Pulmonary edema"),
+    "emphysema": Code("87433001", "SCT", "Pulmonary emphysema"),
+    "consolidation": Code("95436008", "SCT", "Lung consolidation"),
+}
+
+
+@dataclass(frozen=True)
+class AlgorithmIdentity:
+    """Who made the result: the pipeline and its models, as written into every object."""
+
+    name: str
+    version: str
+    model_versions: str
+    manufacturer: str = "dicom-node"
+
+    def __post_init__(self) -> None:
+        for field, value in (("name", self.name), ("version", self.version), ("manufacturer", self.manufacturer)):
+            if not value or len(value) > 64:
+                raise ValueError(f"AlgorithmIdentity.{field} must be 1 to 64 characters, got {value!r}")
+
+    @property
+    def software_versions(self) -> tuple[str, ...]:
+        """Return the Software Versions values: the pipeline, then each model."""
+        models = [m.strip()[:64] for m in self.model_versions.split(";") if m.strip()]
+        return (f"{self.name} {self.version}"[:64], *models)
+
+    @property
+    def label(self) -> str:
+        """Return ``name version (models)`` for banners and texts."""
+        return f"{self.name} {self.version} ({self.model_versions})" if self.model_versions else f"{self.name} {self.version}"
+
+
+class OutputKind(StrEnum):
+    """The result objects written for one image; the value takes part in UID derivation."""
+
+    SC = "sc"
+    SEG = "seg"
+    SR = "sr"
+    NOT_ANALYSED = "not-analysed"
+
+
+_KIND_DIGIT = {OutputKind.SC: 1, OutputKind.SEG: 2, OutputKind.SR: 3, OutputKind.NOT_ANALYSED: 4}
+_KIND_LABEL = {OutputKind.SC: "overlay", OutputKind.SEG: "SEG", OutputKind.SR: "SR", OutputKind.NOT_ANALYSED: "note"}
+
+
+def derive_uid(source_uid: str, algorithm: AlgorithmIdentity, kind: OutputKind, role: str) -> str:
+    """Return the UID for ``role`` ("series", "instance", or an item name) of one output.
+
+    The same arguments always give the same UID; any change gives another.
+    """
+    return str(generate_uid(UID_PREFIX, entropy_srcs=[source_uid, algorithm.name, algorithm.version, kind.value, role]))
+
+
+def tracking_uid(source_uid: str, algorithm: AlgorithmIdentity, name: str) -> str:
+    """Return the tracking UID of the object ``name`` ("lungs" or a finding name) in one image,
+    shared by its SEG segment and its SR measurement group."""
+    return str(generate_uid(UID_PREFIX, entropy_srcs=[source_uid, algorithm.name, algorithm.version, "tracking", name]))
+
+
+def series_number(source_uid: str, algorithm: AlgorithmIdentity, kind: OutputKind) -> int:
+    """Return a stable six-digit series number whose last digit names the kind (1 SC, 2 SEG, 3 SR, 4 note).
+
+    The first five digits come from the source image and pipeline, so the outputs
+    of two images of one study get different numbers (barring a 1 in 90 000 clash).
+    """
+    digest = hashlib.sha256(f"{source_uid}|{algorithm.name}|{algorithm.version}".encode()).digest()
+    return 100_000 + int.from_bytes(digest[:8], "big") % 90_000 * 10 + _KIND_DIGIT[kind]
+
+
+def flag_headline(result: ImageResult) -> str:
+    """Return ``AI CXR: SUSPECTED COVID-19 (0.93)`` (flagged findings, highest first) or the no-flag text."""
+    flagged = sorted(result.flagged, key=lambda f: f.probability, reverse=True)
+    if not flagged:
+        return f"{DESCRIPTION_PREFIX}no flagged finding"
+    return DESCRIPTION_PREFIX + "SUSPECTED " + ", ".join(f"{f.display_name.upper()} ({f.probability:.2f})" for f in flagged)
+
+
+def series_description(headline: str, kind: OutputKind) -> str:
+    """Return ``headline [kind]`` cut to the 64 characters of a LO, keeping the kind label."""
+    suffix = f" [{_KIND_LABEL[kind]}]"
+    return headline[: 64 - len(suffix)].rstrip() + suffix
+
+
+def finding_code(finding: Finding) -> Code:
+    """Return the SNOMED CT code of ``finding``, or a code of the local scheme for unknown names."""
+    return FINDING_CODES.get(finding.name) or Code(finding.name[:16], LOCAL_SCHEME, finding.display_name[:64])
+
+
+def local_code(value: str, meaning: str) -> Code:
+    """Return a code of the node's private scheme :data:`LOCAL_SCHEME`."""
+    return Code(value, LOCAL_SCHEME, meaning)
+
+
+def local_scheme_item() -> CodingSchemeIdentificationItem:
+    """Return the Coding Scheme Identification item that declares :data:`LOCAL_SCHEME`."""
+    return CodingSchemeIdentificationItem(
+        designator=LOCAL_SCHEME, name="dicom-node local codes", responsible_organization="dicom-node"
+    )
+
+
+def algorithm_sequence(algorithm: AlgorithmIdentity) -> hd.AlgorithmIdentificationSequence:
+    """Return the Algorithm Identification Sequence (family: Artificial Intelligence)."""
+    return hd.AlgorithmIdentificationSequence(
+        name=algorithm.name, version=algorithm.version, family=codes.DCM.ArtificialIntelligence,
+        source=algorithm.manufacturer,
+    )
+
+
+def contributing_equipment(algorithm: AlgorithmIdentity) -> hd.ContributingEquipment:
+    """Return the IHE AI Results Contributing Equipment item: the algorithm as Processing Equipment."""
+    return hd.ContributingEquipment(
+        manufacturer=algorithm.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=algorithm.name,
+        software_versions=list(algorithm.software_versions),
+        contribution_description=f"AI analysis: {AI_DISCLAIMER}",
+    )
+
+
+def instance_kwargs(source: Dataset, algorithm: AlgorithmIdentity, kind: OutputKind, headline: str) -> dict[str, Any]:
+    """Return the highdicom constructor arguments every output shares: identity, UIDs, series, equipment."""
+    source_uid = source.SOPInstanceUID
+    return {
+        "series_instance_uid": derive_uid(source_uid, algorithm, kind, "series"),
+        "series_number": series_number(source_uid, algorithm, kind),
+        "sop_instance_uid": derive_uid(source_uid, algorithm, kind, "instance"),
+        "instance_number": 1,
+        "manufacturer": algorithm.manufacturer,
+        "manufacturer_model_name": algorithm.name,
+        "software_versions": list(algorithm.software_versions),
+        "series_description": series_description(headline, kind),
+        "contributing_equipment": [contributing_equipment(algorithm)],
+    }
+
+
+def copy_patient_orientation(source: Dataset, target: Dataset) -> None:
+    """Copy Patient Orientation verbatim (type 2C in projection images: empty when unknown)."""
+    target.PatientOrientation = source.get("PatientOrientation", "")
+
+
+def check_source(source: Dataset) -> tuple[int, int]:
+    """Return the source's (Rows, Columns); raise ValueError if it cannot be referenced."""
+    missing = [kw for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
+               if not source.get(kw)]
+    if missing:
+        raise ValueError(f"The source data set lacks {', '.join(missing)}.")
+    return int(source.Rows), int(source.Columns)
+
+
+def _check_array(label: str, array: np.ndarray | None, shape: tuple[int, int]) -> None:
+    if array is not None and np.shape(array) != shape:
+        raise ValueError(f"{label} has shape {np.shape(array)}, expected the source's Rows x Columns {shape}.")
+
+
+def check_result(source: Dataset, result: ImageResult, display: np.ndarray | None = None) -> None:
+    """Raise ValueError unless ``result`` (and ``display``) fit ``source``: same image, same geometry, sane scores."""
+    shape = check_source(source)
+    if result.sop_instance_uid != source.SOPInstanceUID:
+        raise ValueError(f"The result is for {result.sop_instance_uid}, not for the source {source.SOPInstanceUID}.")
+    _check_array("lung_mask", result.lung_mask, shape)
+    if display is not None:
+        _check_array("display", display, shape)
+        if display.dtype != np.uint8:
+            raise ValueError(f"display must be uint8, got {display.dtype}.")
+    names = [f.name for f in result.findings]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Finding names must be unique, got {names}.")
+    for f in result.findings:
+        if not f.name:
+            raise ValueError("Every finding needs a name.")
+        for label, value in (("probability", f.probability), ("threshold", f.threshold)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"Finding {f.name!r}: {label} {value} is outside [0, 1].")
+        if f.flagged and f.experimental:
+            raise ValueError(f"Finding {f.name!r} is experimental and cannot be flagged.")
+        _check_array(f"Finding {f.name!r} heatmap", f.heatmap, shape)
+        _check_array(f"Finding {f.name!r} region", f.region, shape)
+
+
+def segmented_findings(result: ImageResult) -> list[Finding]:
+    """Return the flagged findings that have a region, in result order: the SEG's segments 2, 3, ...."""
+    return [f for f in result.findings if f.flagged and f.region is not None]
+
+
+def without_pixels(source: Dataset) -> Dataset:
+    """Return a shallow copy of ``source`` without its pixel data (which may be compressed)."""
+    meta = Dataset()
+    meta.file_meta = getattr(source, "file_meta", Dataset())
+    for element in source:
+        if element.tag.group != 0x7FE0:
+            meta.add(element)
+    return meta
+

@@ -1,0 +1,145 @@
+"""Drawing for the Secondary Capture: the heat-map blended over the windowed image,
+contours, and a text banner sized to the image so that it reads on a 1 MP screen.
+
+Text uses Pillow's built-in scalable font (no font files, works offline), which
+has no em dash: texts are kept to Latin-1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+#: Banner text height as a fraction of the image rows (about 2.7 %: ~53 px on a 1955-row CR).
+TEXT_HEIGHT = 0.027
+MIN_TEXT_PX = 12
+HEADLINE_SCALE = 1.25
+#: Space between lines as a fraction of the text height.
+LINE_GAP = 0.35
+#: Heat below this is left transparent; above it the colour map fades in up to MAX_ALPHA.
+HEAT_FLOOR = 0.2
+MAX_ALPHA = 0.55
+ALERT = (255, 80, 60)
+CALM = (120, 230, 120)
+TEXT = (255, 255, 255)
+NOTICE = (255, 215, 0)
+BANNER_BG = (0, 0, 0)
+
+# A jet-like map: blue, cyan, yellow, red.
+_ANCHORS = np.array([0.0, 0.35, 0.65, 1.0])
+_COLOURS = np.array([(0, 0, 255), (0, 255, 255), (255, 255, 0), (255, 0, 0)], dtype=np.float32)
+_LUT = np.stack([np.interp(np.linspace(0, 1, 256), _ANCHORS, _COLOURS[:, i]) for i in range(3)], axis=-1)
+
+
+@dataclass(frozen=True)
+class BannerText:
+    """What the banner says: a coloured headline, items packed into lines and notices at the top;
+    the footer at the bottom."""
+
+    headline: str
+    alert: bool
+    items: Sequence[str]
+    notices: Sequence[str]
+    footer: Sequence[str] = ()
+
+
+def blend_heatmap(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """Return ``rgb`` (uint8, H x W x 3) with ``heat`` ([0, 1], H x W) blended in as a colour map."""
+    alpha = (np.clip((heat - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0) * MAX_ALPHA)[..., None]
+    colours = _LUT[np.round(np.clip(heat, 0.0, 1.0) * 255).astype(np.uint8)]
+    return np.round(rgb * (1.0 - alpha) + colours * alpha).astype(np.uint8)
+
+
+def draw_contour(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> None:
+    """Draw the inner boundary of ``mask`` on ``rgb`` in place, about 0.3 % of the image wide."""
+    width = max(2, round(0.003 * min(mask.shape)))
+    mask = mask.astype(bool)
+    edge = mask & ~ndimage.binary_erosion(mask, iterations=width)
+    rgb[edge] = colour
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _pack(items: Sequence[str], font: ImageFont.FreeTypeFont, width: int, sep: str = "   |   ") -> list[str]:
+    """Return ``items`` greedily packed into lines no wider than ``width`` pixels."""
+    lines: list[str] = []
+    for item in items:
+        candidate = f"{lines[-1]}{sep}{item}" if lines else item
+        if lines and font.getlength(candidate) <= width:
+            lines[-1] = candidate
+        else:
+            lines.append(item)
+    return lines
+
+
+def _text_size(rows: int, usable: int, text: BannerText) -> int:
+    """Return the body text height: TEXT_HEIGHT of ``rows``, reduced only where a line would not fit."""
+    size = max(MIN_TEXT_PX, round(TEXT_HEIGHT * rows))
+    needed = max([_font(size).getlength(s) for s in (*text.items, *text.notices, *text.footer)]
+                 + [_font(round(size * HEADLINE_SCALE)).getlength(text.headline)])
+    if needed > usable:  # text width grows linearly with size
+        size = max(MIN_TEXT_PX, int(size * usable / needed))
+    return size
+
+
+def _band(draw: ImageDraw.ImageDraw, lines: list[tuple[str, ImageFont.FreeTypeFont, tuple[int, int, int]]],
+          top: int | None, cols: int, rows: int, margin: int) -> None:
+    """Draw ``lines`` on an opaque band across the image: from ``top``, or up from the bottom when None."""
+    heights = [round(font.size * (1 + LINE_GAP)) for _, font, _ in lines]
+    height = 2 * margin + sum(heights)
+    y = top if top is not None else rows - height
+    draw.rectangle((0, y, cols, y + height), fill=BANNER_BG)
+    y += margin
+    for (line, font, colour), step in zip(lines, heights, strict=True):
+        draw.text((margin, y), line, font=font, fill=colour)
+        y += step
+
+
+def draw_banner(rgb: np.ndarray, text: BannerText) -> np.ndarray:
+    """Return ``rgb`` with ``text`` burned in: headline, items and notices in a band across the top,
+    the footer in a band across the bottom.
+
+    Text height is :data:`TEXT_HEIGHT` of the rows (headline :data:`HEADLINE_SCALE` times that),
+    reduced only where a single line would not fit the width.
+    """
+    rows, cols = rgb.shape[:2]
+    margin = max(4, cols // 60)
+    usable = cols - 2 * margin
+    size = _text_size(rows, usable, text)
+    head_font, body_font = _font(round(size * HEADLINE_SCALE)), _font(size)
+    top = [(text.headline, head_font, ALERT if text.alert else CALM)]
+    top += [(line, body_font, TEXT) for line in _pack(text.items, body_font, usable)]
+    top += [(line, body_font, NOTICE) for line in _pack(text.notices, body_font, usable)]
+    bottom = [(line, body_font, TEXT) for line in _pack(text.footer, body_font, usable)]
+
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    _band(draw, top, 0, cols, rows, margin)
+    if bottom:
+        _band(draw, bottom, None, cols, rows, margin)
+    return np.asarray(image)
+
+
+def overlay(display: np.ndarray, lung_mask: np.ndarray, heat: np.ndarray | None,
+            regions: Sequence[np.ndarray], text: BannerText,
+            lung_colour: tuple[int, int, int], region_colour: tuple[int, int, int]) -> np.ndarray:
+    """Return the RGB overlay (uint8, H x W x 3): ``display`` in grey, ``heat`` blended within the lungs,
+    the lung and region contours, and the banner."""
+    rgb = np.repeat(display[..., None], 3, axis=-1)
+    if heat is not None:
+        rgb = blend_heatmap(rgb, np.where(lung_mask, heat, 0.0))
+    draw_contour(rgb, lung_mask, lung_colour)
+    for region in regions:
+        draw_contour(rgb, region, region_colour)
+    return draw_banner(rgb, text)
+
+
+def text_card(text: BannerText, shape: tuple[int, int] = (512, 1024)) -> np.ndarray:
+    """Return a dark RGB card (uint8, ``shape`` x 3) holding only ``text``."""
+    return draw_banner(np.zeros((*shape, 3), np.uint8), text)

@@ -1,0 +1,139 @@
+"""The Secondary Capture overlay any viewer can show: the windowed image at the
+source geometry with the Grad-CAM heat-map of the flagged findings, the lung and
+region contours and a burned-in banner; and the short "not analysed" note.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_node.writers.common import (
+    AI_DISCLAIMER,
+    DESCRIPTION_PREFIX,
+    LUNG_COLOUR,
+    REGION_COLOUR,
+    AlgorithmIdentity,
+    OutputKind,
+    check_result,
+    check_source,
+    copy_patient_orientation,
+    flag_headline,
+    instance_kwargs,
+    segmented_findings,
+    without_pixels,
+)
+from dicom_node.writers.render import BannerText, overlay, text_card
+from pipelines.base import Finding, ImageResult
+
+logger = logging.getLogger(__name__)
+
+
+def _finding_item(finding: Finding) -> str:
+    if finding.experimental:
+        return f"{finding.display_name} {finding.probability:.2f}: experimental, never flagged"
+    verdict = "FLAGGED" if finding.flagged else "not flagged"
+    return f"{finding.display_name} {finding.probability:.2f} (threshold {finding.threshold:.2f}): {verdict}"
+
+
+def banner_text(result: ImageResult, algorithm: AlgorithmIdentity) -> BannerText:
+    """Return the banner of ``result``: the flag, each finding (flagged first, then by score), model, marking."""
+    findings = sorted(result.findings, key=lambda f: (not f.flagged, f.experimental, -f.probability))
+    legend = "Green: lungs"
+    if result.flagged:
+        legend = "Colour: Grad-CAM of flagged findings   |   " + legend + "   |   Magenta: localized region"
+    return BannerText(
+        headline=flag_headline(result),
+        alert=bool(result.flagged),
+        items=[_finding_item(f) for f in findings],
+        notices=[AI_DISCLAIMER],
+        footer=[f"Model: {algorithm.label}", legend],
+    )
+
+
+def _flagged_heat(result: ImageResult) -> np.ndarray | None:
+    """Return the pixel-wise maximum of the flagged findings' heat-maps, or None when there is none."""
+    maps = [f.heatmap for f in result.flagged if f.heatmap is not None]
+    return np.maximum.reduce([np.asarray(m, np.float32) for m in maps]) if maps else None
+
+
+def _valid_pixel_spacing(source: Dataset) -> tuple[float, float] | None:
+    spacing = source.get("PixelSpacing")
+    if spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing):
+        return float(spacing[0]), float(spacing[1])
+    return None
+
+
+def _sc_image(source: Dataset, rgb: np.ndarray, algorithm: AlgorithmIdentity, kind: OutputKind, headline: str,
+              same_geometry: bool) -> hd.sc.SCImage:
+    """Return an RGB SC image in the source's study; with ``same_geometry`` it also carries the
+    source's orientation and pixel spacing and references it as its source image."""
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=without_pixels(source),
+        pixel_array=rgb,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        # highdicom accepts single letters only; replaced below by the source's value (or empty)
+        patient_orientation=("L", "F"),
+        pixel_spacing=_valid_pixel_spacing(source) if same_geometry else None,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        **instance_kwargs(source, algorithm, kind, headline),
+    )
+    if same_geometry:
+        copy_patient_orientation(source, sc)
+        item = Dataset()
+        item.ReferencedSOPClassUID = source.SOPClassUID
+        item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)]
+        sc.SourceImageSequence = [item]
+    else:
+        sc.PatientOrientation = ""
+    for keyword in ("BodyPartExamined", "Laterality"):  # without them dciodvfy cannot tell Laterality is not needed
+        if keyword in source:
+            sc[keyword] = source[keyword]
+    sc.ConversionType = "WSD"
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = AI_DISCLAIMER
+    return sc
+
+
+def build_sc(source: Dataset, result: ImageResult, display: np.ndarray, algorithm: AlgorithmIdentity) -> hd.sc.SCImage:
+    """Return the RGB overlay SC of ``result`` at the source geometry.
+
+    ``display`` is the windowed uint8 image (``ImageInput.display``). Raises ValueError
+    if it or a mask does not match the source's Rows/Columns.
+    """
+    check_result(source, result, display)
+    rgb = overlay(
+        display, result.lung_mask, _flagged_heat(result), [f.region for f in segmented_findings(result)],
+        banner_text(result, algorithm), LUNG_COLOUR, REGION_COLOUR,
+    )
+    sc = _sc_image(source, rgb, algorithm, OutputKind.SC, flag_headline(result), same_geometry=True)
+    logger.debug("SC %s for %s", sc.SOPInstanceUID, source.SOPInstanceUID)
+    return sc
+
+
+def build_not_analysed(source: Dataset, reason: str, algorithm: AlgorithmIdentity) -> hd.sc.SCImage:
+    """Return a small SC card saying that ``source`` was not analysed and why.
+
+    Raises ValueError if ``reason`` is empty or ``source`` cannot be referenced.
+    """
+    check_source(source)
+    if not reason.strip():
+        raise ValueError("A reason is required for a 'not analysed' note.")
+    headline = f"{DESCRIPTION_PREFIX}not analysed: {reason.strip()}"
+    card = text_card(BannerText(
+        headline=f"{DESCRIPTION_PREFIX}not analysed",
+        alert=False,
+        items=[f"Reason: {reason.strip()}"],
+        notices=[AI_DISCLAIMER, f"Model: {algorithm.label}"],
+    ))
+    sc = _sc_image(source, card, algorithm, OutputKind.NOT_ANALYSED, headline, same_geometry=False)
+    logger.debug("not-analysed note %s for %s", sc.SOPInstanceUID, source.SOPInstanceUID)
+    return sc

@@ -1,0 +1,76 @@
+"""Synthetic but realistic pipeline results on pydicom's RG1 chest radiographs, for the writer tests."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.data import get_testdata_file
+
+from dicom_node.writers import AlgorithmIdentity
+from pipelines.base import Finding, ImageResult
+
+ALGORITHM = AlgorithmIdentity(name="chest-xray", version="1.0", model_versions="lung-unet 1.0; covid19-densenet 1.0")
+
+#: (centre row, centre column, semi-axis rows, semi-axis columns) of the two lungs in RG1 (1955 x 1841).
+LUNGS = ((860, 450, 620, 280), (860, 1330, 620, 280))
+#: Centre (row, column) and sigma in pixels of the Grad-CAM blob.
+HOT_SPOT = (1100, 470, 190)
+
+
+def read_source(name: str) -> pydicom.Dataset:
+    """Return the pydicom test file ``name`` (RG1_UNCI.dcm, RG1_J2KR.dcm), pixel data included."""
+    return pydicom.dcmread(get_testdata_file(name))
+
+
+def display_of(source: pydicom.Dataset) -> np.ndarray:
+    """Return the image windowed to uint8 (1st-99th percentile), MONOCHROME1 inverted: what ImageInput.display holds."""
+    pixels = source.pixel_array.astype(np.float32)
+    low, high = np.percentile(pixels, [1, 99])
+    scaled = np.clip((pixels - low) / (high - low), 0.0, 1.0)
+    if source.PhotometricInterpretation == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return np.round(scaled * 255).astype(np.uint8)
+
+
+def lung_mask(shape: tuple[int, int]) -> np.ndarray:
+    """Return two elliptical lungs."""
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    mask = np.zeros(shape, bool)
+    for r, c, a, b in LUNGS:
+        mask |= ((rows - r) / a) ** 2 + ((cols - c) / b) ** 2 <= 1.0
+    return mask
+
+
+def heatmap(lungs: np.ndarray) -> np.ndarray:
+    """Return a Gaussian Grad-CAM blob in [0, 1], zero outside the lungs."""
+    r, c, sigma = HOT_SPOT
+    rows, cols = np.ogrid[: lungs.shape[0], : lungs.shape[1]]
+    blob = np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * sigma**2)).astype(np.float32)
+    return np.where(lungs, blob, 0.0).astype(np.float32)
+
+
+def synthetic_result(source: pydicom.Dataset, flagged: bool = True) -> ImageResult:
+    """Return a result with COVID-19 (0.93, flagged with a region when ``flagged``, else 0.21) and an
+    experimental pneumothorax head (0.12)."""
+    shape = (int(source.Rows), int(source.Columns))
+    lungs = lung_mask(shape)
+    heat = heatmap(lungs)
+    covid = Finding(
+        name="covid19", display_name="COVID-19", probability=0.93 if flagged else 0.21, threshold=0.5,
+        flagged=flagged, experimental=False, heatmap=heat, region=(heat > 0.5) if flagged else None,
+    )
+    pneumothorax = Finding(
+        name="pneumothorax", display_name="Pneumothorax", probability=0.12, threshold=0.5,
+        flagged=False, experimental=True, heatmap=heat[::-1].copy() * lungs,
+    )
+    return ImageResult(sop_instance_uid=source.SOPInstanceUID, lung_mask=lungs, findings=[covid, pneumothorax])
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """Return (errors, warnings): the lines dciodvfy prints for ``path`` that begin with Error / Warning."""
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120, check=False)
+    lines = (run.stdout + run.stderr).splitlines()
+    return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
