@@ -33,6 +33,8 @@ AGE = re.compile(r"^(\d+)([smhdw])$")
 AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 TABLE_COLUMNS = ("id", "time", "event", "outcome", "actor", "remote", "pseudonym",
                  "study_uid", "sop_uid", "job_id", "detail")
+NO_WRAP = {"id", "time", "event", "outcome", "key", "events", "failures"}
+PIPED_WIDTH = 240
 
 
 class Age(click.ParamType):
@@ -106,10 +108,24 @@ def _emit(rows: Sequence[dict[str, Any]], output: str, columns: Sequence[str],
     else:
         table = Table(title=title)
         for column in columns:
-            table.add_column(column, overflow="fold")
+            table.add_column(column, overflow="fold", no_wrap=column in NO_WRAP)
         for row in data:
-            table.add_row(*("" if row.get(c) is None else str(row[c]) for c in columns))
-        Console().print(table)
+            table.add_row(*(_cell(column, row.get(column)) for column in columns))
+        _console().print(table)
+
+
+def _cell(column: str, value: object) -> str:
+    if value is None:
+        return ""
+    if column == "time":
+        return str(value)[:19].replace("T", " ")  # to the second, UTC
+    return str(value)
+
+
+def _console() -> Console:
+    """Return a console for tables; as wide as the terminal, or wide when piped."""
+    console = Console()
+    return console if console.is_terminal else Console(width=PIPED_WIDTH)
 
 
 @click.group("audit")
@@ -169,7 +185,7 @@ def show_command(ctx: click.Context, event_id: int, output: str) -> None:
     table.add_column("value", overflow="fold")
     for key, value in row.items():
         table.add_row(key, "" if value is None else str(value))
-    Console().print(table)
+    _console().print(table)
 
 
 @audit.command("summary")
