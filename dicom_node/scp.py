@@ -191,8 +191,9 @@ class StorageSCP:
     def _on_requested(self, event: Event) -> None:
         """Accept or reject the association request by the node's policy, and audit it."""
         assoc = event.assoc
-        calling_ae = assoc.requestor.ae_title.strip()
-        called_ae = assoc.requestor.primitive.called_ae_title.strip()
+        request = assoc.requestor.primitive  # requestor.ae_title is set only after this event
+        calling_ae = request.calling_ae_title.strip()
+        called_ae = request.called_ae_title.strip()
         address = assoc.requestor.address
         reason = ""
         if not self._peer_allowed(calling_ae, address):
@@ -204,6 +205,7 @@ class StorageSCP:
         if reason:
             logger.info("Rejecting association from %s at %s: %s", calling_ae, address, reason)
             assoc.acse.send_reject(*reject)
+            assoc.kill()  # as pynetdicom does after its own rejections: flushes the PDU
             self.audit.record(AuditEvent.ASSOCIATION_REJECTED, outcome=Outcome.MINOR_FAILURE,
                               actor=calling_ae, remote=address, detail=reason)
             return

@@ -1,0 +1,203 @@
+"""Shared fixtures: real DICOM test files, DCMTK tools, free ports, a `serve` subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydicom.data import get_testdata_file
+
+from dicom_node.db import NodeDatabase
+
+DCMTK_DIRS = ("/usr/bin", "/usr/local/bin")
+
+
+def sample_file(name: str) -> Path:
+    """Return the path of a file shipped by pydicom-data or pydicom (e.g. RG1_UNCI.dcm)."""
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.fail(f"test file {name} not found: install the dev extra (pydicom-data)")
+    return Path(path)
+
+
+def dcmtk_tool(name: str) -> str:
+    """Return the path of a DCMTK program (not pynetdicom's app of the same name)."""
+    for folder in DCMTK_DIRS:
+        candidate = Path(folder) / name
+        if candidate.exists():
+            return str(candidate)
+    pytest.skip(f"DCMTK {name} is not installed (apt-get install dcmtk)")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """Return the bytes of a DICOM file after its preamble and file meta information."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM", f"{path} is not a DICOM file"
+    group_length = int.from_bytes(data[140:144], "little")
+    return data[144 + group_length:]
+
+
+class NodeProcess:
+    """`dicom-node serve` started as a subprocess on a free loopback port."""
+
+    def __init__(self, root: Path, settings: dict[str, Any]) -> None:
+        self.root = root
+        self.port = free_port()
+        self.state_dir = root / "state"
+        base = {
+            "state_dir": str(self.state_dir),
+            "scp": {"host": "127.0.0.1", "port": self.port,
+                    "allowed_peers": [{"ae_title": "STORESCU"}, {"ae_title": "ECHOSCU"},
+                                      {"ae_title": "TESTSCU"}]},
+            "scheduler": {"study_quiet_seconds": 1, "poll_seconds": 0.2},
+            "audit": {"secret": "test-secret"},
+        }
+        self.config = root / "config.yaml"
+        self.config.write_text(yaml.safe_dump(_merge(base, settings)))
+        self.log = root / "serve.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> NodeProcess:
+        self.log.write_bytes(b"")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node", "--config", str(self.config), "serve"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+        wait_for(self._listening, timeout, "the SCP to listen")
+        return self
+
+    def _listening(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            pytest.fail(f"serve exited with {self.process.returncode}:\n{self.log.read_text()}")
+        return b"listening on" in self.log.read_bytes()
+
+    def stop(self, timeout: float = 90) -> int:
+        """SIGTERM the node and return its exit status."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the node and every process it started."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+
+    def db(self) -> NodeDatabase:
+        return NodeDatabase(f"sqlite:///{self.state_dir / 'node.db'}")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Make `serve` subprocesses; whatever is left running is killed at teardown."""
+    nodes: list[NodeProcess] = []
+
+    def make(settings: dict[str, Any] | None = None, name: str = "node") -> NodeProcess:
+        root = tmp_path / name
+        root.mkdir(exist_ok=True)
+        node = NodeProcess(root, settings or {})
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        if node.process is not None:
+            node.kill()
+
+
+class DcmtkStoreSCP:
+    """DCMTK's storescp, bit-preserving and accepting every transfer syntax: a real peer."""
+
+    def __init__(self, root: Path, ae_title: str = "RECEIVER", port: int | None = None) -> None:
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.folder = root / f"received-{self.port}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DcmtkStoreSCP:
+        self.process = subprocess.Popen(
+            [dcmtk_tool("storescp"), "+B", "+xa", "-aet", self.ae_title, "-od", str(self.folder),
+             str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: run_tool(dcmtk_tool("echoscu"), "-aec", self.ae_title, "127.0.0.1",
+                                  str(self.port), timeout=10).returncode == 0,
+                 30, "storescp to listen")
+        return self
+
+    def received(self, sop_instance_uid: str) -> Path | None:
+        found = sorted(self.folder.glob(f"*{sop_instance_uid}*"))
+        return found[0] if found else None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+            self.process = None
+
+
+@pytest.fixture
+def storescp_factory(tmp_path: Path) -> Iterator[Callable[..., DcmtkStoreSCP]]:
+    peers: list[DcmtkStoreSCP] = []
+
+    def make(**kwargs: Any) -> DcmtkStoreSCP:
+        peer = DcmtkStoreSCP(tmp_path, **kwargs)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.stop()
+
+
+def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def dciodvfy() -> str:
+    path = shutil.which("dciodvfy")
+    if path is None:
+        pytest.skip("dicom3tools' dciodvfy is not installed (apt-get install dicom3tools)")
+    return path
