@@ -8,7 +8,7 @@ moved by hand is detected like any other change.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import Connection, delete, func, select, update
 
@@ -92,23 +92,29 @@ def purge_before(trail: AuditTrail, cutoff: datetime, *, actor: str | None) -> i
     """Delete the events recorded before ``cutoff``; return how many.
 
     Moves the chain's anchor to the last deleted row and records DATA_PURGED naming
-    it, in the same transaction. Raises :class:`AuditError` when the store stays locked.
+    it, in the same transaction (also when nothing was old enough). Raises ``ValueError``
+    for a naive ``cutoff``, :class:`AuditError` when the store stays locked.
     """
+    if cutoff.tzinfo is None:
+        raise ValueError("The cutoff must be timezone-aware.")
+    cutoff = cutoff.astimezone(UTC)  # SQLite compares the stored UTC text
+    when = f"{cutoff:%Y-%m-%d %H:%M:%S} UTC"
+
     def work(connection: Connection) -> int:
         last = connection.execute(
             select(store.events.c.id, store.events.c.hash)
             .where(store.events.c.time < cutoff)
             .order_by(store.events.c.id.desc()).limit(1)
         ).first()
-        if last is None:
-            return 0
-        deleted = connection.execute(
-            delete(store.events).where(store.events.c.id <= last.id)).rowcount
-        connection.execute(update(store.chain).values(anchor_id=last.id, anchor_hash=last.hash))
-        trail.append(connection, Entry(
-            AuditEvent.DATA_PURGED, actor=actor,
-            detail=f"deleted {deleted} audit rows recorded before "
-                   f"{cutoff.isoformat(timespec='seconds')}; {anchor_token(last.id)}"))
+        deleted, detail = 0, f"no audit rows recorded before {when}"
+        if last is not None:
+            deleted = connection.execute(
+                delete(store.events).where(store.events.c.id <= last.id)).rowcount
+            connection.execute(update(store.chain).values(anchor_id=last.id,
+                                                          anchor_hash=last.hash))
+            detail = f"deleted {deleted} audit rows recorded before {when}; " \
+                     f"{anchor_token(last.id)}"
+        trail.append(connection, Entry(AuditEvent.DATA_PURGED, actor=actor, detail=detail))
         return deleted
 
     return trail.write(work)
