@@ -17,6 +17,8 @@ from scipy import ndimage
 #: Banner text height as a fraction of the image rows (about 2.7 %: ~53 px on a 1955-row CR).
 TEXT_HEIGHT = 0.027
 MIN_TEXT_PX = 12
+#: Text height of the "not analysed" card, relative to its rows.
+CARD_TEXT_HEIGHT = 0.06
 HEADLINE_SCALE = 1.25
 #: Space between lines as a fraction of the text height.
 LINE_GAP = 0.35
@@ -78,9 +80,9 @@ def _pack(items: Sequence[str], font: ImageFont.FreeTypeFont, width: int, sep: s
     return lines
 
 
-def _text_size(rows: int, usable: int, text: BannerText) -> int:
-    """Return the body text height: TEXT_HEIGHT of ``rows``, reduced only where a line would not fit."""
-    size = max(MIN_TEXT_PX, round(TEXT_HEIGHT * rows))
+def _text_size(rows: int, usable: int, text: BannerText, text_height: float) -> int:
+    """Return the body text height: ``text_height`` of ``rows``, reduced only where a line would not fit."""
+    size = max(MIN_TEXT_PX, round(text_height * rows))
     needed = max([_font(size).getlength(s) for s in (*text.items, *text.notices, *text.footer)]
                  + [_font(round(size * HEADLINE_SCALE)).getlength(text.headline)])
     if needed > usable:  # text width grows linearly with size
@@ -101,17 +103,17 @@ def _band(draw: ImageDraw.ImageDraw, lines: list[tuple[str, ImageFont.FreeTypeFo
         y += step
 
 
-def draw_banner(rgb: np.ndarray, text: BannerText) -> np.ndarray:
+def draw_banner(rgb: np.ndarray, text: BannerText, text_height: float = TEXT_HEIGHT) -> np.ndarray:
     """Return ``rgb`` with ``text`` burned in: headline, items and notices in a band across the top,
     the footer in a band across the bottom.
 
-    Text height is :data:`TEXT_HEIGHT` of the rows (headline :data:`HEADLINE_SCALE` times that),
+    Text height is ``text_height`` of the rows (headline :data:`HEADLINE_SCALE` times that),
     reduced only where a single line would not fit the width.
     """
     rows, cols = rgb.shape[:2]
     margin = max(4, cols // 60)
     usable = cols - 2 * margin
-    size = _text_size(rows, usable, text)
+    size = _text_size(rows, usable, text, text_height)
     head_font, body_font = _font(round(size * HEADLINE_SCALE)), _font(size)
     top = [(text.headline, head_font, ALERT if text.alert else CALM)]
     top += [(line, body_font, TEXT) for line in _pack(text.items, body_font, usable)]
@@ -140,6 +142,7 @@ def overlay(display: np.ndarray, lung_mask: np.ndarray, heat: np.ndarray | None,
     return draw_banner(rgb, text)
 
 
-def text_card(text: BannerText, shape: tuple[int, int] = (512, 1024)) -> np.ndarray:
-    """Return a dark RGB card (uint8, ``shape`` x 3) holding only ``text``."""
-    return draw_banner(np.zeros((*shape, 3), np.uint8), text)
+def text_card(text: BannerText, shape: tuple[int, int] = (480, 640)) -> np.ndarray:
+    """Return a dark RGB card (uint8, ``shape`` x 3) holding only ``text``, large enough to read when
+    a viewer fits the card to its window."""
+    return draw_banner(np.zeros((*shape, 3), np.uint8), text, text_height=CARD_TEXT_HEIGHT)

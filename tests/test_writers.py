@@ -1,0 +1,262 @@
+"""The writers on pydicom's RG1 chest radiograph (1955 x 1841 CR, MONOCHROME1, Pixel Spacing 0\\0):
+every object passes dciodvfy without errors and reads back, with pydicom and highdicom,
+with the values written; UIDs and series numbers are deterministic.
+
+Cases: ``flagged`` is RG1_UNCI with COVID-19 flagged (0.93, with a region) and an
+experimental pneumothorax head (0.12); ``no_flag`` is the JPEG 2000 RG1_J2KR read
+*without* its pixel data (the writers use only ``display``) and nothing flagged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from dicom_node.writers import AI_DISCLAIMER, OutputKind, write_not_analysed, write_results
+from dicom_node.writers.common import series_description
+from tests.writers_fixtures import ALGORITHM, HOT_SPOT, LUNGS, dciodvfy, display_of, read_source, synthetic_result
+
+#: dciodvfy warnings left, and why:
+#: - Referring Physician's Name "ward" is a "retired person name form": copied verbatim
+#:   from the source's patient/study modules, which the writers must not alter;
+#: - the private coding scheme 99DCMNODE (SR "AI flag" / "Experimental model" concepts,
+#:   which no public terminology has) is "unrecognized": dciodvfy knows only registered
+#:   schemes; the SR declares it in the Coding Scheme Identification Sequence.
+ACCEPTED_WARNINGS = (
+    re.compile(r"Referring Physician's Name .*<ward> - Retired Person Name form"),
+    re.compile(r"Unrecognized defined term <99DCMNODE> .*Coding Scheme Designator"),
+)
+KINDS = (OutputKind.SC, OutputKind.SEG, OutputKind.SR)
+pytestmark = pytest.mark.filterwarnings("ignore:The string \"ward\":UserWarning")
+
+
+class Case:
+    """One source, its result and display, the objects written and their files."""
+
+    def __init__(self, directory: Path, name: str, flagged: bool, with_pixels: bool) -> None:
+        full = read_source(name)
+        self.source = full if with_pixels else pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)
+        self.display = display_of(full)
+        self.result = synthetic_result(full, flagged=flagged)
+        self.outputs = write_results(self.source, self.result, self.display, ALGORITHM)
+        self.paths = {}
+        for kind, dataset in self.outputs.items():
+            self.paths[kind] = directory / f"{kind}.dcm"
+            dataset.save_as(self.paths[kind], enforce_file_format=True)
+
+    def read(self, kind: OutputKind) -> pydicom.Dataset:
+        return pydicom.dcmread(self.paths[kind])
+
+
+@pytest.fixture(scope="module")
+def flagged(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    return Case(tmp_path_factory.mktemp("flagged"), "RG1_UNCI.dcm", flagged=True, with_pixels=True)
+
+
+@pytest.fixture(scope="module")
+def no_flag(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    return Case(tmp_path_factory.mktemp("no_flag"), "RG1_J2KR.dcm", flagged=False, with_pixels=False)
+
+
+@pytest.fixture(scope="module", params=["flagged", "no_flag"])
+def case(request: pytest.FixtureRequest) -> Case:
+    return request.getfixturevalue(request.param)
+
+
+# --- validity ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dciodvfy_reports_no_error(case: Case, kind: OutputKind) -> None:
+    errors, warnings = dciodvfy(case.paths[kind])
+    assert errors == []
+    unexplained = [w for w in warnings if not any(p.search(w) for p in ACCEPTED_WARNINGS)]
+    assert unexplained == []
+
+
+def test_not_analysed_note_passes_dciodvfy(tmp_path: Path) -> None:
+    source = pydicom.dcmread(get_testdata_file("RG1_J2KR.dcm"), stop_before_pixels=True)
+    note = write_not_analysed(source, "lateral view", ALGORITHM)
+    path = tmp_path / "note.dcm"
+    note.save_as(path, enforce_file_format=True)
+    errors, warnings = dciodvfy(path)
+    assert errors == []
+    assert [w for w in warnings if not any(p.search(w) for p in ACCEPTED_WARNINGS)] == []
+    back = pydicom.dcmread(path)
+    assert back.SeriesDescription == "AI CXR: not analysed: lateral view [note]"
+    assert back.StudyInstanceUID == source.StudyInstanceUID
+    assert back.pixel_array.shape == (480, 640, 3)
+    assert back.ImageComments == AI_DISCLAIMER
+    again = write_not_analysed(source, "lateral view", ALGORITHM)
+    assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (back.SOPInstanceUID, back.SeriesInstanceUID)
+
+
+# --- what every object carries ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_patient_study_equipment_and_flag(case: Case, kind: OutputKind) -> None:
+    ds = case.read(kind)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+                    "StudyDate", "AccessionNumber", "StudyID"):
+        assert ds[keyword].value == case.source[keyword].value, keyword
+    assert ds.SeriesInstanceUID != case.source.SeriesInstanceUID
+    assert ds.Manufacturer == "dicom-node"
+    assert list(ds.SoftwareVersions) == ["chest-xray 1.0", "lung-unet 1.0", "covid19-densenet 1.0"]
+    ours = [item for item in ds.ContributingEquipmentSequence if item.Manufacturer == "dicom-node"]
+    assert len(ours) == 1  # beside highdicom's own item and the source's acquisition equipment
+    purpose = ours[0].PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("109102", "DCM")
+    assert ours[0].ManufacturerModelName == "chest-xray"
+    assert list(ours[0].SoftwareVersions) == list(ds.SoftwareVersions)
+    expected = "AI CXR: SUSPECTED COVID-19 (0.93)" if case.result.flagged else "AI CXR: no flagged finding"
+    assert ds.SeriesDescription.startswith(expected)
+
+
+def test_series_description_keeps_kind_within_64_characters() -> None:
+    headline = "AI CXR: SUSPECTED " + ", ".join(f"VERY LONG FINDING NAME {i} (0.9{i})" for i in range(4))
+    text = series_description(headline, OutputKind.SEG)
+    assert len(text) <= 64 and text.startswith("AI CXR: SUSPECTED VERY LONG") and text.endswith(" [SEG]")
+
+
+# --- Secondary Capture -----------------------------------------------------------------------------
+
+def test_sc_is_an_rgb_overlay_at_source_geometry(case: Case) -> None:
+    sc = case.read(OutputKind.SC)
+    pixels = sc.pixel_array
+    assert pixels.shape == (case.source.Rows, case.source.Columns, 3)
+    assert (sc.PhotometricInterpretation, sc.BurnedInAnnotation, sc.Modality) == ("RGB", "YES", "OT")
+    assert sc.ImageComments == AI_DISCLAIMER
+    assert sc.PatientOrientation == case.source.PatientOrientation
+    assert "PixelSpacing" not in sc  # the source's 0\0 is not a spacing
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == case.source.SOPInstanceUID
+
+    r, c, _ = HOT_SPOT
+    red, green, blue = (int(v) for v in pixels[r, c])
+    if case.result.flagged:
+        assert red > green + 60 and red > blue + 60  # the heat-map's hot end
+    else:
+        assert red == green == blue  # no heat-map without a flag
+    row, col, _, b = LUNGS[0]
+    edge = pixels[row, col - b: col - b + 8]
+    assert any(px[1] > 200 and px[0] < 50 for px in edge)  # green lung contour
+    assert (pixels[:5] == 0).all()  # the banner's black band at the top
+
+
+# --- SEG -------------------------------------------------------------------------------------------
+
+def test_seg_reads_back_with_segments_and_masks(case: Case) -> None:
+    seg = hd.seg.segread(case.paths[OutputKind.SEG])
+    findings = [f for f in case.result.findings if f.flagged]
+    assert seg.SegmentationType == "BINARY"
+    assert [seg.get_segment_description(n).segment_label for n in seg.segment_numbers] == (
+        ["Lungs"] + [f.display_name for f in findings])
+    lung = seg.get_segment_description(1)
+    assert lung.segmented_property_type == hd.sr.CodedConcept("39607008", "SCT", "Lung")
+    assert lung.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+    algorithm = lung.algorithm_identification[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("chest-xray", "1.0")
+    assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
+    masks = seg.get_pixels_by_source_instance([case.source.SOPInstanceUID], combine_segments=False)[0]
+    np.testing.assert_array_equal(masks[..., 0].astype(bool), case.result.lung_mask)
+    for n, finding in enumerate(findings, start=1):
+        assert seg.get_segment_description(n + 1).segmented_property_type.value == "840539006"
+        np.testing.assert_array_equal(masks[..., n].astype(bool), finding.region)
+    assert "PixelMeasuresSequence" not in seg.SharedFunctionalGroupsSequence[0]
+    assert seg.PatientOrientation == case.source.PatientOrientation
+
+
+# --- SR --------------------------------------------------------------------------------------------
+
+def _yes_no(flag: bool) -> str:
+    return "Yes" if flag else "No"
+
+
+def test_sr_reads_back_with_scores_flags_and_references(case: Case) -> None:
+    sr = hd.sr.srread(case.paths[OutputKind.SR])
+    seg_uid = case.outputs[OutputKind.SEG].SOPInstanceUID
+    assert isinstance(sr.content, hd.sr.MeasurementReport)
+    assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
+
+    evidence = {sop.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for sop in series.ReferencedSOPSequence}
+    assert evidence == {case.source.SOPInstanceUID, seg_uid}
+
+    roi_groups = {g.tracking_identifier: g for g in sr.content.get_planar_roi_measurement_groups()}
+    image_groups = {g.tracking_identifier: g for g in sr.content.get_image_measurement_groups()}
+    segment_refs = {
+        name: g.referenced_segmentation_frame[0].ReferencedSOPSequence[0] for name, g in roi_groups.items()
+    }
+    assert segment_refs["lungs"].ReferencedSOPInstanceUID == seg_uid
+    assert segment_refs["lungs"].ReferencedSegmentNumber == 1
+
+    for finding in case.result.findings:
+        group = roi_groups.get(finding.name) or image_groups[finding.name]
+        assert (finding.name in roi_groups) == finding.flagged
+        assert group.finding_type.value == ("840539006" if finding.name == "covid19" else "36118008")
+        values = {m.name.meaning: m.value for m in group.get_measurements()}
+        assert values == {"Probability": pytest.approx(finding.probability),
+                          "Threshold Value": pytest.approx(finding.threshold)}
+        evaluations = {q.name.meaning: q.value.meaning for q in group.get_qualitative_evaluations()}
+        assert evaluations["AI flag"] == _yes_no(finding.flagged)
+        assert evaluations["Experimental model"] == _yes_no(finding.experimental)
+        if finding.flagged:
+            assert segment_refs[finding.name].ReferencedSegmentNumber == 2
+        else:
+            assert group.source_images[0].referenced_sop_instance_uid == case.source.SOPInstanceUID
+
+    texts = [item.TextValue for item in sr.ContentSequence[-1].ContentSequence]
+    assert texts == [AI_DISCLAIMER]
+
+
+# --- determinism -----------------------------------------------------------------------------------
+
+def _identity(ds: pydicom.Dataset) -> tuple[str, str, int]:
+    return ds.SOPInstanceUID, ds.SeriesInstanceUID, int(ds.SeriesNumber)
+
+
+def test_writing_again_gives_the_same_uids_and_series_numbers(flagged: Case) -> None:
+    again = write_results(flagged.source, flagged.result, flagged.display, ALGORITHM)
+    assert {k: _identity(ds) for k, ds in again.items()} == {k: _identity(ds) for k, ds in flagged.outputs.items()}
+
+
+def test_uids_and_series_numbers_differ_by_source_kind_and_version(flagged: Case, no_flag: Case) -> None:
+    identities = [_identity(ds) for case in (flagged, no_flag) for ds in case.outputs.values()]
+    for position in range(3):
+        assert len({identity[position] for identity in identities}) == len(identities)
+    assert {int(ds.SeriesNumber) % 10 for ds in flagged.outputs.values()} == {1, 2, 3}
+
+    newer = replace(ALGORITHM, version="1.1")
+    sc = write_results(flagged.source, flagged.result, flagged.display, newer)[OutputKind.SC]
+    assert _identity(sc)[:2] != _identity(flagged.outputs[OutputKind.SC])[:2]
+
+
+# --- argument checks -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda c: (replace(c.result, lung_mask=c.result.lung_mask[:-1]), c.display), "lung_mask has shape"),
+    (lambda c: (c.result, c.display[:, :-1]), "display has shape"),
+    (lambda c: (c.result, c.display.astype(np.float32)), "display must be uint8"),
+    (lambda c: (replace(c.result, sop_instance_uid="1.2.3"), c.display), "not for the source"),
+    (lambda c: (replace(c.result, findings=[replace(c.result.findings[0], probability=1.5)]), c.display),
+     "outside"),
+    (lambda c: (replace(c.result, findings=[c.result.findings[0]] * 2), c.display), "unique"),
+    (lambda c: (replace(c.result, findings=[replace(c.result.findings[0], experimental=True)]), c.display),
+     "experimental"),
+    (lambda c: (replace(c.result, findings=[replace(c.result.findings[0], region=np.zeros((4, 4), bool))]),
+                c.display), "region has shape"),
+])
+def test_bad_arguments_are_rejected(flagged: Case, change, message: str) -> None:
+    result, display = change(flagged)
+    with pytest.raises(ValueError, match=message):
+        write_results(flagged.source, result, display, ALGORITHM)
+
+
+def test_not_analysed_needs_a_reason(flagged: Case) -> None:
+    with pytest.raises(ValueError, match="reason"):
+        write_not_analysed(flagged.source, " ", ALGORITHM)
