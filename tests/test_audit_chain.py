@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.audit_fixtures import Node, make_node, patient_dataset, record_reception
 from dicom_node.audit import AuditEvent
 from dicom_node.audit.chain import purge_before, verify_chain
+from tests.audit_fixtures import Node, make_node, patient_dataset, record_reception
 
 
 @pytest.fixture

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import stat
 import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
+from sqlalchemy.exc import OperationalError
 
+from dicom_node.audit import AuditEvent, AuditTrail, Outcome
+from dicom_node.audit import trail as trail_module
+from dicom_node.audit.store import events
+from dicom_node.config import load_settings
+from dicom_node.errors import AuditError
 from tests.audit_fixtures import (
     ISSUER,
     PATIENT_ID,
@@ -18,9 +25,6 @@ from tests.audit_fixtures import (
     patient_dataset,
     record_reception,
 )
-from dicom_node.audit import AuditEvent, AuditTrail, Outcome
-from dicom_node.audit.store import events
-from dicom_node.config import load_settings
 
 
 def count_events(trail: AuditTrail) -> int:
@@ -115,3 +119,30 @@ def test_append_takes_about_a_millisecond(tmp_path: Path) -> None:
                      pseudonym=pseudonym, study_uid="1.2.3", sop_uid=f"1.2.3.{number}")
     per_append_ms = (time.perf_counter() - started) / count * 1000
     assert per_append_ms < 5, f"{per_append_ms:.2f} ms per append"  # ~0.7 ms unloaded
+
+
+def test_write_retries_while_locked_then_gives_up(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trail_module, "FIRST_BACKOFF_S", 0)
+    trail = make_node(tmp_path).trail
+    locked = OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked"))
+    attempts: list[int] = []
+
+    def busy_twice(connection: Connection) -> str:
+        attempts.append(1)
+        if len(attempts) <= 2:
+            raise locked
+        return "written"
+
+    def always_busy(connection: Connection) -> None:
+        raise locked
+
+    assert trail.write(busy_twice) == "written" and len(attempts) == 3
+    with pytest.raises(AuditError, match="cannot be written"):
+        trail.write(always_busy)
+
+
+def test_unopenable_store_raises_audit_error(tmp_path: Path) -> None:
+    (tmp_path / "audit.db").write_text("not a database")
+    with pytest.raises(AuditError, match="cannot open the audit store"):
+        AuditTrail(f"sqlite:///{tmp_path / 'audit.db'}", b"secret")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import Select, case, func, select
+from sqlalchemy import Select, case, false, func, select
 
 from dicom_node.audit import store
 from dicom_node.audit.events import AuditEvent, Outcome
@@ -60,8 +60,6 @@ def read_events(trail: AuditTrail, criteria: EventFilter) -> tuple[str | None, l
     Events come oldest first; with a ``limit``, the newest ``limit`` of them.
     """
     pseudonym = _pseudonym(trail, criteria)
-    if criteria.patient_id and pseudonym is None:
-        return None, []
     statement = _where(select(store.events), criteria, pseudonym)
     statement = statement.order_by(store.events.c.id.desc()).limit(criteria.limit)
     with trail.connect() as connection:
@@ -102,15 +100,12 @@ def summarize(trail: AuditTrail, by: SummaryKey, criteria: EventFilter, *,
     key = columns[by].label("key")
     failures = func.sum(case((store.events.c.outcome != Outcome.SUCCESS.value, 1), else_=0))
     pseudonym = _pseudonym(trail, criteria)
-    rows: list[Row] = []
-    if pseudonym is not None or not criteria.patient_id:
-        statement = _where(
-            select(key, func.count().label("events"), failures.label("failures")),
-            criteria, pseudonym).group_by(key).order_by(key)
-        with trail.connect() as connection:
-            rows = [{"key": None if row.key is None else str(row.key),
-                     "events": row.events, "failures": int(row.failures or 0)}
-                    for row in connection.execute(statement)]
+    statement = _where(select(key, func.count().label("events"), failures.label("failures")),
+                       criteria, pseudonym).group_by(key).order_by(key)
+    with trail.connect() as connection:
+        rows: list[Row] = [{"key": None if row.key is None else str(row.key),
+                            "events": row.events, "failures": int(row.failures or 0)}
+                           for row in connection.execute(statement)]
     trail.record(AuditEvent.AUDIT_QUERIED, actor=actor, pseudonym=pseudonym,
                  detail=_joined(f"summary by {by}", criteria.describe()))
     return rows
@@ -137,6 +132,7 @@ def _where(statement: Select[Any], criteria: EventFilter, pseudonym: str | None)
         column.actor == criteria.ae if criteria.ae else None,
         column.study_uid == criteria.study_uid if criteria.study_uid else None,
         column.pseudonym == pseudonym if pseudonym else None,
+        false() if criteria.patient_id and not pseudonym else None,  # unknown or erased
         column.outcome.in_([o.value for o in criteria.outcomes]) if criteria.outcomes else None,
     ]
     return statement.where(*(condition for condition in conditions if condition is not None))

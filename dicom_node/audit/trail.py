@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, delete, insert, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from dicom_node.audit import store
 from dicom_node.audit.events import AuditEvent, Outcome
@@ -51,11 +51,18 @@ class AuditTrail:
     """The node's audit store; one per process, shared by its threads."""
 
     def __init__(self, url: str, secret: bytes) -> None:
-        self.url = url
+        """Open (creating when needed) the store at ``url``, keyed by ``secret``.
+
+        Raises :class:`AuditError` when the store cannot be opened or created.
+        """
         self._keys = AuditKeys(secret)
         self._thread_lock = threading.Lock()
         self._pid = os.getpid()
-        self.engine = store.make_audit_engine(url)
+        try:
+            self.engine = store.make_audit_engine(url)
+        except (SQLAlchemyError, OSError) as exc:
+            reason = exc.orig if isinstance(exc, DBAPIError) else exc  # no SQL, no parameters
+            raise AuditError(f"cannot open the audit store: {reason}") from exc
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuditTrail:
@@ -131,19 +138,19 @@ class AuditTrail:
         when that persists.
         """
         self._after_fork()
+        attempt = 1
         with self._thread_lock:
-            for attempt in range(1, WRITE_ATTEMPTS + 1):
+            while True:
                 try:
                     return store.run_locked(self.engine, work)
                 except OperationalError as exc:
                     if attempt == WRITE_ATTEMPTS:
                         logger.error("audit store %s unwritable after %d attempts: %s",
-                                     self.engine.url.render_as_string(), attempt,
-                                     type(exc.orig).__name__)
+                                     self.engine.url.render_as_string(), attempt, exc.orig)
                         raise AuditError("the audit store cannot be written") from exc
-                    logger.warning("audit store busy (attempt %d), retrying", attempt)
+                    logger.warning("audit store busy (attempt %d): %s", attempt, exc.orig)
                     time.sleep(FIRST_BACKOFF_S * 2 ** (attempt - 1))
-        raise AssertionError("unreachable")
+                    attempt += 1
 
     def connect(self) -> Connection:
         """Return a connection for reading; the caller closes it."""
@@ -156,9 +163,7 @@ class AuditTrail:
 
     def _lookup(self, key: str) -> str | None:
         with self.connect() as connection:
-            return connection.execute(
-                select(store.pseudonyms.c.pseudonym).where(store.pseudonyms.c.key == key)
-            ).scalar()
+            return _pseudonym_of(connection, key)
 
     def _after_fork(self) -> None:
         if os.getpid() != self._pid:
@@ -190,10 +195,14 @@ def audit_secret(settings: Settings) -> bytes:
     return load_or_create_secret(settings.state_dir)
 
 
-def _get_or_create(connection: Connection, key: str) -> str:
-    found = connection.execute(
+def _pseudonym_of(connection: Connection, key: str) -> str | None:
+    return connection.execute(
         select(store.pseudonyms.c.pseudonym).where(store.pseudonyms.c.key == key)
     ).scalar()
+
+
+def _get_or_create(connection: Connection, key: str) -> str:
+    found = _pseudonym_of(connection, key)
     if found:
         return found
     pseudonym = uuid.uuid4().hex
