@@ -17,6 +17,8 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import data_element_generator
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicom_node.errors import (
     DatasetTooLargeError,
@@ -28,6 +30,7 @@ from dicom_node.errors import (
 logger = logging.getLogger(__name__)
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+UNDEFINED_LENGTH = 0xFFFFFFFF
 HEADER_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
     "PatientID", "IssuerOfPatientID", "Modality",
@@ -72,16 +75,11 @@ def read_header(path: Path) -> InstanceHeader:
     """
     size = path.stat().st_size
     try:
-        dataset = dcmread(path, defer_size=1024)
-        for element in dataset.elements():
-            if isinstance(element, RawDataElement) and element.value is None:
-                end = (element.value_tell or 0) + element.length
-                if element.length != 0xFFFFFFFF and end > size:
-                    raise UnreadableDatasetError(
-                        f"data set truncated: element {element.tag} runs past the end"
-                    )
+        dataset = dcmread(path, stop_before_pixels=True)
         values = {tag: dataset.get(tag) for tag in HEADER_TAGS}
-        transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
+        transfer_syntax = UID(dataset.file_meta.TransferSyntaxUID)
+        if transfer_syntax != DeflatedExplicitVRLittleEndian:  # inflating checks its own end
+            _check_complete(path, transfer_syntax, size)
     except UnreadableDatasetError:
         raise
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError,
@@ -92,12 +90,27 @@ def read_header(path: Path) -> InstanceHeader:
         sop_instance_uid=check_uid(values["SOPInstanceUID"], "SOP Instance UID"),
         study_instance_uid=check_uid(values["StudyInstanceUID"], "Study Instance UID"),
         series_instance_uid=check_uid(values["SeriesInstanceUID"], "Series Instance UID"),
-        transfer_syntax_uid=transfer_syntax,
+        transfer_syntax_uid=str(transfer_syntax),
         modality=str(values["Modality"] or ""),
         patient_id=str(values["PatientID"]) if values["PatientID"] else None,
         issuer_of_patient_id=str(values["IssuerOfPatientID"]) if values["IssuerOfPatientID"] else None,
         size_bytes=size,
     )
+
+
+def _check_complete(path: Path, transfer_syntax: UID, size: int) -> None:
+    """Raise :class:`UnreadableDatasetError` when a top-level element runs past the file's end."""
+    with path.open("rb") as fp:
+        fp.seek(128 + 4 + 8)  # preamble, "DICM", then (0002,0000) UL group length
+        group_length = int.from_bytes(fp.read(4), "little")
+        fp.seek(group_length, 1)
+        elements = data_element_generator(fp, transfer_syntax.is_implicit_VR,
+                                          transfer_syntax.is_little_endian, defer_size=256)
+        for element in elements:
+            if (isinstance(element, RawDataElement) and element.length != UNDEFINED_LENGTH
+                    and (element.value_tell or 0) + element.length > size):
+                raise UnreadableDatasetError(
+                    f"data set truncated: element {element.tag} runs past the end")
 
 
 def _fsync_path(path: Path) -> None:

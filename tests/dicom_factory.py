@@ -20,6 +20,7 @@ def make_cr(*, study_uid: str | None = None, series_uid: str | None = None,
             seed: int = 0) -> Dataset:
     """Return a small 12-bit MONOCHROME2 CR image with distinct UIDs."""
     ds = Dataset()
+    ds.preamble = b"\x00" * 128
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
     ds.SOPClassUID = CR_IMAGE_STORAGE

@@ -1,0 +1,150 @@
+"""Bad input gets the right DICOM status, leaves nothing half-written, and the SCP keeps serving."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+from pydicom.uid import ExplicitVRLittleEndian
+from sqlalchemy import select
+
+from dicom_node.audit import AuditTrail
+from dicom_node.config import load_settings
+from dicom_node.db import Instance, NodeDatabase
+from dicom_node.scp import StorageSCP
+from dicom_node.spool import Spool
+from tests.conftest import free_port
+from tests.dicom_factory import write_cr
+
+
+@pytest.fixture
+def start_scp(tmp_path: Path) -> Iterator[Callable[..., StorageSCP]]:
+    """Start an in-process SCP with its real spool, SQLite state and audit trail."""
+    started: list[StorageSCP] = []
+
+    def start(**scp_settings: object) -> StorageSCP:
+        settings = load_settings(None, state_dir=tmp_path / "state", audit={"secret": "s"},
+                                 scp={"host": "127.0.0.1", "port": free_port(), **scp_settings})
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        spool = Spool(settings.spool_dir,
+                      min_free_bytes=int(settings.scp.min_free_disk_mb * 2**20),
+                      max_dataset_bytes=int(settings.scp.max_dataset_mb * 2**20))
+        scp = StorageSCP(settings.scp, NodeDatabase(settings.node_database_url), spool,
+                         AuditTrail.from_settings(settings))
+        scp.start()
+        started.append(scp)
+        return scp
+
+    yield start
+    for scp in started:
+        scp.stop(grace_seconds=1)
+
+
+@pytest.fixture(autouse=True)
+def send_files_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the test SCU put a file on the wire without decoding (and repairing) it."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    monkeypatch.setattr(_config, "ENFORCE_UID_CONFORMANCE", False)
+
+
+def store(scp: StorageSCP, path: Path) -> int:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
+
+
+def still_serving(scp: StorageSCP) -> bool:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE")
+    try:
+        return assoc.is_established and int(assoc.send_c_echo().Status) == 0
+    finally:
+        assoc.release()
+
+
+def nothing_kept(scp: StorageSCP) -> bool:
+    leftovers = [p for p in scp.spool.root.rglob("*") if p.is_file()]
+    with scp.db.session() as session:
+        rows = session.scalars(select(Instance)).all()
+    return leftovers == [] and rows == []
+
+
+def test_a_good_instance_is_stored(start_scp, tmp_path):
+    scp = start_scp()
+    write_cr(tmp_path / "ok.dcm")
+    assert store(scp, tmp_path / "ok.dcm") == 0x0000
+    assert not nothing_kept(scp)
+
+
+def test_truncated_data_set(start_scp, tmp_path):
+    scp = start_scp()
+    path = tmp_path / "truncated.dcm"
+    write_cr(path)
+    path.write_bytes(path.read_bytes()[:-3000])
+    assert store(scp, path) == 0xC210
+    assert nothing_kept(scp)
+    assert still_serving(scp)
+
+
+def test_missing_sop_instance_uid(start_scp, tmp_path):
+    scp = start_scp()
+    path = tmp_path / "no-uid.dcm"
+    ds = write_cr(path)
+    del ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=False)
+    assert store(scp, path) == 0xC210
+    assert nothing_kept(scp)
+    assert still_serving(scp)
+
+
+@pytest.mark.parametrize("attribute", ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
+@pytest.mark.parametrize("bad_uid", ["1.2.3/../../../escaped", "1.2.abc", "1.2.03"])
+def test_uid_that_is_not_a_uid(start_scp, tmp_path, attribute, bad_uid):
+    scp = start_scp()
+    path = tmp_path / "bad-uid.dcm"
+    ds = write_cr(path)
+    setattr(ds, attribute, bad_uid)
+    if attribute == "SOPInstanceUID":
+        ds.file_meta.MediaStorageSOPInstanceUID = bad_uid
+    ds.save_as(path, enforce_file_format=False)
+    assert store(scp, path) == 0xC210
+    assert nothing_kept(scp)
+    assert not list(tmp_path.glob("**/escaped*"))
+    assert still_serving(scp)
+
+
+def test_sop_class_differs_from_request(start_scp, tmp_path):
+    scp = start_scp()
+    path = tmp_path / "mismatch.dcm"
+    ds = write_cr(path)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture, sent as CR
+    ds.save_as(path, enforce_file_format=False)
+    assert store(scp, path) == 0xA900
+    assert nothing_kept(scp)
+
+
+def test_data_set_over_the_size_limit(start_scp, tmp_path):
+    scp = start_scp(max_dataset_mb=0.01)
+    path = tmp_path / "large.dcm"
+    write_cr(path, size=128)  # 32 KiB of pixels
+    assert store(scp, path) == 0xA700
+    assert nothing_kept(scp)
+    assert still_serving(scp)
+
+
+def test_free_disk_below_the_limit(start_scp, tmp_path):
+    scp = start_scp(min_free_disk_mb=2**40)
+    path = tmp_path / "any.dcm"
+    write_cr(path)
+    assert store(scp, path) == 0xA700
+    assert nothing_kept(scp)
+    assert still_serving(scp)
