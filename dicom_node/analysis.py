@@ -47,7 +47,7 @@ class Analyzer:
         from pipelines.chest_xray.pipeline import ChestXrayPipeline
 
         pipeline = ChestXrayPipeline.from_manifest(
-            settings.pipeline.manifest, device=settings.worker.device,
+            settings.pipeline.manifest_path, device=settings.worker.device,
             min_age_years=settings.gate.min_patient_age_years,
         )
         return cls(NodeDatabase(settings.node_database_url), AuditTrail.from_settings(settings), pipeline,

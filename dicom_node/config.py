@@ -87,7 +87,11 @@ class GateSettings(Section):
 
 
 class PipelineSettings(Section):
-    manifest: Path = Field(DEFAULT_MANIFEST, description="weights manifest of the chest X-ray pipeline")
+    manifest: Path | None = Field(None, description="weights manifest; default: the bundled one")
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.manifest or DEFAULT_MANIFEST
 
 
 class BrokerSettings(Section):
