@@ -16,8 +16,8 @@ from enum import StrEnum
 from typing import Any
 
 import highdicom as hd
-from highdicom.coding_schemes import CodingSchemeIdentificationItem
 import numpy as np
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom import Dataset
 from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
@@ -71,7 +71,8 @@ class AlgorithmIdentity:
     manufacturer: str = "dicom-node"
 
     def __post_init__(self) -> None:
-        for field, value in (("name", self.name), ("version", self.version), ("manufacturer", self.manufacturer)):
+        for field in ("name", "version", "manufacturer"):
+            value = getattr(self, field)
             if not value or len(value) > 64:
                 raise ValueError(f"AlgorithmIdentity.{field} must be 1 to 64 characters, got {value!r}")
 
@@ -84,7 +85,8 @@ class AlgorithmIdentity:
     @property
     def label(self) -> str:
         """Return ``name version (models)`` for banners and texts."""
-        return f"{self.name} {self.version} ({self.model_versions})" if self.model_versions else f"{self.name} {self.version}"
+        base = f"{self.name} {self.version}"
+        return f"{base} ({self.model_versions})" if self.model_versions else base
 
 
 class OutputKind(StrEnum):
@@ -105,13 +107,15 @@ def derive_uid(source_uid: str, algorithm: AlgorithmIdentity, kind: OutputKind, 
 
     The same arguments always give the same UID; any change gives another.
     """
-    return str(generate_uid(UID_PREFIX, entropy_srcs=[source_uid, algorithm.name, algorithm.version, kind.value, role]))
+    sources = [source_uid, algorithm.name, algorithm.version, kind.value, role]
+    return str(generate_uid(UID_PREFIX, entropy_srcs=sources))
 
 
 def tracking_uid(source_uid: str, algorithm: AlgorithmIdentity, name: str) -> str:
     """Return the tracking UID of the object ``name`` ("lungs" or a finding name) in one image,
     shared by its SEG segment and its SR measurement group."""
-    return str(generate_uid(UID_PREFIX, entropy_srcs=[source_uid, algorithm.name, algorithm.version, "tracking", name]))
+    sources = [source_uid, algorithm.name, algorithm.version, "tracking", name]
+    return str(generate_uid(UID_PREFIX, entropy_srcs=sources))
 
 
 def series_number(source_uid: str, algorithm: AlgorithmIdentity, kind: OutputKind) -> int:
@@ -129,7 +133,8 @@ def flag_headline(result: ImageResult) -> str:
     flagged = sorted(result.flagged, key=lambda f: f.probability, reverse=True)
     if not flagged:
         return f"{DESCRIPTION_PREFIX}no flagged finding"
-    return DESCRIPTION_PREFIX + "SUSPECTED " + ", ".join(f"{f.display_name.upper()} ({f.probability:.2f})" for f in flagged)
+    return DESCRIPTION_PREFIX + "SUSPECTED " + ", ".join(
+        f"{f.display_name.upper()} ({f.probability:.2f})" for f in flagged)
 
 
 def series_description(headline: str, kind: OutputKind) -> str:
@@ -140,7 +145,10 @@ def series_description(headline: str, kind: OutputKind) -> str:
 
 def finding_code(finding: Finding) -> Code:
     """Return the SNOMED CT code of ``finding``, or a code of the local scheme for unknown names."""
-    return FINDING_CODES.get(finding.name) or Code(finding.name[:16], LOCAL_SCHEME, finding.display_name[:64])
+    if finding.name in FINDING_CODES:
+        return FINDING_CODES[finding.name]
+    logger.debug("no SNOMED CT code for finding %r: coded in %s", finding.name, LOCAL_SCHEME)
+    return Code(finding.name[:16], LOCAL_SCHEME, finding.display_name[:64])
 
 
 def local_code(value: str, meaning: str) -> Code:
@@ -174,7 +182,8 @@ def contributing_equipment(algorithm: AlgorithmIdentity) -> hd.ContributingEquip
     )
 
 
-def instance_kwargs(source: Dataset, algorithm: AlgorithmIdentity, kind: OutputKind, headline: str) -> dict[str, Any]:
+def instance_kwargs(source: Dataset, algorithm: AlgorithmIdentity, kind: OutputKind,
+                    headline: str) -> dict[str, Any]:
     """Return the highdicom constructor arguments every output shares: identity, UIDs, series, equipment."""
     source_uid = source.SOPInstanceUID
     return {
@@ -197,8 +206,8 @@ def copy_patient_orientation(source: Dataset, target: Dataset) -> None:
 
 def check_source(source: Dataset) -> tuple[int, int]:
     """Return the source's (Rows, Columns); raise ValueError if it cannot be referenced."""
-    missing = [kw for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
-               if not source.get(kw)]
+    required = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
+    missing = [keyword for keyword in required if not source.get(keyword)]
     if missing:
         raise ValueError(f"The source data set lacks {', '.join(missing)}.")
     return int(source.Rows), int(source.Columns)
@@ -210,18 +219,20 @@ def _check_array(label: str, array: np.ndarray | None, shape: tuple[int, int]) -
 
 
 def check_result(source: Dataset, result: ImageResult, display: np.ndarray | None = None) -> None:
-    """Raise ValueError unless ``result`` (and ``display``) fit ``source``: same image, same geometry, sane scores."""
+    """Raise ValueError unless ``result`` (and ``display``) fit ``source``: same image, same geometry,
+    scores in [0, 1], unique finding names, no flagged experimental finding."""
     shape = check_source(source)
     if result.sop_instance_uid != source.SOPInstanceUID:
-        raise ValueError(f"The result is for {result.sop_instance_uid}, not for the source {source.SOPInstanceUID}.")
+        raise ValueError(
+            f"The result is for {result.sop_instance_uid}, not for the source {source.SOPInstanceUID}.")
     _check_array("lung_mask", result.lung_mask, shape)
     if display is not None:
         _check_array("display", display, shape)
         if display.dtype != np.uint8:
             raise ValueError(f"display must be uint8, got {display.dtype}.")
     names = [f.name for f in result.findings]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Finding names must be unique, got {names}.")
+    if len(set(names)) != len(names) or LUNGS in names:
+        raise ValueError(f"Finding names must be unique and other than {LUNGS!r}, got {names}.")
     for f in result.findings:
         if not f.name:
             raise ValueError("Every finding needs a name.")

@@ -34,7 +34,8 @@ BANNER_BG = (0, 0, 0)
 # A jet-like map: blue, cyan, yellow, red.
 _ANCHORS = np.array([0.0, 0.35, 0.65, 1.0])
 _COLOURS = np.array([(0, 0, 255), (0, 255, 255), (255, 255, 0), (255, 0, 0)], dtype=np.float32)
-_LUT = np.stack([np.interp(np.linspace(0, 1, 256), _ANCHORS, _COLOURS[:, i]) for i in range(3)], axis=-1)
+_LUT = np.stack([np.interp(np.linspace(0, 1, 256), _ANCHORS, _COLOURS[:, i]) for i in range(3)],
+               axis=-1).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class BannerText:
 
 def blend_heatmap(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """Return ``rgb`` (uint8, H x W x 3) with ``heat`` ([0, 1], H x W) blended in as a colour map."""
+    heat = np.asarray(heat, np.float32)
     alpha = (np.clip((heat - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0) * MAX_ALPHA)[..., None]
     colours = _LUT[np.round(np.clip(heat, 0.0, 1.0) * 255).astype(np.uint8)]
     return np.round(rgb * (1.0 - alpha) + colours * alpha).astype(np.uint8)

@@ -69,6 +69,16 @@ def _valid_pixel_spacing(source: Dataset) -> tuple[float, float] | None:
     return None
 
 
+def _source_image_item(source: Dataset) -> Dataset:
+    """Return the Source Image Sequence item referencing ``source`` as the image processed."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    purpose = codes.DCM.SourceImageForImageProcessingOperation
+    item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(purpose)]
+    return item
+
+
 def _sc_image(source: Dataset, rgb: np.ndarray, algorithm: AlgorithmIdentity, kind: OutputKind, headline: str,
               same_geometry: bool) -> hd.sc.SCImage:
     """Return an RGB SC image in the source's study; with ``same_geometry`` it also carries the
@@ -87,14 +97,11 @@ def _sc_image(source: Dataset, rgb: np.ndarray, algorithm: AlgorithmIdentity, ki
     )
     if same_geometry:
         copy_patient_orientation(source, sc)
-        item = Dataset()
-        item.ReferencedSOPClassUID = source.SOPClassUID
-        item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-        item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)]
-        sc.SourceImageSequence = [item]
+        sc.SourceImageSequence = [_source_image_item(source)]
     else:
         sc.PatientOrientation = ""
-    for keyword in ("BodyPartExamined", "Laterality"):  # without them dciodvfy cannot tell Laterality is not needed
+    # Without these, dciodvfy cannot tell that the type 2C Laterality is not needed.
+    for keyword in ("BodyPartExamined", "Laterality"):
         if keyword in source:
             sc[keyword] = source[keyword]
     sc.ConversionType = "WSD"

@@ -78,6 +78,9 @@ def build_seg(source: Dataset, result: ImageResult, algorithm: AlgorithmIdentity
     check_result(source, result)
     uid = source.SOPInstanceUID
     findings = segmented_findings(result)
+    unlocalized = [f.name for f in result.flagged if f.region is None]
+    if unlocalized:
+        logger.warning("flagged findings without a region get no segment in the SEG of %s: %s", uid, unlocalized)
     descriptions = [_segment(LUNG_SEGMENT, LUNGS, "Lungs", ANATOMICAL_STRUCTURE, LUNG, algorithm, uid, LUNG_COLOUR)]
     descriptions += [
         _segment(n, f.name, f.display_name, ABNORMAL_STRUCTURE, finding_code(f), algorithm, uid, REGION_COLOUR, [LUNG])

@@ -1,7 +1,7 @@
 """The structured report of one analysed image: a TID 1500 Measurement Report in
 a Comprehensive 3D SR.
 
-One measurement group per object, all made by the device "the pipeline":
+The observer is the pipeline, as a device. One measurement group per object:
 
 - the lungs: a TID 1410 planar ROI group referencing SEG segment 1;
 - each finding: its probability and threshold (TID 300 numeric, no units) and two
@@ -21,7 +21,7 @@ import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import SegmentationStorage, generate_uid
 
 from dicom_node.writers.common import (
     AI_DISCLAIMER,
@@ -46,12 +46,13 @@ from pipelines.base import Finding, ImageResult
 
 logger = logging.getLogger(__name__)
 
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 FLAG = local_code("FLAGGED", "AI flag")
 EXPERIMENTAL = local_code("EXPERIMENTAL", "Experimental model")
-QUALITATIVE_EVALUATIONS = Code("126010", "DCM", "Qualitative Evaluations")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 NO_UNITS = codes.UCUM.NoUnits
+
+Group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
 
 
 def _yes_no(value: bool) -> Code:
@@ -90,9 +91,8 @@ def _segment_reference(source: Dataset, seg: Dataset, segment: int) -> hd.sr.Ref
 
 
 def _finding_group(source: Dataset, seg: Dataset, finding: Finding, segment: int | None,
-                   algorithm: AlgorithmIdentity,
-                   ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations:
-    """Return the measurement group of ``finding``: planar ROI on SEG ``segment``, or image-level without one."""
+                   algorithm: AlgorithmIdentity) -> Group:
+    """Return the measurement group of ``finding``: planar ROI on SEG ``segment``, image-level without one."""
     common = {
         "tracking_identifier": hd.sr.TrackingIdentifier(
             uid=tracking_uid(source.SOPInstanceUID, algorithm, finding.name), identifier=finding.name,
@@ -151,7 +151,7 @@ def build_sr(source: Dataset, result: ImageResult, seg: Dataset, algorithm: Algo
     Raises ValueError if ``seg`` is not a SEG of ``source`` or a mask does not match the source.
     """
     check_result(source, result)
-    if seg.get("SOPClassUID") != SEGMENTATION_STORAGE:
+    if seg.get("SOPClassUID") != SegmentationStorage:
         raise ValueError(f"seg must be a Segmentation, got SOP Class {seg.get('SOPClassUID')}.")
     referenced = {item.ReferencedSOPInstanceUID for series in seg.ReferencedSeriesSequence
                   for item in series.ReferencedInstanceSequence}
