@@ -77,7 +77,7 @@ def make_audit_engine(url: str) -> Engine:
 
     SQLite files get WAL with ``synchronous=NORMAL`` (an append costs no fsync; a power
     cut may lose the last events but never corrupts the chain), and transactions
-    begun through :func:`write_engine` start with ``BEGIN IMMEDIATE``.
+    begun by :func:`run_locked` start with ``BEGIN IMMEDIATE``.
     """
     engine = make_engine(url)
     if engine.dialect.name == "sqlite":
@@ -95,14 +95,9 @@ def make_audit_engine(url: str) -> Engine:
     return engine
 
 
-def write_engine(engine: Engine) -> Engine:
-    """Return a view of ``engine`` whose transactions hold the audit write lock."""
-    return engine.execution_options(audit_write=True)
-
-
 def run_locked(engine: Engine, work: Callable[[Connection], T]) -> T:
-    """Run ``work`` in one transaction holding the store's exclusive write lock; return its result."""
-    with write_engine(engine).begin() as connection:
+    """Run ``work`` in one transaction holding the store's write lock; return its result."""
+    with engine.execution_options(audit_write=True).begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                {"key": ADVISORY_LOCK_KEY})

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from dicom_node.audit import store
@@ -29,6 +29,12 @@ T = TypeVar("T")
 
 WRITE_ATTEMPTS = 6
 FIRST_BACKOFF_S = 0.05
+
+# Built once: an append is on the SCP's path, twice per received instance.
+SELECT_HEAD = select(store.chain.c.head_id, store.chain.c.head_hash)
+INSERT_EVENT = insert(store.events)
+MOVE_HEAD = update(store.chain).values(head_id=bindparam("new_id"),
+                                       head_hash=bindparam("new_hash"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,13 +128,13 @@ class AuditTrail:
 
     def append(self, connection: Connection, entry: Entry) -> int:
         """Append ``entry`` inside a transaction begun by :meth:`write`; return its row id."""
-        head = connection.execute(select(store.chain.c.head_id, store.chain.c.head_hash)).one()
+        head = connection.execute(SELECT_HEAD).one()
         row = {**dataclasses.asdict(entry), "id": head.head_id + 1, "time": datetime.now(UTC),
                "event": entry.event.value, "outcome": entry.outcome.value,
                "event_id": entry.event.dicom_event_id.value}
         row["hash"] = self._keys.chain_hash(head.head_hash, row)
-        connection.execute(insert(store.events).values(row))
-        connection.execute(update(store.chain).values(head_id=row["id"], head_hash=row["hash"]))
+        connection.execute(INSERT_EVENT, row)
+        connection.execute(MOVE_HEAD, {"new_id": row["id"], "new_hash": row["hash"]})
         return row["id"]
 
     def write(self, work: Callable[[Connection], T]) -> T:
