@@ -54,11 +54,11 @@ def test_pseudonym_is_stable_random_and_depends_on_the_issuer(tmp_path: Path) ->
     assert trail.lookup_pseudonym("never-seen") is None
 
 
-def test_generated_key_is_private_and_reused(tmp_path: Path) -> None:
+def test_generated_key_and_store_are_private_and_reused(tmp_path: Path) -> None:
     node = make_node(tmp_path)
     first = node.trail.pseudonym(PATIENT_ID)
-    key = node.settings.state_dir / "audit.key"
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    private = [node.settings.state_dir / name for name in ("audit.key", "audit.db", "audit.db-wal")]
+    assert [stat.S_IMODE(path.stat().st_mode) for path in private] == [0o600] * 3
     node.trail.close()
     assert AuditTrail.from_settings(node.settings).pseudonym(PATIENT_ID) == first
 

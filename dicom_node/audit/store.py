@@ -8,6 +8,7 @@ transaction: ``BEGIN IMMEDIATE`` on SQLite, ``pg_advisory_xact_lock`` on Postgre
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from typing import TypeVar
@@ -77,10 +78,13 @@ def make_audit_engine(url: str) -> Engine:
 
     SQLite files get WAL with ``synchronous=NORMAL`` (an append costs no fsync; a power
     cut may lose the last events but never corrupts the chain), and transactions
-    begun by :func:`run_locked` start with ``BEGIN IMMEDIATE``.
+    begun by :func:`run_locked` start with ``BEGIN IMMEDIATE``. A new SQLite file is
+    readable by its owner only (its -wal and -shm files inherit that).
     """
     engine = make_engine(url)
     if engine.dialect.name == "sqlite":
+        _create_private_file(engine.url.database)
+
         @event.listens_for(engine, "connect")
         def _audit_pragmas(dbapi_connection: sqlite3.Connection, _record: object) -> None:
             dbapi_connection.execute("PRAGMA synchronous=NORMAL")
@@ -102,6 +106,15 @@ def run_locked(engine: Engine, work: Callable[[Connection], T]) -> T:
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                {"key": ADVISORY_LOCK_KEY})
         return work(connection)
+
+
+def _create_private_file(database: str | None) -> None:
+    if not database or database == ":memory:":
+        return
+    try:
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def _create_schema(connection: Connection) -> None:
