@@ -33,6 +33,13 @@ AGE = re.compile(r"^(\d+)([smhdw])$")
 AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 TABLE_COLUMNS = ("id", "time", "event", "outcome", "actor", "remote", "pseudonym",
                  "study_uid", "sop_uid", "job_id", "detail")
+CSV_COLUMNS = ("id", "time", "event", "event_id", "outcome", "actor", "remote", "pseudonym",
+               "study_uid", "series_uid", "sop_uid", "job_id", "detail")
+FORMAT_OPTION = click.option("--format", "output", type=click.Choice(["table", "json", "csv"]),
+                             default="table", show_default=True, help="Output format.")
+ISSUER_OPTION = click.option(
+    "--issuer", help="Issuer of Patient ID (0010,0021) as the PACS sent it; a patient ID "
+                     "sent with an issuer is only found with it.")
 NO_WRAP = {"id", "time", "event", "outcome", "key", "events", "failures"}
 PIPED_WIDTH = 240
 
@@ -90,18 +97,16 @@ def _trail(ctx: click.Context) -> Iterator[AuditTrail]:
         trail.close()
 
 
-def _format_option() -> Any:
-    return click.option("--format", "output", type=click.Choice(["table", "json", "csv"]),
-                        default="table", show_default=True, help="Output format.")
-
-
 def _emit(rows: Sequence[dict[str, Any]], output: str, columns: Sequence[str],
-          title: str) -> None:
+          title: str, csv_columns: Sequence[str] | None = None) -> None:
+    """Print ``rows`` as JSON (every field), CSV (``csv_columns``, default ``columns``)
+    or a rich table of ``columns``."""
     data = [plain(row) for row in rows]
     if output == "json":
         click.echo(json.dumps(data, indent=2))
     elif output == "csv":
-        writer = csv.DictWriter(click.get_text_stream("stdout"), fieldnames=list(columns),
+        writer = csv.DictWriter(click.get_text_stream("stdout"),
+                                fieldnames=list(csv_columns or columns),
                                 extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(data)
@@ -141,11 +146,11 @@ def audit() -> None:
 @click.option("--ae", help="Only events whose actor is this calling AE (or user, or host).")
 @click.option("--study", help="Only events about this Study Instance UID.")
 @click.option("--patient-id", help="Only events about this patient (looked up by pseudonym).")
-@click.option("--issuer", help="Issuer of the patient ID.")
+@ISSUER_OPTION
 @click.option("--outcome", "outcomes", multiple=True,
               type=click.Choice([o.value for o in Outcome]), help="Only this outcome (repeatable).")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the newest N events.")
-@_format_option()
+@FORMAT_OPTION
 @click.pass_context
 @node_errors_as_click
 def list_command(ctx: click.Context, since: datetime | None, until: datetime | None,
@@ -159,7 +164,7 @@ def list_command(ctx: click.Context, since: datetime | None, until: datetime | N
                            outcomes=tuple(Outcome(o) for o in outcomes), limit=limit)
     with _trail(ctx) as trail:
         rows = list_events(trail, criteria, actor=os_user())
-    _emit(rows, output, TABLE_COLUMNS, f"{len(rows)} audit events")
+    _emit(rows, output, TABLE_COLUMNS, f"{len(rows)} audit events", CSV_COLUMNS)
 
 
 @audit.command("show")
@@ -193,7 +198,7 @@ def show_command(ctx: click.Context, event_id: int, output: str) -> None:
               show_default=True, help="Group the events by this.")
 @click.option("--since", type=Moment(), help="From this time (ISO 8601, or an age: 24h, 7d).")
 @click.option("--until", type=Moment(), help="Before this time (ISO 8601, or an age).")
-@_format_option()
+@FORMAT_OPTION
 @click.pass_context
 @node_errors_as_click
 def summary_command(ctx: click.Context, by: str, since: datetime | None,
@@ -247,7 +252,7 @@ def subject() -> None:
 
 @subject.command("export")
 @click.option("--patient-id", required=True, help="The person's Patient ID.")
-@click.option("--issuer", help="Issuer of the patient ID.")
+@ISSUER_OPTION
 @click.pass_context
 @node_errors_as_click
 def export_command(ctx: click.Context, patient_id: str, issuer: str | None) -> None:
@@ -264,7 +269,7 @@ def export_command(ctx: click.Context, patient_id: str, issuer: str | None) -> N
 
 @subject.command("erase")
 @click.option("--patient-id", required=True, help="The person's Patient ID.")
-@click.option("--issuer", help="Issuer of the patient ID.")
+@ISSUER_OPTION
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 @node_errors_as_click
