@@ -2,7 +2,7 @@
 contours, and a text banner sized to the image so that it reads on a 1 MP screen.
 
 Text uses Pillow's built-in scalable font (no font files, works offline), which
-has no em dash: texts are kept to Latin-1.
+has no em dash: the marking uses a hyphen.
 """
 
 from __future__ import annotations
