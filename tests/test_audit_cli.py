@@ -85,9 +85,11 @@ def test_list_formats(node: Node) -> None:
 def test_show(node: Node) -> None:
     shown = json.loads(node.cli("audit", "show", "7", "--format", "json").output)
     assert shown["detail"] == "model error" and shown["outcome_indicator"] == 8
-    assert shown["event_id"] == "110103 (DCM, DICOM Instances Accessed)"
+    assert shown["event_id"] == {"value": "110103", "scheme": "DCM",
+                                 "meaning": "DICOM Instances Accessed"}
     table = node.cli("audit", "show", "7")
     assert table.exit_code == 0 and "job-failed" in table.output
+    assert "110103 (DCM, DICOM Instances Accessed)" in table.output
     missing = node.cli("audit", "show", "999")
     assert missing.exit_code == 1 and "no audit event 999" in missing.output
 

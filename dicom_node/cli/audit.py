@@ -179,16 +179,18 @@ def show_command(ctx: click.Context, event_id: int, output: str) -> None:
         row = get_event(trail, event_id, actor=os_user())
     if row is None:
         raise click.ClickException(f"no audit event {event_id}")
-    event, outcome = AuditEvent(row["event"]), Outcome(row["outcome"])
-    row = {**plain(row), "event_id": "{} ({}, {})".format(*event.dicom_event_id),
-           "event_action": event.dicom_action, "outcome_indicator": outcome.dicom_indicator}
+    event = AuditEvent(row["event"])
+    shown = {**plain(row), "event_id": event.dicom_event_id._asdict(),
+             "event_action": event.dicom_action,
+             "outcome_indicator": Outcome(row["outcome"]).dicom_indicator}
     if output == "json":
-        click.echo(json.dumps(row, indent=2))
+        click.echo(json.dumps(shown, indent=2))
         return
+    shown["event_id"] = "{} ({}, {})".format(*event.dicom_event_id)
     table = Table(title=f"audit event {event_id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    for key, value in row.items():
+    for key, value in shown.items():
         table.add_row(key, "" if value is None else str(value))
     _console().print(table)
 
