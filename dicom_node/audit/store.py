@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -94,6 +94,15 @@ def make_audit_engine(url: str) -> Engine:
         def _begin(connection: Connection) -> None:
             immediate = connection.get_execution_options().get("audit_write", False)
             connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    elif engine.dialect.name == "postgresql":
+        @event.listens_for(engine, "connect", insert=True)
+        def _utc_session(dbapi_connection: Any, _record: object) -> None:
+            autocommit = dbapi_connection.autocommit
+            dbapi_connection.autocommit = True
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET TIME ZONE 'UTC'")  # summaries by day are UTC days
+            dbapi_connection.autocommit = autocommit
 
     run_locked(engine, _create_schema)
     return engine
