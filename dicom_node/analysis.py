@@ -8,18 +8,23 @@ left alone, so a message delivered twice does nothing the second time.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from sqlalchemy import select, update
 
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
-from dicom_node.config import Settings
+from dicom_node.config import Destination, Settings
 from dicom_node.db import Instance, Job, JobStatus, NodeDatabase, Verdict, utcnow
+from dicom_node.delivery import queue_deliveries
 from dicom_node.results import findings_summary, result_dir, save_result
 from dicom_node.scheduler import queue_message
+from dicom_node.writers import AlgorithmIdentity, OutputKind, write_not_analysed, write_results
 from pipelines.base import Pipeline
+from pipelines.chest_xray.gate import is_chest
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +39,22 @@ class Analyzer:
     """Runs jobs through the quality gate and the pipeline in one worker process."""
 
     def __init__(self, db: NodeDatabase, audit: AuditTrail, pipeline: Pipeline,
-                 results_root: Path, *, worker: str) -> None:
+                 results_root: Path, *, worker: str, destinations: Sequence[Destination] = (),
+                 note_skipped: bool = False) -> None:
         self.db = db
         self.audit = audit
         self.pipeline = pipeline
         self.results_root = results_root
         self.worker = worker
+        self.destinations = list(destinations)
+        self.note_skipped = note_skipped
+        self.algorithm = AlgorithmIdentity(
+            name=pipeline.name, version=pipeline.version,
+            model_versions=getattr(pipeline, "model_versions", ""))
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, worker: str) -> Analyzer:
+    def from_settings(cls, settings: Settings, db: NodeDatabase, audit: AuditTrail, *,
+                      worker: str) -> Analyzer:
         """Build the analyzer; loads the pipeline's weights now and raises if any is bad."""
         from pipelines.chest_xray.pipeline import ChestXrayPipeline
 
@@ -50,8 +62,9 @@ class Analyzer:
             settings.pipeline.manifest_path, device=settings.worker.device,
             min_age_years=settings.gate.min_patient_age_years,
         )
-        return cls(NodeDatabase(settings.node_database_url), AuditTrail.from_settings(settings), pipeline,
-                   settings.results_dir, worker=worker)
+        return cls(db, audit, pipeline, settings.results_dir, worker=worker,
+                   destinations=settings.destinations,
+                   note_skipped=settings.outputs.not_analysed_note)
 
     def requeue_orphans(self) -> list[int]:
         """Queue again the jobs this worker held when it died; return their ids."""
@@ -103,15 +116,20 @@ class Analyzer:
         try:
             dataset = dcmread(instance.path)
             verdict = self.pipeline.accepts(dataset)
+            folder = result_dir(self.results_root, instance.study_instance_uid,
+                                instance.sop_instance_uid)
             if not verdict.accepted:
                 outcome = InstanceOutcome(Verdict.SKIPPED, verdict.reason)
                 self.audit.record(AuditEvent.JOB_SKIPPED, detail=verdict.reason, **context)
+                if self.note_skipped and is_chest(dataset):
+                    note = write_not_analysed(dataset, verdict.reason, self.algorithm)
+                    self._queue_outputs(job_id, instance, folder, {OutputKind.NOT_ANALYSED: note})
             else:
                 image = self.pipeline.load(dataset)
                 result = self.pipeline.run([image])[0]
-                save_result(result_dir(self.results_root, instance.study_instance_uid,
-                                       instance.sop_instance_uid),
-                            result, f"{self.pipeline.name} {self.pipeline.version}")
+                save_result(folder, result, self.algorithm.label)
+                self._queue_outputs(job_id, instance, folder,
+                                    write_results(dataset, result, image.display, self.algorithm))
                 summary = ", ".join(
                     f"{f['name']}={f['probability']:.2f}{' FLAGGED' if f['flagged'] else ''}"
                     for f in findings_summary(result))
@@ -126,6 +144,22 @@ class Analyzer:
             session.execute(update(Instance).where(Instance.id == instance.id).values(
                 verdict=outcome.verdict, verdict_reason=outcome.reason))
         return outcome
+
+
+    def _queue_outputs(self, job_id: int, instance: Instance, folder: Path,
+                       outputs: dict[OutputKind, Dataset]) -> None:
+        """Write each output object durably, then queue its deliveries in one transaction."""
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        written = []
+        for kind, dataset in outputs.items():
+            path = folder / f"{kind.value}.dcm"
+            partial = path.with_suffix(".partial")
+            dataset.save_as(partial, enforce_file_format=True)
+            os.replace(partial, path)
+            written.append((kind.value, str(dataset.SOPInstanceUID), path))
+        with self.db.session() as session:
+            queue_deliveries(session, job_id=job_id, source_sop_uid=instance.sop_instance_uid,
+                             outputs=written, destinations=self.destinations)
 
 
 def _job_status(outcomes: list[InstanceOutcome]) -> tuple[JobStatus, str]:

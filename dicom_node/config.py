@@ -77,6 +77,37 @@ class ScpSettings(Section):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
+class Destination(Section):
+    """A peer the results are sent to, and which of them."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae: str | None = Field(None, description="default: scp.ae_title")
+    tls: TlsSettings | None = None
+    outputs: list[Literal["sc", "seg", "sr", "not-analysed"]] = Field(
+        default_factory=lambda: ["sc", "seg", "sr", "not-analysed"])
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class DeliverySettings(Section):
+    """Retry policy of result delivery."""
+
+    first_retry_s: float = Field(10, gt=0)
+    max_retry_interval_s: float = Field(3600, gt=0)
+    max_age_s: float = Field(86400, gt=0, description="transient failures retried this long")
+    max_failures: int = Field(3, ge=1, description="other failures tried this often")
+    jitter: float = Field(0.2, ge=0, le=1, description="random fraction added to each wait")
+    timeout_s: float = Field(60, gt=0)
+
+
+class OutputSettings(Section):
+    not_analysed_note: bool = Field(
+        False, description="send a 'not analysed: reason' Secondary Capture for skipped chest images")
+
+
 class SchedulerSettings(Section):
     study_quiet_seconds: float = Field(5, ge=0)
     poll_seconds: float = Field(0.5, gt=0)
@@ -142,6 +173,9 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    outputs: OutputSettings = Field(default_factory=OutputSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)

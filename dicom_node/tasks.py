@@ -13,20 +13,26 @@ import socket
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 
+from dicom_node.audit import AuditTrail
 from dicom_node.config import Settings
-from dicom_node.db import OutboxMessage
+from dicom_node.db import NodeDatabase, OutboxMessage
+from dicom_node.delivery import Deliverer
+
+if TYPE_CHECKING:
+    from dicom_node.analysis import Analyzer
 
 logger = logging.getLogger(__name__)
 
 app = Celery("dicom_node")
 
 ANALYZE = "dicom_node.analyze"
-TASKS = {"analyze": (ANALYZE, "job_id")}
+DELIVER = "dicom_node.deliver"
+TASKS = {"analyze": (ANALYZE, "job_id"), "deliver": (DELIVER, "delivery_id")}
 """Outbox task name → (Celery task name, keyword argument that carries the id)."""
 
 
@@ -103,9 +109,8 @@ def sweep_consumed_messages(settings: Settings) -> int:
 class WorkerContext:
     """What a worker process holds for its whole life."""
 
-    settings: Settings
-    analyzer: Any  # dicom_node.analysis.Analyzer, imported lazily (it pulls in torch)
-    name: str
+    analyzer: Analyzer
+    deliverer: Deliverer
 
 
 _context: WorkerContext | None = None
@@ -116,15 +121,23 @@ def worker_name() -> str:
 
 
 def start_worker(settings: Settings, *, name: str | None = None) -> None:
-    """Build the worker context (weights checked now, not on the first study) and run."""
+    """Build the worker context (weights checked now, not on the first study) and run.
+
+    Work a dead predecessor left half done (running jobs, deliveries whose lease
+    ran out) is queued again first.
+    """
     global _context
-    from dicom_node.analysis import Analyzer
+    from dicom_node.analysis import Analyzer  # pulls in torch: only in worker processes
 
     configure(settings)
     name = name or worker_name()
-    analyzer = Analyzer.from_settings(settings, worker=name)
+    db = NodeDatabase(settings.node_database_url)
+    audit = AuditTrail.from_settings(settings)
+    analyzer = Analyzer.from_settings(settings, db, audit, worker=name)
+    deliverer = Deliverer.from_settings(settings, db, audit, worker=name)
     analyzer.requeue_orphans()
-    _context = WorkerContext(settings=settings, analyzer=analyzer, name=name)
+    deliverer.requeue_abandoned()
+    _context = WorkerContext(analyzer=analyzer, deliverer=deliverer)
     queue_name = "celery"
     app.worker_main([
         "worker", f"--pool={settings.worker.pool}",
@@ -144,3 +157,9 @@ def _require_context() -> WorkerContext:
 def analyze(*, job_id: int) -> None:
     """Analyse one job's instances; a job that is not queued any more is a no-op."""
     _require_context().analyzer.run(job_id)
+
+
+@app.task(name=DELIVER, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def deliver(*, delivery_id: int) -> None:
+    """Send one result object; a delivery finished or not yet due is a no-op."""
+    _require_context().deliverer.run(delivery_id)

@@ -8,7 +8,10 @@ from pathlib import Path
 import click
 
 from dicom_node import __version__
+from dicom_node.cli.analyze import analyze
+from dicom_node.cli.audit import audit
 from dicom_node.cli.config import config
+from dicom_node.cli.jobs import jobs
 from dicom_node.cli.network import echo, send
 from dicom_node.cli.serve import serve, worker
 from dicom_node.cli.status import status
@@ -24,8 +27,5 @@ def main(config: Path | None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for command in (serve, worker, status, echo, send, config):
+for command in (serve, worker, status, jobs, echo, send, config, audit, analyze):
     main.add_command(command)
-
-from dicom_node.cli.audit import audit
-main.add_command(audit)

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from dicom_node.cli.common import node_errors_as_click, settings_from
 from dicom_node.config import Settings
-from dicom_node.db import Instance, Job, NodeDatabase
+from dicom_node.db import Delivery, Instance, Job, NodeDatabase
 
 
 def collect_status(settings: Settings) -> dict[str, object]:
@@ -25,6 +25,8 @@ def collect_status(settings: Settings) -> dict[str, object]:
             jobs = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             verdicts = dict(session.execute(
                 select(Instance.verdict, func.count()).group_by(Instance.verdict)).all())
+            deliveries = dict(session.execute(
+                select(Delivery.status, func.count()).group_by(Delivery.status)).all())
             spool_bytes = session.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0)))
     finally:
         db.dispose()
@@ -33,6 +35,7 @@ def collect_status(settings: Settings) -> dict[str, object]:
     return {
         "instances": {(str(k) if k else "pending"): v for k, v in verdicts.items()},
         "jobs": {str(k): v for k, v in jobs.items()},
+        "deliveries": {str(k): v for k, v in deliveries.items()},
         "spool_bytes": int(spool_bytes or 0),
         "free_disk_bytes": shutil.disk_usage(disk_root.resolve()).free,
         "broker_reachable": tasks.broker_reachable(),
@@ -50,7 +53,7 @@ def status(ctx: click.Context, fmt: str) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     table = Table("what", "state", "count", title="dicom-node status")
-    for what in ("instances", "jobs"):
+    for what in ("instances", "jobs", "deliveries"):
         for state, count in sorted(report[what].items()):  # type: ignore[union-attr]
             table.add_row(what, state, str(count))
     table.add_row("spool", "bytes", f"{report['spool_bytes']:,}")

@@ -11,6 +11,7 @@ from pipelines.base import Verdict
 PROJECTION_MODALITIES = {"CR", "DX"}
 FRONTAL_VIEWS = {"PA", "AP"}
 GRAYSCALE = {"MONOCHROME1", "MONOCHROME2"}
+CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG"}
 
 
 def patient_age_years(dataset: Dataset) -> float | None:
@@ -40,6 +41,11 @@ def _parse_date(value: object) -> date | None:
         return None
 
 
+def is_chest(dataset: Dataset) -> bool:
+    """Return whether ``dataset`` says it shows the chest (BodyPartExamined)."""
+    return str(dataset.get("BodyPartExamined", "") or "").upper() in CHEST_BODY_PARTS
+
+
 def check_chest_radiograph(dataset: Dataset, *, min_age_years: float = 18.0) -> Verdict:
     """Accept a single-frame grayscale frontal (PA/AP) chest CR/DX of an adult.
 
@@ -53,7 +59,7 @@ def check_chest_radiograph(dataset: Dataset, *, min_age_years: float = 18.0) -> 
     if "PixelData" not in dataset and "FloatPixelData" not in dataset:
         return Verdict.skip("no pixel data")
     body_part = str(dataset.get("BodyPartExamined", "") or "").upper()
-    if body_part and body_part not in {"CHEST", "THORAX", "LUNG"}:
+    if body_part and body_part not in CHEST_BODY_PARTS:
         return Verdict.skip(f"body part {body_part} is not chest")
     view = str(dataset.get("ViewPosition", "") or "").upper()
     if view and view not in FRONTAL_VIEWS:

@@ -1,0 +1,173 @@
+"""``jobs list|show|retry|resend``: look at jobs and their deliveries, and act on them."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import select, update
+
+from dicom_node.cli.common import node_errors_as_click, settings_from
+from dicom_node.db import (
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    Job,
+    JobStatus,
+    NodeDatabase,
+    OutboxMessage,
+    utcnow,
+)
+from dicom_node.scheduler import queue_message
+
+
+def _db(ctx: click.Context) -> NodeDatabase:
+    return NodeDatabase(settings_from(ctx).node_database_url)
+
+
+def _when(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
+
+def _job_row(job: Job, deliveries: list[Delivery]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for delivery in deliveries:
+        counts[delivery.status.value] = counts.get(delivery.status.value, 0) + 1
+    return {"id": job.id, "study_instance_uid": job.study_instance_uid, "status": job.status.value,
+            "created_at": _when(job.created_at), "finished_at": _when(job.finished_at),
+            "reason": job.reason, "deliveries": counts}
+
+
+def _delivery_row(delivery: Delivery) -> dict[str, Any]:
+    return {"id": delivery.id, "kind": delivery.kind, "destination": delivery.destination,
+            "sop_instance_uid": delivery.sop_instance_uid, "status": delivery.status.value,
+            "attempts": delivery.attempts, "last_status": (f"0x{delivery.last_status:04X}"
+                                                           if delivery.last_status is not None
+                                                           else None),
+            "last_error": delivery.last_error, "next_attempt_at": _when(delivery.next_attempt_at),
+            "delivered_at": _when(delivery.delivered_at)}
+
+
+@click.group("jobs")
+def jobs() -> None:
+    """Jobs, their instances and their result deliveries."""
+
+
+@jobs.command("list")
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice([s.value for s in JobStatus] + ["dead-letter"]),
+              help="Only jobs in this state (repeatable); dead-letter: a delivery gave up.")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.pass_context
+@node_errors_as_click
+def list_jobs(ctx: click.Context, statuses: tuple[str, ...], limit: int, fmt: str) -> None:
+    """List the newest jobs with their delivery counts."""
+    db = _db(ctx)
+    with db.session() as session:
+        query = select(Job).order_by(Job.id.desc()).limit(limit)
+        job_states = [s for s in statuses if s != "dead-letter"]
+        if "dead-letter" in statuses:
+            dead = select(Delivery.job_id).where(Delivery.status == DeliveryStatus.DEAD)
+            query = query.where(Job.id.in_(dead) | Job.status.in_(job_states))
+        elif job_states:
+            query = query.where(Job.status.in_(job_states))
+        rows = [_job_row(job, list(session.scalars(
+            select(Delivery).where(Delivery.job_id == job.id)))) for job in session.scalars(query)]
+    db.dispose()
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("id", "status", "study", "finished", "deliveries", "reason", title="jobs")
+    for row in rows:
+        table.add_row(str(row["id"]), row["status"], row["study_instance_uid"],
+                      row["finished_at"] or "", " ".join(f"{k}:{v}" for k, v in
+                                                         sorted(row["deliveries"].items())),
+                      (row["reason"] or "")[:60])
+    Console(width=200).print(table)
+
+
+@jobs.command("show")
+@click.argument("job_id", type=int)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.pass_context
+@node_errors_as_click
+def show(ctx: click.Context, job_id: int, fmt: str) -> None:
+    """Show one job: its instances with their verdicts, and every delivery."""
+    db = _db(ctx)
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise click.ClickException(f"no job {job_id}")
+        deliveries = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)
+                                          .order_by(Delivery.id)))
+        report = _job_row(job, deliveries)
+        report["instances"] = [
+            {"sop_instance_uid": i.sop_instance_uid, "verdict": i.verdict and i.verdict.value,
+             "reason": i.verdict_reason}
+            for i in session.scalars(select(Instance).where(Instance.job_id == job_id))]
+        report["deliveries"] = [_delivery_row(d) for d in deliveries]
+    db.dispose()
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=2))
+        return
+    console = Console(width=200)
+    console.print(f"job {report['id']} [bold]{report['status']}[/] study "
+                  f"{report['study_instance_uid']} — {report['reason'] or ''}")
+    instances = Table("instance", "verdict", "reason")
+    for item in report["instances"]:
+        instances.add_row(item["sop_instance_uid"], item["verdict"] or "", item["reason"] or "")
+    console.print(instances)
+    deliveries_table = Table("id", "kind", "destination", "status", "attempts", "last status",
+                             "next attempt", "error")
+    for d in report["deliveries"]:
+        deliveries_table.add_row(str(d["id"]), d["kind"], d["destination"], d["status"],
+                                 str(d["attempts"]), d["last_status"] or "",
+                                 d["next_attempt_at"] or "", (d["last_error"] or "")[:50])
+    console.print(deliveries_table)
+
+
+@jobs.command("retry")
+@click.argument("job_id", type=int)
+@click.pass_context
+@node_errors_as_click
+def retry(ctx: click.Context, job_id: int) -> None:
+    """Analyse a finished job again (its outputs keep their UIDs and replace the old ones)."""
+    db = _db(ctx)
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise click.ClickException(f"no job {job_id}")
+        if not job.status.finished:
+            raise click.ClickException(f"job {job_id} is {job.status.value}: not finished yet")
+        session.execute(update(Job).where(Job.id == job_id).values(
+            status=JobStatus.QUEUED, started_at=None, finished_at=None, reason=None))
+        session.execute(update(Instance).where(Instance.job_id == job_id).values(
+            verdict=None, verdict_reason=None))
+        queue_message(session, "analyze", job_id)
+    db.dispose()
+    click.echo(f"job {job_id} queued again")
+
+
+@jobs.command("resend")
+@click.argument("job_id", type=int)
+@click.pass_context
+@node_errors_as_click
+def resend(ctx: click.Context, job_id: int) -> None:
+    """Send every result of a job again, dead-lettered ones included."""
+    db = _db(ctx)
+    with db.session() as session:
+        deliveries = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)))
+        if not deliveries:
+            raise click.ClickException(f"job {job_id} has no deliveries")
+        for delivery in deliveries:
+            delivery.status, delivery.attempts, delivery.created_at = (
+                DeliveryStatus.PENDING, 0, utcnow())
+            delivery.next_attempt_at = delivery.delivered_at = None
+            session.add(OutboxMessage(task="deliver", target_id=delivery.id))
+    db.dispose()
+    click.echo(f"{len(deliveries)} deliveries of job {job_id} queued again")
