@@ -1,6 +1,9 @@
 """The audit trail: who sent what, what the node did with it, where results went, who looked.
 
 ``from dicom_node.audit import AuditTrail, AuditEvent, Outcome`` is all a writer needs.
+Inside: ``events`` (event types and their PS3.15 A.5 codes), ``keys`` (the secret and the
+keyed hashes), ``store`` (tables, engine, write lock), ``trail`` (pseudonyms and appends),
+``chain`` (verification and purge) and ``query`` (audited reads).
 """
 
 from dicom_node.audit.events import AuditEvent, DicomCode, Outcome

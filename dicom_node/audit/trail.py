@@ -83,6 +83,7 @@ class AuditTrail:
 
     @property
     def keys(self) -> AuditKeys:
+        """The keyed hashes of this trail: patient keys and chain hashes."""
         return self._keys
 
     def pseudonym(self, patient_id: str | None, issuer: str | None = None) -> str | None:
