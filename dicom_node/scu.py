@@ -100,9 +100,9 @@ def _scu_ae(calling_ae: str, timeout_s: float) -> AE:
 def _association_failure(assoc: Association) -> str:
     if assoc.is_rejected:
         return "association rejected"
-    if assoc.is_aborted:
+    if assoc.is_established:
         return "association aborted"
-    return "peer unreachable"
+    return "no association: peer unreachable or aborted"
 
 
 def echo(peer: Peer, *, calling_ae: str, timeout_s: float = 30) -> int:

@@ -1,0 +1,147 @@
+"""Delivery against a real receiving SCP: success, outage, 0xA700 retried, 0xC000 dead-lettered."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from dicom_node.audit import AuditTrail
+from dicom_node.cli import main
+from dicom_node.config import load_settings
+from dicom_node.db import (
+    Delivery, DeliveryStatus, Job, JobStatus, NodeDatabase, OutboxMessage, utcnow,
+)
+from dicom_node.delivery import Deliverer, queue_deliveries
+from dicom_node.scu import Disposition, classify
+from tests.dicom_factory import write_cr
+from tests.receiving_scp import ReceivingSCP
+
+
+@pytest.fixture
+def pacs():
+    scp = ReceivingSCP()
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture
+def node(tmp_path, pacs):
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"),
+        "audit": {"secret": "s"},
+        "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1",
+                          "port": pacs.port}],
+        "delivery": {"first_retry_s": 0.2, "max_retry_interval_s": 0.4, "max_age_s": 30,
+                     "max_failures": 3, "timeout_s": 5},
+    }))
+    settings = load_settings(config)
+    db = NodeDatabase(settings.node_database_url)
+    audit = AuditTrail.from_settings(settings)
+    deliverer = Deliverer.from_settings(settings, db, audit, worker="test-worker")
+    result = tmp_path / "result.dcm"
+    sop_uid = str(write_cr(result).SOPInstanceUID)
+    with db.session() as session:
+        job = Job(study_instance_uid="1.2.3", status=JobStatus.DONE)
+        session.add(job)
+        session.flush()
+        [delivery_id] = queue_deliveries(session, job_id=job.id, source_sop_uid="1.2.3.4",
+                                         outputs=[("sc", sop_uid, result)],
+                                         destinations=settings.destinations)
+    yield deliverer, delivery_id, sop_uid, config
+    audit.close()
+    db.dispose()
+
+
+def delivery(deliverer: Deliverer, delivery_id: int) -> Delivery:
+    with deliverer.db.session() as session:
+        return session.get(Delivery, delivery_id)
+
+
+def run_when_due(deliverer: Deliverer, delivery_id: int) -> DeliveryStatus | None:
+    due = delivery(deliverer, delivery_id).next_attempt_at
+    if due is not None:
+        time.sleep(max(0.0, (due - utcnow()).total_seconds()) + 0.05)
+    return deliverer.run(delivery_id)
+
+
+@pytest.mark.parametrize("status, disposition", [
+    (0x0000, Disposition.DELIVERED), (0xB000, Disposition.DELIVERED),
+    (0xA700, Disposition.RETRY), (0xA7FF, Disposition.RETRY), (None, Disposition.RETRY),
+    (0xC000, Disposition.GIVE_UP), (0xA900, Disposition.GIVE_UP), (0x0122, Disposition.GIVE_UP),
+])
+def test_status_classification(status, disposition):
+    assert classify(status) is disposition
+
+
+def test_delivered_once_and_a_second_message_is_a_no_op(node, pacs):
+    deliverer, delivery_id, sop_uid, _ = node
+    pacs.start()
+    assert deliverer.run(delivery_id) is DeliveryStatus.DELIVERED
+    assert deliverer.run(delivery_id) is None
+    assert pacs.received == {sop_uid: 1}
+
+
+def test_destination_down_then_up(node, pacs):
+    deliverer, delivery_id, sop_uid, _ = node
+    assert deliverer.run(delivery_id) is DeliveryStatus.RETRYING
+    assert run_when_due(deliverer, delivery_id) is DeliveryStatus.RETRYING
+    row = delivery(deliverer, delivery_id)
+    assert row.attempts == 2 and row.last_error.startswith("no association")
+    with deliverer.db.session() as session:
+        retries = session.scalars(select(OutboxMessage).where(
+            OutboxMessage.task == "deliver", OutboxMessage.not_before.is_not(None))).all()
+    assert len(retries) == 2  # each retry is an outbox message due at its time
+    # A message arriving before the retry is due does nothing.
+    assert deliverer.run(delivery_id) is None
+    pacs.start()
+    assert run_when_due(deliverer, delivery_id) is DeliveryStatus.DELIVERED
+    assert pacs.received == {sop_uid: 1}
+
+
+def test_out_of_resources_is_retried(node, pacs):
+    deliverer, delivery_id, sop_uid, _ = node
+    pacs.status = 0xA700
+    pacs.start()
+    for _ in range(4):  # more than max_failures: transient failures go on until max_age
+        assert run_when_due(deliverer, delivery_id) is DeliveryStatus.RETRYING
+    pacs.status = 0x0000
+    assert run_when_due(deliverer, delivery_id) is DeliveryStatus.DELIVERED
+    assert pacs.stored == {sop_uid: "1.2.840.10008.5.1.4.1.1.1"}
+
+
+def test_refused_is_dead_lettered_and_listed(node, pacs):
+    deliverer, delivery_id, sop_uid, config = node
+    pacs.status = 0xC000
+    pacs.start()
+    states = [run_when_due(deliverer, delivery_id) for _ in range(3)]
+    assert states == [DeliveryStatus.RETRYING, DeliveryStatus.RETRYING, DeliveryStatus.DEAD]
+    assert run_when_due(deliverer, delivery_id) is None
+    assert pacs.received == {sop_uid: 3}
+    listed = CliRunner().invoke(main, ["--config", str(config), "jobs", "list",
+                                       "--status", "dead-letter", "--format", "json"])
+    assert listed.exit_code == 0, listed.output
+    assert '"dead": 1' in listed.output
+    shown = CliRunner().invoke(main, ["--config", str(config), "jobs", "show", "1"])
+    assert "0xC000" in shown.output and "dead" in shown.output
+    # resend makes a dead-lettered delivery pending again
+    pacs.status = 0x0000
+    resent = CliRunner().invoke(main, ["--config", str(config), "jobs", "resend", "1"])
+    assert resent.exit_code == 0, resent.output
+    assert deliverer.run(delivery_id) is DeliveryStatus.DELIVERED
+
+
+def test_transient_failures_stop_at_max_age(node, pacs):
+    deliverer, delivery_id, _, _ = node
+    deliverer.policy = deliverer.policy.model_copy(update={"max_age_s": 0.5})
+    states = []
+    for _ in range(5):
+        states.append(run_when_due(deliverer, delivery_id))
+        if states[-1] is DeliveryStatus.DEAD:
+            break
+    assert states[-1] is DeliveryStatus.DEAD
+    assert delivery(deliverer, delivery_id).last_error.startswith("no association")
