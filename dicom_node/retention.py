@@ -11,18 +11,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.audit.chain import purge_before
 from dicom_node.config import Settings
-from dicom_node.db import Instance, Job, JobStatus, NodeDatabase
+from dicom_node.db import Delivery, DeliveryStatus, Instance, Job, JobStatus, NodeDatabase
 from dicom_node.errors import DataRemovalError
 from dicom_node.results import result_dir
 
 logger = logging.getLogger(__name__)
 
 FINISHED = [status.value for status in JobStatus if status.finished]
+UNFINISHED_DELIVERIES = [status.value for status in DeliveryStatus if not status.finished]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ def delete_instance_data(settings: Settings, instance: Instance) -> Removed:
 
 def sweep_data(settings: Settings, trail: AuditTrail, db: NodeDatabase, *,
                now: datetime | None = None) -> Removed:
-    """Delete the images, results and rows of instances whose job finished ``data_days`` ago.
+    """Delete the images, results and rows of instances whose job finished ``data_days`` ago
+    and whose results are all delivered or dead-lettered.
 
     Records DATA_PURGED per instance. Returns what was removed; nothing when retention
     is off (``retention.data_days`` null).
@@ -74,6 +76,8 @@ def sweep_data(settings: Settings, trail: AuditTrail, db: NodeDatabase, *,
         expired = session.scalars(
             select(Instance).join(Job, Instance.job_id == Job.id)
             .where(Job.status.in_(FINISHED), Job.finished_at < cutoff)
+            .where(~exists().where(Delivery.source_sop_instance_uid == Instance.sop_instance_uid,
+                                   Delivery.status.in_(UNFINISHED_DELIVERIES)))
         ).all()
         for instance in expired:
             removed += delete_instance_data(settings, instance)

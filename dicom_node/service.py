@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from dicom_node import tasks
+from dicom_node import retention, tasks
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.config import CONFIG_FILE_ENV, ENV_PREFIX, Settings
 from dicom_node.db import NodeDatabase
@@ -29,6 +29,7 @@ from dicom_node.spool import Spool
 logger = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL_S = 60.0
+RETENTION_INTERVAL_S = 24 * 3600.0
 
 
 def overrides_as_environment(overrides: Mapping[str, Any], prefix: str = ENV_PREFIX) -> dict[str, str]:
@@ -116,7 +117,8 @@ class Node:
             poll_seconds=settings.scheduler.poll_seconds, housekeeping=self._housekeeping,
         )
         self.worker = WorkerSupervisor(config_file, overrides or {}) if run_worker else None
-        self._last_housekeeping = 0.0
+        self._last_housekeeping = time.monotonic()
+        self._last_retention = time.monotonic() - RETENTION_INTERVAL_S + HOUSEKEEPING_INTERVAL_S
 
     def start(self) -> None:
         self.audit.record(AuditEvent.CONFIG_LOADED, actor=getpass.getuser(),
@@ -149,3 +151,6 @@ class Node:
         swept = tasks.sweep_consumed_messages(self.settings)
         if swept:
             logger.debug("Swept %d consumed broker message(s)", swept)
+        if now - self._last_retention >= RETENTION_INTERVAL_S:
+            self._last_retention = now
+            retention.sweep(self.settings, self.audit, self.db)
