@@ -100,7 +100,10 @@ class Analyzer:
                           study_uid=job.study_instance_uid,
                           pseudonym=instances[0].patient_pseudonym if instances else None,
                           detail=f"{len(instances)} instance(s)")
-        outcomes = [self._analyse_instance(job_id, instance) for instance in instances]
+        # An instance with a verdict was done before this job was interrupted: keep it.
+        outcomes = [InstanceOutcome(instance.verdict, instance.verdict_reason or "")
+                    if instance.verdict is not None else self._analyse_instance(job_id, instance)
+                    for instance in instances]
         status, reason = _job_status(outcomes)
         with self.db.session() as session:
             session.execute(update(Job).where(Job.id == job_id).values(

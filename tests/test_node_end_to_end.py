@@ -1,0 +1,125 @@
+"""The whole node as a PACS sees it: `serve` with its worker, DCMTK storescu in, results out.
+
+RG1 (a frontal chest CR) is analysed and its SC, SEG and SR arrive at the
+destination; RG3 (a CR of a leg) is stored, then skipped by the gate. Every step is
+in the audit trail, in order, and no patient name or ID is in it or in the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from dicom_node.db import Delivery, DeliveryStatus, Instance, Job, JobStatus
+from tests.conftest import dcmtk_tool, run_tool, sample_file, wait_for
+from tests.receiving_scp import ReceivingSCP
+
+pytestmark = pytest.mark.slow
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+@pytest.fixture
+def pacs(tmp_path):
+    scp = ReceivingSCP(folder=tmp_path / "pacs").start()
+    yield scp
+    scp.stop()
+
+
+def study_uid(name: str) -> str:
+    return str(dcmread(sample_file(name), stop_before_pixels=True).StudyInstanceUID)
+
+
+def job_of(node, study: str) -> Job | None:
+    db = node.db()
+    try:
+        with db.session() as session:
+            return session.scalars(select(Job).where(Job.study_instance_uid == study)
+                                   .order_by(Job.id.desc())).first()
+    finally:
+        db.dispose()
+
+
+def deliveries(node, job_id: int) -> list[Delivery]:
+    db = node.db()
+    try:
+        with db.session() as session:
+            return list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)))
+    finally:
+        db.dispose()
+
+
+def cli(node, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dicom_node", "--config", str(node.config),
+                             *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def all_delivered(node, job_id: int) -> bool:
+    rows = deliveries(node, job_id)
+    return len(rows) == 3 and all(d.status is DeliveryStatus.DELIVERED for d in rows)
+
+
+def test_rg1_is_analysed_and_delivered_rg3_is_skipped(node_factory, pacs):
+    node = node_factory({"destinations": [
+        {"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}]})
+    node.start()
+    sent = run_tool(dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", "DICOM_NODE",
+                    "127.0.0.1", str(node.port), str(sample_file("RG1_UNCI.dcm")),
+                    str(sample_file("RG3_UNCI.dcm")))
+    assert sent.returncode == 0, sent.stderr
+    rg1, rg3 = study_uid("RG1_UNCI.dcm"), study_uid("RG3_UNCI.dcm")
+
+    skipped = wait_for(lambda: (job := job_of(node, rg3)) and job.status.finished and job, 180,
+                       "RG3's job to finish")
+    assert skipped.status is JobStatus.SKIPPED
+    assert "EXTREMITY" in skipped.reason
+
+    job = wait_for(lambda: (job := job_of(node, rg1)) and job.status.finished and job, 300,
+                   "RG1's job to finish")
+    assert job.status is JobStatus.DONE, job.reason
+    wait_for(lambda: all_delivered(node, job.id), 120, "SC, SEG and SR to be delivered")
+    first_uids = set(pacs.stored)
+    assert sorted(pacs.stored.values()) == sorted(
+        [SECONDARY_CAPTURE, SEGMENTATION, COMPREHENSIVE_3D_SR])
+    for uid in first_uids:
+        received = dcmread(pacs.folder / f"{uid}.dcm")
+        assert received.StudyInstanceUID == rg1
+        assert received.SeriesDescription.startswith("AI CXR: ")
+
+    # The audit trail tells the story of each study, in order.
+    events = [e["event"] for e in json.loads(cli(node, "audit", "list", "--study", rg1,
+                                                 "--format", "json"))]
+    assert events[:4] == ["instance-received", "job-queued", "job-started", "job-completed"]
+    assert events[4:] == ["result-sent"] * 3
+    events = [e["event"] for e in json.loads(cli(node, "audit", "list", "--study", rg3,
+                                                 "--format", "json"))]
+    assert events == ["instance-received", "job-queued", "job-started", "job-skipped"]
+
+    # Running the job again delivers the same three objects, replacing the first ones.
+    cli(node, "jobs", "retry", str(job.id))
+    wait_for(lambda: sum(pacs.received.values()) == 6, 300, "the re-run's deliveries")
+    assert set(pacs.received) == first_uids
+    assert all(count == 2 for count in pacs.received.values())
+    assert node.stop() == 0
+
+    # No patient name or ID in the audit store or the logs.
+    for secret in (b"CompressedSamples", b"9RG1", b"11RG3"):
+        for path in [*node.state_dir.glob("audit.db*"), node.log]:
+            assert secret not in path.read_bytes(), f"{secret!r} found in {path.name}"
+
+
+def test_status_shows_the_node(node_factory):
+    node = node_factory({"worker": {"embedded": False}}).start()
+    report = json.loads(cli(node, "status", "--format", "json"))
+    assert report["broker_reachable"] is True
+    assert report["free_disk_bytes"] > 0
+    assert node.stop() == 0
