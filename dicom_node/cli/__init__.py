@@ -25,6 +25,8 @@ def main(config: Path | None) -> None:
     """A DICOM node that analyses chest X-rays beside a PACS."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("pynetdicom", "highdicom"):  # per-association and per-module INFO lines
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 for command in (serve, worker, status, jobs, echo, send, config, audit, analyze):
