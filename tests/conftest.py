@@ -112,7 +112,10 @@ class NodeProcess:
     def kill(self) -> None:
         """SIGKILL the node and every process it started."""
         assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGKILL)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the whole group has exited already
+            pass
         self.process.wait()
         self.process = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 
@@ -110,3 +111,19 @@ def test_two_hundred_instances_over_four_associations(node_factory, tmp_path):
     wait_for(lambda: all(i.job_id is not None for i in instances(node).values()), 30,
              "every instance to get a job")
     assert node.stop() == 0
+
+
+def test_sigterm_finishes_the_association_in_flight(node_factory, tmp_path):
+    node = node_factory(NO_WORKER).start()
+    folder = tmp_path / "inflight"
+    for index in range(60):
+        write_cr(folder / f"{index}.dcm", size=256, seed=index)
+    sender = subprocess.Popen([dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", "DICOM_NODE",
+                               "+sd", "127.0.0.1", str(node.port), str(folder)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for(lambda: len(instances(node)) >= 3, 60, "the first instances to arrive")
+    node.process.send_signal(signal.SIGTERM)
+    output, _ = sender.communicate(timeout=120)
+    assert sender.returncode == 0, output.decode()
+    assert node.process.wait(60) == 0
+    assert len(instances(node)) == 60
