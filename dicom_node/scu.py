@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
@@ -27,7 +27,7 @@ from dicom_node.errors import PeerError
 logger = logging.getLogger(__name__)
 
 ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 MAX_CONTEXTS = 128
 
 
@@ -130,7 +130,9 @@ def store_files(paths: Iterable[Path], peer: Peer, *, calling_ae: str,
     """
     paths = list(paths)
     outcomes: dict[Path, StoreOutcome] = {}
-    contexts: dict[str, set[str]] = {}
+    # One presentation context per (SOP class, transfer syntax), as DCMTK does: a peer
+    # that prefers its own first syntax cannot then leave a compressed file unsendable.
+    requested: set[tuple[str, str]] = set()
     headers: dict[Path, tuple[str, str, str]] = {}
     for path in paths:
         try:
@@ -142,16 +144,16 @@ def store_files(paths: Iterable[Path], peer: Peer, *, calling_ae: str,
                                           f"not a readable DICOM file: {type(exc).__name__}")
             continue
         sop_class, _, syntax = headers[path]
-        contexts.setdefault(sop_class, set()).add(syntax)
-    if len(contexts) > MAX_CONTEXTS:
-        raise ValueError(f"{len(contexts)} SOP classes exceed one association's "
-                         f"{MAX_CONTEXTS} presentation contexts")
+        requested.add((sop_class, syntax))
+        if syntax in UNCOMPRESSED:
+            requested.update((sop_class, other) for other in UNCOMPRESSED)
+    if len(requested) > MAX_CONTEXTS:
+        raise ValueError(f"{len(requested)} SOP class and transfer syntax pairs exceed one "
+                         f"association's {MAX_CONTEXTS} presentation contexts")
     if headers:
         ae = _scu_ae(calling_ae, timeout_s)
-        for sop_class, syntaxes in contexts.items():
-            uncompressed = [s for s in syntaxes if UID(s) in UNCOMPRESSED]
-            ae.add_requested_context(sop_class, sorted(syntaxes | set(UNCOMPRESSED))
-                                     if uncompressed else sorted(syntaxes))
+        for sop_class, syntax in sorted(requested):
+            ae.add_requested_context(sop_class, syntax)
         outcomes.update(_send(ae, peer, headers))
     return [outcomes[path] for path in paths]
 
