@@ -38,7 +38,8 @@ def hash_split(stem: str) -> str:
     return "train" if bucket < 70 else "val" if bucket < 85 else "test"
 
 
-def _images(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """Return the PNG/JPEG files in ``folder``, sorted; raises :class:`InputError` when it is missing."""
     if not folder.is_dir():
         raise InputError(f"folder not found: {folder}")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -53,10 +54,10 @@ def masked_samples(root: Path, mask_folder: str, split: str = "all") -> list[Sam
 
     Raises :class:`InputError` when a folder is missing or no image has a mask.
     """
-    masks = {p.stem: p for p in _images(root / mask_folder)}
+    masks = {p.stem: p for p in image_files(root / mask_folder)}
     samples = [
         Sample(image, masks[image.stem])
-        for image in _images(root / "images")
+        for image in image_files(root / "images")
         if image.stem in masks and _keep(image.stem, split)
     ]
     if not samples:
@@ -72,7 +73,7 @@ def covid_samples(root: Path, split: str = "all") -> list[Sample]:
     samples = [
         Sample(image, label=label)
         for folder, label in (("COVID", 1), ("Normal", 0))
-        for image in _images(root / folder)
+        for image in image_files(root / folder)
         if _keep(image.stem, split)
     ]
     if not samples:
@@ -89,7 +90,7 @@ def labelled_samples(root: Path, label: str, split: str = "all") -> list[Sample]
     table = root / "labels.csv"
     if not table.is_file():
         raise InputError(f"labels file not found: {table}")
-    files = {p.stem: p for p in _images(root / "images")}
+    files = {p.stem: p for p in image_files(root / "images")}
     samples = []
     with table.open(newline="") as stream:
         for row in csv.DictReader(stream):

@@ -31,12 +31,13 @@ from monai.transforms import (
 )
 from monai.utils import set_determinism
 from PIL import Image
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from pipelines.chest_xray import datasets
 from pipelines.chest_xray.datasets import Sample
 from pipelines.chest_xray.gradcam import GRADCAM_LAYER
+from pipelines.chest_xray.metrics import binary_metrics, dice, youden_threshold
 from pipelines.chest_xray.models import build_network, load_network, read_manifest, save_weights, write_manifest
 from pipelines.chest_xray.preprocess import InputSpec, classifier_input, load_image_file, network_image
 from pipelines.chest_xray.segmentation import LungSegmenter
@@ -120,13 +121,6 @@ def augmentations(keys: Sequence[str], modes: Sequence[str]) -> Compose:
     )
 
 
-def dice(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Return the per-image Dice of two boolean (N, H, W) tensors (1 when both are empty)."""
-    inter = (predicted & truth).flatten(1).sum(1).float()
-    total = predicted.flatten(1).sum(1).float() + truth.flatten(1).sum(1).float()
-    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
-
-
 def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_size: int) -> dict[str, Any]:
     """Train the lung UNet on both lung-mask sets; return its manifest entry (weights written to ``out``)."""
     device = pick_device()
@@ -168,7 +162,7 @@ def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_si
             predicted = torch.cat(
                 [network(chunk.to(device)).argmax(1).cpu().bool() for chunk in val_images.split(32)]
             )
-        score = float(dice(predicted, val_masks).mean())
+        score = float(np.mean([dice(p, t) for p, t in zip(predicted.numpy(), val_masks.numpy(), strict=True)]))
         if score > best:
             best, best_state = score, {k: v.detach().clone() for k, v in network.state_dict().items()}
         progress.set_postfix(loss=f"{loss.item():.3f}", val_dice=f"{score:.4f}", best=f"{best:.4f}")
@@ -189,7 +183,7 @@ def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_si
         "output": "softmax over (background, lung); lung where p > 0.5 at source resolution, "
         "two largest components kept, holes filled",
         "threshold": 0.5,
-        "validation": {"dice_mean": round(best, 4), "images": int(val.sum())},
+        "validation": {"dice_mean_at_256px": round(best, 4), "images": int(val.sum())},
         "training": {
             "epochs": epochs,
             "minutes": round((time.monotonic() - started) / 60, 1),
@@ -270,24 +264,6 @@ def classifier_arrays(
     }
 
 
-def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
-    """Return AUROC, accuracy, sensitivity and specificity of ``scores`` at ``threshold``."""
-    predicted = scores >= threshold
-    positives, negatives = labels == 1, labels == 0
-    return {
-        "auroc": round(float(roc_auc_score(labels, scores)), 4),
-        "accuracy": round(float((predicted == positives).mean()), 4),
-        "sensitivity": round(float(predicted[positives].mean()), 4),
-        "specificity": round(float((~predicted[negatives]).mean()), 4),
-    }
-
-
-def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Return the score threshold that maximises sensitivity + specificity - 1."""
-    fpr, tpr, thresholds = roc_curve(labels, scores)
-    return float(np.clip(thresholds[int(np.argmax(tpr - fpr))], 0.0, 1.0))
-
-
 @torch.no_grad()
 def predict(network: torch.nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
     """Return sigmoid scores of a (N, 1, H, W) tensor, in chunks."""
@@ -332,7 +308,9 @@ def train_classifier(head: Head, arrays: dict[str, np.ndarray], out: Path, epoch
         network.load_state_dict(best_state)
         scores = predict(network, val_images, device)
         threshold = youden_threshold(labels[val], scores)
-        validation: dict[str, Any] = binary_metrics(labels[val], scores, threshold)
+        validation: dict[str, Any] = {
+            k: round(v, 4) for k, v in binary_metrics(labels[val], scores, threshold).items()
+        }
         rule = THRESHOLD_RULE
     else:
         threshold = 0.5

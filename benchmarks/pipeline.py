@@ -1,0 +1,108 @@
+"""Time the chest X-ray pipeline stage by stage on CPU, on pydicom-data's RG1_UNCI.dcm (1955 × 1841 CR).
+
+    python benchmarks/pipeline.py [--repeats 5] [--threads N] [--json]
+
+Reports the median per-image time of decode (read + pixel data), preprocess
+(Modality/VOI LUT, inversion), segmentation, classification and Grad-CAM (all
+findings), the end-to-end time per image, images/s at batch 1 and batch 8 (decode
+included), and the process's peak resident memory. CPU target: ≤ 1.0 s per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import torch
+from pydicom.data import get_testdata_file
+
+from pipelines.base import ImageInput
+from pipelines.chest_xray.pipeline import ChestXrayPipeline
+
+TARGET_S = 1.0
+
+
+def _median_s(action: Callable[[], Any], repeats: int) -> float:
+    action()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _decode(path: str) -> pydicom.Dataset:
+    dataset = pydicom.dcmread(path)
+    dataset.pixel_array  # noqa: B018  (decodes and caches the pixel data)
+    return dataset
+
+
+def measure(pipeline: ChestXrayPipeline, path: str, repeats: int) -> dict[str, Any]:
+    """Return per-stage median seconds per image, throughput and peak memory."""
+    dataset = _decode(path)
+    image = pipeline.load(dataset)
+    masks = pipeline.segmenter.masks([image.display])
+    batches = {c.name: c.inputs([image.display], masks) for c in pipeline.classifiers}
+    stages = {
+        "decode": _median_s(lambda: _decode(path), repeats),
+        "preprocess": _median_s(lambda: pipeline.load(dataset), repeats),
+        "segmentation": _median_s(lambda: pipeline.segmenter.masks([image.display]), repeats),
+        "classification": _median_s(
+            lambda: [c.probabilities(c.inputs([image.display], masks)[0]) for c in pipeline.classifiers], repeats
+        ),
+        "gradcam": _median_s(
+            lambda: [c.gradcam.heatmaps(*batches[c.name], masks) for c in pipeline.classifiers], repeats
+        ),
+    }
+
+    def end_to_end(size: int) -> list[ImageInput]:
+        return pipeline.run([pipeline.load(_decode(path)) for _ in range(size)])
+
+    per_image = {size: _median_s(lambda size=size: end_to_end(size), max(repeats // size, 2)) / size for size in (1, 8)}
+    return {
+        "image": Path(path).name,
+        "shape": list(image.display.shape),
+        "threads": torch.get_num_threads(),
+        "stages_s": {k: round(v, 4) for k, v in stages.items()},
+        "end_to_end_s_per_image": round(per_image[1], 4),
+        "images_per_s": {f"batch_{size}": round(1 / seconds, 2) for size, seconds in per_image.items()},
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "target_s_per_image": TARGET_S,
+        "meets_target": per_image[1] <= TARGET_S,
+    }
+
+
+def main() -> None:
+    """Parse the command line, run the benchmark and print its figures."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=Path("weights/manifest.yaml"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipeline = ChestXrayPipeline.from_manifest(args.weights, device="cpu")
+    report = measure(pipeline, get_testdata_file("RG1_UNCI.dcm"), args.repeats)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{report['image']} {report['shape'][0]}x{report['shape'][1]}, {report['threads']} CPU threads")
+    for stage, seconds in report["stages_s"].items():
+        print(f"  {stage:<15} {seconds * 1000:8.1f} ms")
+    print(f"  {'end to end':<15} {report['end_to_end_s_per_image'] * 1000:8.1f} ms/image (target ≤ {TARGET_S:.1f} s)")
+    for batch, rate in report["images_per_s"].items():
+        print(f"  {batch:<15} {rate:8.2f} images/s")
+    print(f"  {'peak RSS':<15} {report['peak_rss_mib']:8.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Score the chest X-ray models on a folder laid out like the sets in ``../shared/data``.
+
+    python -m pipelines.chest_xray.evaluate lung --data-dir DIR [--data-dir DIR ...] [--split test] [--json]
+    python -m pipelines.chest_xray.evaluate covid19 --data-dir DIR [--split test] [--negatives DIR] [--json]
+    python -m pipelines.chest_xray.evaluate pneumothorax --data-dir DIR [--split test] [--json]
+    python -m pipelines.chest_xray.evaluate localization --data-dir DIR [--json]
+
+Layouts: lung ``images/`` + ``masks-lung/``; covid19 ``COVID/`` + ``Normal/``;
+pneumothorax ``images/`` + ``labels.csv``; localization ``images/`` + ``masks-opacity/``.
+``--split`` picks the held-out part of the sets the models were trained on (the
+hash split, or ``official_split`` of labels.csv); ``all`` scores an outside set.
+Everything goes through the inference path of the node (decode → display → lungs
+→ classifier input). 95 % CIs are percentile bootstraps (1,000 rounds, stratified
+by label). ROC curves and example overlays are written under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from sklearn.metrics import roc_curve
+from tqdm import tqdm
+
+from pipelines.chest_xray import datasets
+from pipelines.chest_xray.classification import FindingClassifier
+from pipelines.chest_xray.datasets import Sample
+from pipelines.chest_xray.metrics import dice, mean_with_ci, with_ci
+from pipelines.chest_xray.models import read_manifest
+from pipelines.chest_xray.overlay import render_overlay
+from pipelines.chest_xray.pipeline import ChestXrayPipeline
+from pipelines.chest_xray.preprocess import load_image_file
+from pipelines.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+BATCH = 32
+EXAMPLES = 8
+
+
+def _batches(samples: Sequence[Sample], desc: str) -> Iterator[tuple[list[Sample], list[np.ndarray]]]:
+    for start in tqdm(range(0, len(samples), BATCH), desc=desc):
+        chunk = list(samples[start : start + BATCH])
+        yield chunk, [load_image_file(s.image).display for s in chunk]
+
+
+def _mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    with Image.open(path) as image:
+        mask = image.convert("L")
+        if mask.size != (shape[1], shape[0]):
+            mask = mask.resize((shape[1], shape[0]), Image.NEAREST)
+        return np.asarray(mask) > 127
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def evaluate_lung(pipeline: ChestXrayPipeline, roots: Sequence[Path], split: str, out: Path) -> dict[str, Any]:
+    """Return the Dice of the lung masks at source resolution, per folder and pooled, with 95 % CIs."""
+    report: dict[str, Any] = {"task": "lung", "split": split, "sets": {}}
+    pooled: list[float] = []
+    for root in roots:
+        scores = []
+        for chunk, displays in _batches(datasets.masked_samples(root, "masks-lung", split), f"lung {root.name}"):
+            for sample, display, mask in zip(chunk, displays, pipeline.segmenter.masks(displays), strict=True):
+                truth = _mask(sample.mask, display.shape)
+                scores.append(dice(mask, truth))
+                if len(scores) <= EXAMPLES:
+                    _save_png(render_overlay(display, mask, outline=truth), out / f"lung-{root.name}-{len(scores)}.png")
+        pooled += scores
+        report["sets"][root.name] = {"images": len(scores), "dice": mean_with_ci(np.array(scores)), "min": min(scores)}
+    report["pooled"] = {"images": len(pooled), "dice": mean_with_ci(np.array(pooled))}
+    return report
+
+
+def _scores(
+    pipeline: ChestXrayPipeline, classifiers: Sequence[FindingClassifier], samples: Sequence[Sample]
+) -> np.ndarray:
+    """Return (len(classifiers), len(samples)) probabilities through the node's inference path."""
+    scores: list[list[float]] = [[] for _ in classifiers]
+    for _, displays in _batches(samples, "score"):
+        masks = pipeline.segmenter.masks(displays)
+        for row, classifier in zip(scores, classifiers, strict=True):
+            row.extend(classifier.probabilities(classifier.inputs(displays, masks)[0]).tolist())
+    return np.array(scores)
+
+
+def _classifier(pipeline: ChestXrayPipeline, name: str) -> FindingClassifier:
+    for classifier in pipeline.classifiers:
+        if classifier.name == name:
+            return classifier
+    raise InputError(f"the manifest has no finding {name!r}")
+
+
+ROC_SIZE, ROC_MARGIN = 400, 40
+ROC_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
+
+
+def _roc_png(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path, title: str) -> None:
+    """Draw ROC curves (1 - specificity on x, sensitivity on y) into a PNG."""
+    side = ROC_SIZE + 2 * ROC_MARGIN
+    canvas = Image.new("RGB", (side, side), "white")
+    draw = ImageDraw.Draw(canvas)
+
+    def point(x: float, y: float) -> tuple[float, float]:
+        return ROC_MARGIN + x * ROC_SIZE, ROC_MARGIN + (1 - y) * ROC_SIZE
+
+    draw.rectangle([point(0, 1), point(1, 0)], outline="black")
+    draw.line([point(0, 0), point(1, 1)], fill="gray")
+    draw.text((ROC_MARGIN, 10), f"ROC {title}", fill="black")
+    draw.text((ROC_MARGIN + ROC_SIZE // 3, side - 25), "1 - specificity", fill="black")
+    draw.text((5, ROC_MARGIN - 15), "sensitivity", fill="black")
+    for row, (label, (labels, scores, auroc)) in enumerate(curves.items()):
+        fpr, tpr, _ = roc_curve(labels, scores)
+        colour = ROC_COLOURS[row % len(ROC_COLOURS)]
+        draw.line([point(x, y) for x, y in zip(fpr, tpr, strict=True)], fill=colour, width=2)
+        draw.text((ROC_MARGIN + ROC_SIZE // 3, ROC_MARGIN + ROC_SIZE - 20 * (row + 2)), f"{label}: AUROC {auroc:.3f}", fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def evaluate_binary(
+    pipeline: ChestXrayPipeline,
+    classifiers: Sequence[FindingClassifier],
+    samples: Sequence[Sample],
+    out: Path,
+    task: str,
+    negatives: Sequence[Sample] = (),
+) -> dict[str, Any]:
+    """Return AUROC/accuracy/sensitivity/specificity with 95 % CIs of each classifier at its threshold.
+
+    ``negatives`` (an outside folder of images known not to have the finding) adds
+    each classifier's specificity there: how it behaves on another source.
+    """
+    labels = np.array([s.label for s in samples])
+    scores = _scores(pipeline, classifiers, samples)
+    outside = _scores(pipeline, classifiers, negatives) if negatives else None
+    report: dict[str, Any] = {"task": task, "images": len(samples), "positives": int(labels.sum()), "models": {}}
+    curves = {}
+    for index, classifier in enumerate(classifiers):
+        metrics = with_ci(labels, scores[index], classifier.threshold)
+        entry: dict[str, Any] = {"input": classifier.spec.as_manifest(), "threshold": classifier.threshold, **metrics}
+        if outside is not None:
+            spec = with_ci(np.zeros(len(negatives), dtype=int), outside[index], classifier.threshold)["specificity"]
+            entry["outside_negatives"] = {"images": len(negatives), "specificity": spec}
+        report["models"][classifier.name] = entry
+        curves[classifier.name] = (labels, scores[index], metrics["auroc"]["value"])
+    _roc_png(curves, out / f"roc-{task}.png", task)
+    return report
+
+
+def evaluate_localization(pipeline: ChestXrayPipeline, root: Path, finding: str, out: Path) -> dict[str, Any]:
+    """Return the pointing-game hit rate of ``finding``'s lung-restricted Grad-CAM against ``masks-opacity``.
+
+    A hit is a heat-map maximum inside the opacity mask. Also reported: the share of
+    the top 10 % of heat inside the opacity, and the chance hit rate of a uniformly
+    random lung pixel (opacity area inside the lungs / lung area).
+    """
+    classifier = _classifier(pipeline, finding)
+    hits, top_share, chance = [], [], []
+    for chunk, displays in _batches(datasets.masked_samples(root, "masks-opacity"), "localization"):
+        masks = pipeline.segmenter.masks(displays)
+        batch, boxes = classifier.inputs(displays, masks)
+        for sample, display, mask, heat in zip(chunk, displays, masks, classifier.gradcam.heatmaps(batch, boxes, masks), strict=True):
+            opacity = _mask(sample.mask, display.shape)
+            peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+            hits.append(float(opacity[peak]))
+            top = heat >= np.quantile(heat[mask], 0.9) if mask.any() else heat > 0
+            top_share.append(float((opacity & top & mask).sum() / max(int((top & mask).sum()), 1)))
+            chance.append(float((opacity & mask).sum() / max(int(mask.sum()), 1)))
+            if len(hits) <= EXAMPLES:
+                _save_png(render_overlay(display, mask, heat, outline=opacity), out / f"localization-{len(hits)}.png")
+    return {
+        "task": "localization",
+        "finding": finding,
+        "images": len(hits),
+        "pointing_game": mean_with_ci(np.array(hits)),
+        "top10_heat_in_opacity": mean_with_ci(np.array(top_share)),
+        "chance_pointing_game": float(np.mean(chance)),
+    }
+
+
+def _print(report: dict[str, Any], indent: str = "") -> None:
+    for key, value in report.items():
+        if isinstance(value, dict) and set(value) == {"value", "ci_low", "ci_high"}:
+            print(f"{indent}{key}: {value['value']:.4f} (95% CI {value['ci_low']:.4f}-{value['ci_high']:.4f})")
+        elif isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print(value, indent + "  ")
+        else:
+            print(f"{indent}{key}: {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line, run one evaluation, print (or dump as JSON) its report."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.chest_xray.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=["lung", "covid19", "pneumothorax", "localization"])
+    parser.add_argument("--data-dir", type=Path, action="append", required=True)
+    parser.add_argument("--split", choices=["all", *datasets.SPLITS], default="all")
+    parser.add_argument("--negatives", type=Path, help="covid19: a folder of outside images without COVID-19")
+    parser.add_argument("--weights", type=Path, default=Path("weights/manifest.yaml"))
+    parser.add_argument("--out", type=Path, default=Path(".train/evaluate"), help="folder for ROC and overlay PNGs")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    pipeline = ChestXrayPipeline.from_manifest(args.weights, device=args.device)
+    root = args.data_dir[0]
+    if args.task == "lung":
+        report = evaluate_lung(pipeline, args.data_dir, args.split, args.out)
+    elif args.task == "covid19":
+        manifest = read_manifest(args.weights)
+        references = [
+            FindingClassifier.from_manifest(entry, args.weights.parent, pipeline.segmenter.device)
+            for entry in manifest.get("references", [])
+            if entry["name"].startswith("covid19")
+        ]
+        negatives = [Sample(p, label=0) for p in datasets.image_files(args.negatives)] if args.negatives else []
+        samples = datasets.covid_samples(root, args.split)
+        report = evaluate_binary(pipeline, [_classifier(pipeline, "covid19"), *references], samples, args.out, "covid19", negatives)
+    elif args.task == "pneumothorax":
+        samples = datasets.labelled_samples(root, "Pneumothorax", args.split)
+        report = evaluate_binary(pipeline, [_classifier(pipeline, "pneumothorax")], samples, args.out, "pneumothorax")
+    else:
+        report = evaluate_localization(pipeline, root, "covid19", args.out)
+    report["weights"] = {"manifest": str(args.weights), "version": pipeline.version}
+    report["outputs"] = str(args.out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print(report)
+
+
+if __name__ == "__main__":
+    main()
