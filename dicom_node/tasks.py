@@ -140,7 +140,7 @@ def start_worker(settings: Settings, *, name: str | None = None) -> None:
     _context = WorkerContext(analyzer=analyzer, deliverer=deliverer)
     queue_name = "celery"
     app.worker_main([
-        "worker", "--quiet", f"--pool={settings.worker.pool}",
+        "--quiet", "worker", f"--pool={settings.worker.pool}",
         f"--concurrency={settings.worker.concurrency}", "--prefetch-multiplier=1",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
         f"--hostname={name}", "-Q", queue_name, "--loglevel", settings.log_level,
