@@ -19,7 +19,7 @@ import pydicom
 from monai.transforms import Resize, ScaleIntensityRangePercentiles
 from PIL import Image
 from pydicom import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
 from pipelines.base import ImageInput
@@ -186,9 +186,7 @@ def classifier_input(display: np.ndarray, lung_mask: np.ndarray, spec: InputSpec
 def _dicom_display(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
     """Return the VOI-transformed image as uint8 (MONOCHROME2 polarity not yet applied)."""
     if "VOILUTSequence" in dataset:
-        voi = np.asarray(apply_voi_lut(pixels, dataset, index=0), dtype=np.float32)
-        bits = int(dataset.VOILUTSequence[0].LUTDescriptor[2])
-        return _window(voi, 0.0, float(2**bits - 1))
+        return _voi_lut(pixels, dataset.VOILUTSequence[0])
     if "WindowCenter" in dataset and "WindowWidth" in dataset:
         center = float(_first(dataset.WindowCenter))
         width = float(_first(dataset.WindowWidth))
@@ -197,6 +195,20 @@ def _dicom_display(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
             return _voi_window(pixels, center, width, function)
         logger.warning("ignoring window width %s; using a percentile window", width)
     return _window(pixels, *np.percentile(pixels, PERCENTILES))
+
+
+def _voi_lut(pixels: np.ndarray, item: Dataset) -> np.ndarray:
+    """Apply the first VOI LUT (PS3.3 C.11.2.1.1) and return uint8; raises :class:`InputError` if malformed."""
+    try:
+        entries, first, bits = (int(v) for v in item.LUTDescriptor)
+        data = item.LUTData
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InputError(f"malformed VOI LUT: {exc}") from exc
+    if isinstance(data, bytes):
+        data = np.frombuffer(data, dtype=np.uint8 if bits <= 8 and len(data) == (entries or 65536) else np.uint16)
+    lut = np.asarray(data, dtype=np.float32).ravel()
+    index = np.clip(np.round(pixels) - first, 0, lut.size - 1).astype(np.int64)
+    return _window(lut[index], 0.0, float(2**bits - 1))
 
 
 def _voi_window(pixels: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
