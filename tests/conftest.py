@@ -17,7 +17,11 @@ import pytest
 import yaml
 from pydicom.data import get_testdata_file
 
+from dicom_node.audit import AuditTrail
+from dicom_node.config import load_settings
 from dicom_node.db import NodeDatabase
+from dicom_node.scp import StorageSCP
+from dicom_node.spool import Spool
 
 DCMTK_DIRS = ("/usr/bin", "/usr/local/bin")
 
@@ -196,6 +200,29 @@ def storescp_factory(tmp_path: Path) -> Iterator[Callable[..., DcmtkStoreSCP]]:
 
 def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def start_scp(tmp_path: Path) -> Iterator[Callable[..., StorageSCP]]:
+    """Start an in-process SCP with its real spool, SQLite state and audit trail."""
+    started: list[StorageSCP] = []
+
+    def start(**scp_settings: object) -> StorageSCP:
+        settings = load_settings(None, state_dir=tmp_path / "state", audit={"secret": "s"},
+                                 scp={"host": "127.0.0.1", "port": free_port(), **scp_settings})
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        spool = Spool(settings.spool_dir,
+                      min_free_bytes=int(settings.scp.min_free_disk_mb * 2**20),
+                      max_dataset_bytes=int(settings.scp.max_dataset_mb * 2**20))
+        scp = StorageSCP(settings.scp, NodeDatabase(settings.node_database_url), spool,
+                         AuditTrail.from_settings(settings))
+        scp.start()
+        started.append(scp)
+        return scp
+
+    yield start
+    for scp in started:
+        scp.stop(grace_seconds=1)
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,9 @@ import subprocess
 
 import pytest
 
-from dicom_node.audit import AuditTrail
-from dicom_node.config import TlsSettings, load_settings
-from dicom_node.db import NodeDatabase
+from dicom_node.config import TlsSettings
 from dicom_node.errors import PeerError
-from dicom_node.scp import StorageSCP
 from dicom_node.scu import Peer, echo, store_files
-from dicom_node.spool import Spool
-from tests.conftest import free_port
 from tests.dicom_factory import write_cr
 
 
@@ -30,22 +25,12 @@ def certificate(tmp_path) -> TlsSettings:
                        require_peer_certificate=True)
 
 
-def test_store_and_echo_over_tls(tmp_path, certificate):
-    settings = load_settings(None, state_dir=tmp_path / "state", audit={"secret": "s"},
-                             scp={"host": "127.0.0.1", "port": free_port(),
-                                  "tls": certificate.model_dump()})
-    settings.state_dir.mkdir()
-    scp = StorageSCP(settings.scp, NodeDatabase(settings.node_database_url),
-                     Spool(settings.spool_dir, min_free_bytes=0, max_dataset_bytes=2**30),
-                     AuditTrail.from_settings(settings))
-    scp.start()
-    try:
-        secure = Peer("DICOM_NODE", "127.0.0.1", scp.port, certificate)
-        assert echo(secure, calling_ae="TLSSCU") == 0
-        write_cr(tmp_path / "cr.dcm")
-        [outcome] = store_files([tmp_path / "cr.dcm"], secure, calling_ae="TLSSCU")
-        assert outcome.status == 0
-        with pytest.raises(PeerError):  # a plain-TCP peer gets no association
-            echo(Peer("DICOM_NODE", "127.0.0.1", scp.port), calling_ae="PLAIN", timeout_s=5)
-    finally:
-        scp.stop(grace_seconds=1)
+def test_store_and_echo_over_tls(start_scp, tmp_path, certificate):
+    scp = start_scp(tls=certificate.model_dump())
+    secure = Peer("DICOM_NODE", "127.0.0.1", scp.port, certificate)
+    assert echo(secure, calling_ae="TLSSCU") == 0
+    write_cr(tmp_path / "cr.dcm")
+    [outcome] = store_files([tmp_path / "cr.dcm"], secure, calling_ae="TLSSCU")
+    assert outcome.status == 0
+    with pytest.raises(PeerError):  # a plain-TCP peer gets no association
+        echo(Peer("DICOM_NODE", "127.0.0.1", scp.port), calling_ae="PLAIN", timeout_s=5)

@@ -1,0 +1,49 @@
+"""Association policy: calling-AE allow-list with host check, association limit, audited."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from dicom_node.cli import main
+
+
+def associate(port: int, calling_ae: str = "TESTSCU"):
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title="DICOM_NODE")
+
+
+def test_allowed_ae_from_another_host_is_rejected(start_scp):
+    scp = start_scp(allowed_peers=[{"ae_title": "TESTSCU", "host": "10.9.9.9"},
+                                   {"ae_title": "LOCALSCU", "host": "127.0.0.1"}])
+    refused = associate(scp.port)
+    assert refused.is_rejected
+    assert refused.acceptor.primitive.diagnostic == 0x03  # calling AE title not recognised
+    accepted = associate(scp.port, "LOCALSCU")
+    assert accepted.is_established
+    accepted.release()
+
+
+def test_association_limit(start_scp, tmp_path):
+    scp = start_scp(max_associations=1)
+    first = associate(scp.port)
+    assert first.is_established
+    second = associate(scp.port)
+    assert second.is_rejected
+    assert (second.acceptor.primitive.result, second.acceptor.primitive.diagnostic) == (0x02, 0x02)
+    first.release()
+    third = associate(scp.port)
+    assert third.is_established
+    third.release()
+
+    listed = CliRunner().invoke(main, ["audit", "list", "--event", "association-rejected",
+                                       "--format", "json"],
+                                env={"DICOM_NODE_STATE_DIR": str(tmp_path / "state"),
+                                     "DICOM_NODE_AUDIT__SECRET": "s"})
+    assert listed.exit_code == 0, listed.output
+    [event] = json.loads(listed.output)
+    assert event["detail"] == "association limit reached" and event["actor"] == "TESTSCU"
