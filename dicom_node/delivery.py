@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import DeliverySettings, Destination, Settings
-from dicom_node.db import Delivery, DeliveryStatus, NodeDatabase, OutboxMessage, utcnow
+from dicom_node.db import Delivery, DeliveryStatus, Instance, NodeDatabase, OutboxMessage, utcnow
 from dicom_node.scu import Disposition, Peer, StoreOutcome, store_files
 
 logger = logging.getLogger(__name__)
@@ -98,20 +98,21 @@ class Deliverer:
                         delivery_id)
             return None
         destination = self.destinations.get(delivery.destination)
-        if destination is None:
+        peer = (Peer(destination.ae_title, destination.host, destination.port, destination.tls)
+                if destination else None)
+        if peer is None:
             outcome = StoreOutcome(Path(delivery.path), delivery.sop_instance_uid, None,
                                    Disposition.GIVE_UP, "destination no longer configured")
         elif not Path(delivery.path).exists():
             outcome = StoreOutcome(Path(delivery.path), delivery.sop_instance_uid, None,
                                    Disposition.GIVE_UP, "result file missing (purged?)")
         else:
-            peer = Peer(destination.ae_title, destination.host, destination.port, destination.tls)
             [outcome] = store_files([Path(delivery.path)], peer,
                                     calling_ae=destination.calling_ae or self.calling_ae,
                                     timeout_s=self.policy.timeout_s)
-        return self._record(delivery, outcome)
+        return self._record(delivery, outcome, peer)
 
-    def _record(self, delivery: Delivery, outcome: StoreOutcome) -> DeliveryStatus:
+    def _record(self, delivery: Delivery, outcome: StoreOutcome, peer: Peer | None) -> DeliveryStatus:
         now = utcnow()
         attempts = delivery.attempts + 1
         status, next_attempt = self._next_step(delivery, outcome.disposition, attempts, now)
@@ -128,10 +129,15 @@ class Deliverer:
                   + (f" ({outcome.detail})" if outcome.detail else "")
                   + (f"; retry at {next_attempt:%H:%M:%S}" if next_attempt else ""))
         logger.info("Delivery %d %s: %s", delivery.id, status.value, detail)
+        with self.db.session() as session:
+            source = session.scalar(select(Instance).where(
+                Instance.sop_instance_uid == delivery.source_sop_instance_uid))
         self.audit.record(
             AuditEvent.RESULT_SENT if status is DeliveryStatus.DELIVERED else AuditEvent.RESULT_FAILED,
             outcome=_audit_outcome(status), actor=self.worker, job_id=delivery.job_id,
-            sop_uid=delivery.sop_instance_uid, detail=detail)
+            remote=str(peer) if peer else None, sop_uid=delivery.sop_instance_uid,
+            study_uid=source.study_instance_uid if source else None,
+            pseudonym=source.patient_pseudonym if source else None, detail=detail)
         return status
 
     def _next_step(self, delivery: Delivery, disposition: Disposition, attempts: int,
