@@ -138,10 +138,9 @@ def test_sc_is_an_rgb_overlay_at_source_geometry(case: Case) -> None:
 
     r, c, _ = HOT_SPOT
     red, green, blue = (int(v) for v in pixels[r, c])
-    if case.result.flagged:
-        assert red > green + 60 and red > blue + 60  # the heat-map's hot end
-    else:
-        assert red == green == blue  # no heat-map without a flag
+    # The heat-map's hot end: of the flagged findings, or else of the top-scoring
+    # non-experimental one, so a reader always sees where the model looked.
+    assert red > green + 60 and red > blue + 60
     row, col, _, b = LUNGS[0]
     edge = pixels[row, col - b: col - b + 8]
     assert any(px[1] > 200 and px[0] < 50 for px in edge)  # green lung contour

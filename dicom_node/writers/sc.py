@@ -45,8 +45,11 @@ def banner_text(result: ImageResult, algorithm: AlgorithmIdentity) -> BannerText
     """Return the banner of ``result``: the flag, each finding (flagged first, then by score), model, marking."""
     findings = sorted(result.findings, key=lambda f: (not f.flagged, f.experimental, -f.probability))
     legend = "Green: lungs"
+    _, heat_legend = _shown_heat(result)
+    if heat_legend:
+        legend = f"{heat_legend}   |   {legend}"
     if result.flagged:
-        legend = "Colour: Grad-CAM of flagged findings   |   " + legend + "   |   Magenta: localized region"
+        legend += "   |   Magenta: localized region"
     return BannerText(
         headline=flag_headline(result),
         alert=bool(result.flagged),
@@ -56,10 +59,22 @@ def banner_text(result: ImageResult, algorithm: AlgorithmIdentity) -> BannerText
     )
 
 
-def _flagged_heat(result: ImageResult) -> np.ndarray | None:
-    """Return the pixel-wise maximum of the flagged findings' heat-maps, or None when there is none."""
+def _shown_heat(result: ImageResult) -> tuple[np.ndarray | None, str]:
+    """Return the heat-map to blend in and its legend.
+
+    The pixel-wise maximum of the flagged findings' heat-maps; with none flagged, the
+    heat-map of the highest-scoring non-experimental finding, so a reader always sees
+    where the model looked. (None, "") when there is no such heat-map.
+    """
     maps = [f.heatmap for f in result.flagged if f.heatmap is not None]
-    return np.maximum.reduce([np.asarray(m, np.float32) for m in maps]) if maps else None
+    if maps:
+        heat = np.maximum.reduce([np.asarray(m, np.float32) for m in maps])
+        return heat, "Colour: Grad-CAM of flagged findings"
+    scored = [f for f in result.findings if not f.experimental and f.heatmap is not None]
+    if not scored:
+        return None, ""
+    top = max(scored, key=lambda f: f.probability)
+    return np.asarray(top.heatmap, np.float32), f"Colour: Grad-CAM of {top.display_name} (not flagged)"
 
 
 def _valid_pixel_spacing(source: Dataset) -> tuple[float, float] | None:
@@ -118,7 +133,7 @@ def build_sc(source: Dataset, result: ImageResult, display: np.ndarray, algorith
     """
     check_result(source, result, display)
     rgb = overlay(
-        display, result.lung_mask, _flagged_heat(result), [f.region for f in segmented_findings(result)],
+        display, result.lung_mask, _shown_heat(result)[0], [f.region for f in segmented_findings(result)],
         banner_text(result, algorithm), LUNG_COLOUR, REGION_COLOUR,
     )
     sc = _sc_image(source, rgb, algorithm, OutputKind.SC, flag_headline(result), same_geometry=True)
