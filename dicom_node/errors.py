@@ -34,8 +34,8 @@ class SOPClassMismatchError(SpoolError):
     """A data set's SOP Class differs from the one its C-STORE request names."""
 
 
-class BrokerUnavailableError(NodeError):
-    """The message broker cannot be reached; the outbox keeps the message."""
+class WeightsCheckError(NodeError):
+    """A weights file of the pipeline is missing or differs from its manifest."""
 
 
 class PeerError(NodeError):

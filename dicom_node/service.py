@@ -16,12 +16,14 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from dicom_node import retention, tasks
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.config import CONFIG_FILE_ENV, ENV_PREFIX, Settings
 from dicom_node.db import NodeDatabase
+from dicom_node.errors import WeightsCheckError
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
@@ -97,12 +99,31 @@ class WorkerSupervisor:
             self.process.wait()
 
 
+def verify_weights(manifest: Path) -> None:
+    """Check every weights file of the pipeline manifest against its sha256.
+
+    Raises :class:`WeightsCheckError` naming a missing or altered file, so that
+    ``serve`` refuses to start rather than run a worker that cannot.
+    """
+    from pipelines.chest_xray.models import read_manifest, verified_path
+    from pipelines.errors import WeightsError
+
+    try:
+        content = read_manifest(manifest)
+        for entry in [content["lung"], *content["findings"]]:
+            verified_path(entry, manifest.parent)
+    except WeightsError as exc:
+        raise WeightsCheckError(str(exc)) from exc
+
+
 class Node:
     """The running node: everything ``serve`` starts, in order, and stops in reverse."""
 
     def __init__(self, settings: Settings, *, run_worker: bool, config_file: str | None = None,
                  overrides: Mapping[str, Any] | None = None) -> None:
         self.settings = settings
+        if run_worker:
+            verify_weights(settings.pipeline.manifest_path)
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.audit = AuditTrail.from_settings(settings)
         self.db = NodeDatabase(settings.node_database_url)

@@ -23,6 +23,9 @@ from dicom_node.config import Settings
 from dicom_node.db import NodeDatabase, OutboxMessage
 from dicom_node.delivery import Deliverer
 
+from dicom_node.errors import WeightsCheckError
+from pipelines.errors import WeightsError
+
 if TYPE_CHECKING:
     from dicom_node.analysis import Analyzer
 
@@ -133,7 +136,10 @@ def start_worker(settings: Settings, *, name: str | None = None) -> None:
     name = name or worker_name()
     db = NodeDatabase(settings.node_database_url)
     audit = AuditTrail.from_settings(settings)
-    analyzer = Analyzer.from_settings(settings, db, audit, worker=name)
+    try:
+        analyzer = Analyzer.from_settings(settings, db, audit, worker=name)
+    except WeightsError as exc:
+        raise WeightsCheckError(str(exc)) from exc
     deliverer = Deliverer.from_settings(settings, db, audit, worker=name)
     analyzer.requeue_orphans()
     deliverer.requeue_abandoned()

@@ -8,10 +8,13 @@ in the audit trail, in order, and no patient name or ID is in it or in the logs.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from pydicom import dcmread
 from sqlalchemy import select
 
@@ -123,3 +126,21 @@ def test_status_shows_the_node(node_factory):
     assert report["broker_reachable"] is True
     assert report["free_disk_bytes"] > 0
     assert node.stop() == 0
+
+
+def test_altered_weights_stop_the_start(node_factory, tmp_path):
+    weights = tmp_path / "weights"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "weights", weights)
+    manifest = yaml.safe_load((weights / "manifest.yaml").read_text())
+    altered = weights / manifest["lung"]["file"]
+    data = bytearray(altered.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    altered.write_bytes(bytes(data))
+    node = node_factory({"pipeline": {"manifest": str(weights / "manifest.yaml")}})
+    result = subprocess.run([sys.executable, "-m", "dicom_node", "--config", str(node.config),
+                             "serve"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "weights file altered" in result.stderr and manifest["lung"]["file"] in result.stderr
+    worker = subprocess.run([sys.executable, "-m", "dicom_node", "--config", str(node.config),
+                             "worker"], capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 1 and "weights file altered" in worker.stderr
