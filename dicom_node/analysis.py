@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -27,6 +28,9 @@ from pipelines.base import Pipeline
 from pipelines.chest_xray.gate import is_chest
 
 logger = logging.getLogger(__name__)
+
+JOB_LEASE = timedelta(minutes=30)
+"""A job running longer than this is taken to belong to a dead worker."""
 
 
 @dataclass
@@ -66,24 +70,32 @@ class Analyzer:
                    destinations=settings.destinations,
                    note_skipped=settings.outputs.not_analysed_note)
 
-    def requeue_orphans(self) -> list[int]:
-        """Queue again the jobs this worker held when it died; return their ids."""
+    def requeue_interrupted(self) -> list[int]:
+        """Queue again the jobs a dead worker left: those it was running, and queued ones
+        whose message it had taken (a broker without redelivery loses those). A message
+        that still waits in the broker makes a duplicate, which is a no-op. Returns the ids."""
         with self.db.session() as session:
-            orphans = session.scalars(select(Job.id).where(
-                Job.status == JobStatus.RUNNING, Job.worker == self.worker)).all()
-            for job_id in orphans:
+            interrupted = session.scalars(select(Job.id).where(
+                (Job.status == JobStatus.QUEUED)
+                | ((Job.status == JobStatus.RUNNING) & (Job.worker == self.worker)))).all()
+            for job_id in interrupted:
                 session.execute(update(Job).where(Job.id == job_id)
                                 .values(status=JobStatus.QUEUED, started_at=None))
                 queue_message(session, "analyze", job_id)
-        if orphans:
-            logger.warning("Re-queued %d job(s) interrupted by a worker restart", len(orphans))
-        return list(orphans)
+        if interrupted:
+            logger.warning("Queued %d interrupted job(s) again", len(interrupted))
+        return list(interrupted)
 
     def _claim(self, job_id: int) -> Job | None:
+        """Mark the job running by this worker; a job running longer than the lease
+        belongs to a worker that died, and a redelivered message takes it over."""
+        now = utcnow()
         with self.db.session() as session:
             claimed = session.execute(
-                update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-                .values(status=JobStatus.RUNNING, started_at=utcnow(), worker=self.worker)
+                update(Job).where(Job.id == job_id).where(
+                    (Job.status == JobStatus.QUEUED)
+                    | ((Job.status == JobStatus.RUNNING) & (Job.started_at < now - JOB_LEASE)))
+                .values(status=JobStatus.RUNNING, started_at=now, worker=self.worker)
             ).rowcount
             return session.get(Job, job_id) if claimed else None
 

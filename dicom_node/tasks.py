@@ -141,7 +141,7 @@ def start_worker(settings: Settings, *, name: str | None = None) -> None:
     except WeightsError as exc:
         raise WeightsCheckError(str(exc)) from exc
     deliverer = Deliverer.from_settings(settings, db, audit, worker=name)
-    analyzer.requeue_orphans()
+    analyzer.requeue_interrupted()
     deliverer.requeue_abandoned()
     _context = WorkerContext(analyzer=analyzer, deliverer=deliverer)
     queue_name = "celery"
