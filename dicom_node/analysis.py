@@ -29,6 +29,8 @@ from pipelines.chest_xray.gate import is_chest
 
 logger = logging.getLogger(__name__)
 
+VERDICT_EVENTS = {Verdict.ANALYSED: AuditEvent.JOB_COMPLETED,
+                  Verdict.SKIPPED: AuditEvent.JOB_SKIPPED, Verdict.FAILED: AuditEvent.JOB_FAILED}
 JOB_LEASE = timedelta(minutes=30)
 """A job running longer than this is taken to belong to a dead worker."""
 
@@ -112,10 +114,15 @@ class Analyzer:
                           study_uid=job.study_instance_uid,
                           pseudonym=instances[0].patient_pseudonym if instances else None,
                           detail=f"{len(instances)} instance(s)")
-        # An instance with a verdict was done before this job was interrupted: keep it.
-        outcomes = [InstanceOutcome(instance.verdict, instance.verdict_reason or "")
-                    if instance.verdict is not None else self._analyse_instance(job_id, instance)
-                    for instance in instances]
+        outcomes = []
+        for instance in instances:
+            if instance.verdict is None:
+                outcome = self._analyse_instance(job_id, instance)
+                self._record_verdict(instance, outcome)
+            else:  # decided before this job was interrupted: keep it, audited once
+                outcome = InstanceOutcome(instance.verdict, instance.verdict_reason or "")
+            self._audit_verdict(job_id, instance, outcome)
+            outcomes.append(outcome)
         status, reason = _job_status(outcomes)
         with self.db.session() as session:
             session.execute(update(Job).where(Job.id == job_id).values(
@@ -124,42 +131,50 @@ class Analyzer:
         return status
 
     def _analyse_instance(self, job_id: int, instance: Instance) -> InstanceOutcome:
-        context = dict(actor=self.worker, job_id=job_id, pseudonym=instance.patient_pseudonym,
-                       study_uid=instance.study_instance_uid,
-                       series_uid=instance.series_instance_uid,
-                       sop_uid=instance.sop_instance_uid)
+        """Gate, analyse and write the outputs of one instance; return its verdict."""
         try:
             dataset = dcmread(instance.path)
             verdict = self.pipeline.accepts(dataset)
             folder = result_dir(self.results_root, instance.study_instance_uid,
                                 instance.sop_instance_uid)
             if not verdict.accepted:
-                outcome = InstanceOutcome(Verdict.SKIPPED, verdict.reason)
-                self.audit.record(AuditEvent.JOB_SKIPPED, detail=verdict.reason, **context)
                 if self.note_skipped and is_chest(dataset):
                     note = write_not_analysed(dataset, verdict.reason, self.algorithm)
                     self._queue_outputs(job_id, instance, folder, {OutputKind.NOT_ANALYSED: note})
-            else:
-                image = self.pipeline.load(dataset)
-                result = self.pipeline.run([image])[0]
-                save_result(folder, result, self.algorithm.label)
-                self._queue_outputs(job_id, instance, folder,
-                                    write_results(dataset, result, image.display, self.algorithm))
-                summary = ", ".join(
-                    f"{f['name']}={f['probability']:.2f}{' FLAGGED' if f['flagged'] else ''}"
-                    for f in findings_summary(result))
-                outcome = InstanceOutcome(Verdict.ANALYSED, summary)
-                self.audit.record(AuditEvent.JOB_COMPLETED, detail=summary, **context)
+                return InstanceOutcome(Verdict.SKIPPED, verdict.reason)
+            image = self.pipeline.load(dataset)
+            result = self.pipeline.run([image])[0]
+            save_result(folder, result, self.algorithm.label)
+            self._queue_outputs(job_id, instance, folder,
+                                write_results(dataset, result, image.display, self.algorithm))
+            return InstanceOutcome(Verdict.ANALYSED, ", ".join(
+                f"{f['name']}={f['probability']:.2f}{' FLAGGED' if f['flagged'] else ''}"
+                for f in findings_summary(result)))
         except Exception as exc:  # a bad input or model error is a recorded failure, not a retry
             logger.exception("Job %d: instance %s failed", job_id, instance.sop_instance_uid)
-            outcome = InstanceOutcome(Verdict.FAILED, f"{type(exc).__name__}: {exc}")
-            self.audit.record(AuditEvent.JOB_FAILED, outcome=Outcome.SERIOUS_FAILURE,
-                              detail=outcome.reason[:500], **context)
+            return InstanceOutcome(Verdict.FAILED, f"{type(exc).__name__}: {exc}"[:500])
+
+    def _record_verdict(self, instance: Instance, outcome: InstanceOutcome) -> None:
         with self.db.session() as session:
             session.execute(update(Instance).where(Instance.id == instance.id).values(
                 verdict=outcome.verdict, verdict_reason=outcome.reason))
-        return outcome
 
+    def _audit_verdict(self, job_id: int, instance: Instance, outcome: InstanceOutcome) -> None:
+        """Record the verdict's event unless a run interrupted after recording it did so.
+
+        The verdict is committed first: a crash between the two leaves the event to
+        the job's next run, so each verdict is audited exactly once.
+        """
+        event = VERDICT_EVENTS[outcome.verdict]
+        if instance.verdict is not None and self.audit.has_event(
+                event, job_id=job_id, sop_uid=instance.sop_instance_uid):
+            return
+        self.audit.record(
+            event, outcome=Outcome.SERIOUS_FAILURE if outcome.verdict is Verdict.FAILED
+            else Outcome.SUCCESS, actor=self.worker, job_id=job_id,
+            pseudonym=instance.patient_pseudonym, study_uid=instance.study_instance_uid,
+            series_uid=instance.series_instance_uid, sop_uid=instance.sop_instance_uid,
+            detail=outcome.reason)
 
     def _queue_outputs(self, job_id: int, instance: Instance, folder: Path,
                        outputs: dict[OutputKind, Dataset]) -> None:

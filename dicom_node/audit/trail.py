@@ -127,6 +127,19 @@ class AuditTrail:
                       sop_uid=sop_uid, job_id=job_id, detail=detail)
         self.write(lambda connection: self.append(connection, entry))
 
+    def has_event(self, event: AuditEvent | str, *, job_id: int, sop_uid: str) -> bool:
+        """Return whether ``event`` was recorded for this job and instance.
+
+        The node's own recovery check after a crash, not an administrator's query:
+        it is not itself audited.
+        """
+        query = (select(store.events.c.id)
+                 .where(store.events.c.event == AuditEvent(event).value,
+                        store.events.c.job_id == job_id, store.events.c.sop_uid == sop_uid)
+                 .limit(1))
+        with self.connect() as connection:
+            return connection.execute(query).first() is not None
+
     def append(self, connection: Connection, entry: Entry) -> int:
         """Append ``entry`` inside a transaction begun by :meth:`write`; return its row id."""
         head = connection.execute(SELECT_HEAD).one()
@@ -190,6 +203,9 @@ class DisabledAuditTrail(AuditTrail):
 
     def record(self, event: AuditEvent | str, **fields: Any) -> None:
         pass
+
+    def has_event(self, event: AuditEvent | str, *, job_id: int, sop_uid: str) -> bool:
+        return True
 
     def close(self) -> None:
         pass
