@@ -21,6 +21,7 @@ from dicom_node.audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import Destination, Settings
 from dicom_node.db import Instance, Job, JobStatus, NodeDatabase, Verdict, utcnow
 from dicom_node.delivery import queue_deliveries
+from dicom_node.metrics import JOBS, STAGE_SECONDS
 from dicom_node.results import findings_summary, result_dir, save_result
 from dicom_node.scheduler import queue_message
 from dicom_node.writers import AlgorithmIdentity, OutputKind, write_not_analysed, write_results
@@ -127,6 +128,7 @@ class Analyzer:
         with self.db.session() as session:
             session.execute(update(Job).where(Job.id == job_id).values(
                 status=status, finished_at=utcnow(), reason=reason))
+        JOBS.labels(status.value).inc()
         logger.info("Job %d %s", job_id, status.value)
         return status
 
@@ -142,11 +144,14 @@ class Analyzer:
                     note = write_not_analysed(dataset, verdict.reason, self.algorithm)
                     self._queue_outputs(job_id, instance, folder, {OutputKind.NOT_ANALYSED: note})
                 return InstanceOutcome(Verdict.SKIPPED, verdict.reason)
-            image = self.pipeline.load(dataset)
-            result = self.pipeline.run([image])[0]
-            save_result(folder, result, self.algorithm.label)
-            self._queue_outputs(job_id, instance, folder,
-                                write_results(dataset, result, image.display, self.algorithm))
+            with STAGE_SECONDS.labels("decode").time():
+                image = self.pipeline.load(dataset)
+            with STAGE_SECONDS.labels("pipeline").time():
+                result = self.pipeline.run([image])[0]
+            with STAGE_SECONDS.labels("writers").time():
+                save_result(folder, result, self.algorithm.label)
+                self._queue_outputs(job_id, instance, folder,
+                                    write_results(dataset, result, image.display, self.algorithm))
             return InstanceOutcome(Verdict.ANALYSED, ", ".join(
                 f"{f['name']}={f['probability']:.2f}{' FLAGGED' if f['flagged'] else ''}"
                 for f in findings_summary(result)))

@@ -138,6 +138,14 @@ class WorkerSettings(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class MetricsSettings(Section):
+    """Prometheus endpoints; a port of null serves none."""
+
+    host: str = "127.0.0.1"
+    serve_port: int | None = Field(None, ge=1, le=65535)
+    worker_port: int | None = Field(None, ge=1, le=65535)
+
+
 class AuditSettings(Section):
     enabled: bool = True
     database_url: str | None = Field(None, description="default: SQLite file in the state folder")
@@ -179,6 +187,7 @@ class Settings(BaseSettings):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @classmethod

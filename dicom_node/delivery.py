@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import DeliverySettings, Destination, Settings
 from dicom_node.db import Delivery, DeliveryStatus, Instance, NodeDatabase, OutboxMessage, utcnow
+from dicom_node.metrics import DELIVERIES, STAGE_SECONDS
 from dicom_node.scu import Disposition, Peer, StoreOutcome, store_files
 
 logger = logging.getLogger(__name__)
@@ -107,9 +108,10 @@ class Deliverer:
             outcome = StoreOutcome(Path(delivery.path), delivery.sop_instance_uid, None,
                                    Disposition.GIVE_UP, "result file missing (purged?)")
         else:
-            [outcome] = store_files([Path(delivery.path)], peer,
-                                    calling_ae=destination.calling_ae or self.calling_ae,
-                                    timeout_s=self.policy.timeout_s)
+            with STAGE_SECONDS.labels("deliver").time():
+                [outcome] = store_files([Path(delivery.path)], peer,
+                                        calling_ae=destination.calling_ae or self.calling_ae,
+                                        timeout_s=self.policy.timeout_s)
         return self._record(delivery, outcome, peer)
 
     def _record(self, delivery: Delivery, outcome: StoreOutcome, peer: Peer | None) -> DeliveryStatus:
@@ -128,6 +130,7 @@ class Deliverer:
         detail = (f"{delivery.kind} to {delivery.destination}: {answered}"
                   + (f" ({outcome.detail})" if outcome.detail else "")
                   + (f"; retry at {next_attempt:%H:%M:%S}" if next_attempt else ""))
+        DELIVERIES.labels(status.value).inc()
         logger.info("Delivery %d %s: %s", delivery.id, status.value, detail)
         with self.db.session() as session:
             source = session.scalar(select(Instance).where(

@@ -51,6 +51,7 @@ from dicom_node.errors import (
     SOPClassMismatchError,
     UnreadableDatasetError,
 )
+from dicom_node.metrics import INSTANCES, STAGE_SECONDS
 from dicom_node.spool import InstanceHeader, Spool, read_header
 
 logger = logging.getLogger(__name__)
@@ -219,6 +220,11 @@ class StorageSCP:
     # -- C-STORE ------------------------------------------------------------
 
     def _on_store(self, event: Event) -> int:
+        """Time and count :meth:`_store`; return its status."""
+        with STAGE_SECONDS.labels("store").time():
+            return self._store(event)
+
+    def _store(self, event: Event) -> int:
         """Validate, spool and record one instance.
 
         Statuses: 0x0000 stored (or ignored: not an image the node analyses);
@@ -239,6 +245,7 @@ class StorageSCP:
             pseudonym = self.audit.pseudonym(header.patient_id, header.issuer_of_patient_id)
             if header.sop_class_uid not in KEPT_SOP_CLASSES:
                 received.unlink(missing_ok=True)
+                INSTANCES.labels("ignored").inc()
                 self._audit_instance(AuditEvent.INSTANCE_IGNORED, header, calling_ae, address,
                                      pseudonym, detail="not an image the node analyses")
                 return SUCCESS
@@ -254,6 +261,7 @@ class StorageSCP:
             logger.exception("Unexpected error storing an instance")
             return self._refuse(PROCESSING_FAILURE, exc, received, header, calling_ae, address)
         self._audit_instance(AuditEvent.INSTANCE_RECEIVED, header, calling_ae, address, pseudonym)
+        INSTANCES.labels("received").inc()
         return SUCCESS
 
     @staticmethod
@@ -268,6 +276,7 @@ class StorageSCP:
     def _refuse(self, status: int, error: Exception, received: Path,
                 header: InstanceHeader | None, calling_ae: str, address: str) -> int:
         received.unlink(missing_ok=True)
+        INSTANCES.labels("rejected").inc()
         logger.warning("Refused an instance from %s with 0x%04X: %s", calling_ae, status, error)
         self.audit.record(
             AuditEvent.INSTANCE_REJECTED, outcome=Outcome.MINOR_FAILURE, actor=calling_ae,

@@ -24,6 +24,7 @@ from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.config import CONFIG_FILE_ENV, ENV_PREFIX, Settings
 from dicom_node.db import NodeDatabase
 from dicom_node.errors import WeightsCheckError
+from dicom_node.metrics import serve_metrics
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
@@ -147,6 +148,7 @@ class Node:
         discarded = self.spool.discard_incoming()
         if discarded:
             logger.warning("Discarded %d partial file(s) never acknowledged", discarded)
+        serve_metrics(self.settings.metrics.host, self.settings.metrics.serve_port)
         self.scp.start()
         self.scheduler.start()
         if self.worker is not None:

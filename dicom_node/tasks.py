@@ -24,6 +24,7 @@ from dicom_node.db import NodeDatabase, OutboxMessage
 from dicom_node.delivery import Deliverer
 
 from dicom_node.errors import WeightsCheckError
+from dicom_node.metrics import serve_metrics
 from pipelines.errors import WeightsError
 
 if TYPE_CHECKING:
@@ -144,6 +145,7 @@ def start_worker(settings: Settings, *, name: str | None = None) -> None:
     analyzer.requeue_interrupted()
     deliverer.requeue_abandoned()
     _context = WorkerContext(analyzer=analyzer, deliverer=deliverer)
+    serve_metrics(settings.metrics.host, settings.metrics.worker_port)
     queue_name = "celery"
     app.worker_main([
         "--quiet", "worker", f"--pool={settings.worker.pool}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from dicom_node.db import Instance
-from tests.conftest import dataset_bytes, dcmtk_tool, run_tool, sample_file, wait_for
+from tests.conftest import dataset_bytes, dcmtk_tool, free_port, run_tool, sample_file, wait_for
 from tests.dicom_factory import write_cr
 
 pytestmark = pytest.mark.slow
@@ -127,3 +128,16 @@ def test_sigterm_finishes_the_association_in_flight(node_factory, tmp_path):
     assert sender.returncode == 0, output.decode()
     assert node.process.wait(60) == 0
     assert len(instances(node)) == 60
+
+
+def test_metrics_count_what_arrived(node_factory):
+    metrics_port = free_port()
+    node = node_factory({**NO_WORKER, "metrics": {"serve_port": metrics_port}}).start()
+    assert storescu(node.port, sample_file("RG3_UNCI.dcm")).returncode == 0
+    assert storescu(node.port, sample_file("test-SR.dcm"), extra=("-R",)).returncode == 0
+    page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    text = page.decode()
+    assert 'dicom_node_instances_total{outcome="received"} 1.0' in text
+    assert 'dicom_node_instances_total{outcome="ignored"} 1.0' in text
+    assert 'dicom_node_stage_seconds_count{stage="store"} 2.0' in text
+    assert node.stop() == 0
