@@ -19,11 +19,12 @@ from sqlalchemy import select, update
 
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import Destination, Settings
-from dicom_node.db import Instance, Job, JobStatus, NodeDatabase, Verdict, utcnow
+from dicom_node.db import (
+    Instance, Job, JobStatus, NodeDatabase, Verdict, queue_message, utcnow,
+)
 from dicom_node.delivery import queue_deliveries
 from dicom_node.metrics import JOBS, STAGE_SECONDS
 from dicom_node.results import findings_summary, result_dir, save_result
-from dicom_node.scheduler import queue_message
 from dicom_node.writers import AlgorithmIdentity, OutputKind, write_not_analysed, write_results
 from pipelines.base import Pipeline
 from pipelines.chest_xray.gate import is_chest

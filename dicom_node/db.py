@@ -157,6 +157,12 @@ class OutboxMessage(Base):
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
 
 
+def queue_message(session: Session, task: str, target_id: int, *,
+                  not_before: datetime | None = None) -> None:
+    """Add an outbox message in the caller's transaction; it is published after commit."""
+    session.add(OutboxMessage(task=task, target_id=target_id, not_before=not_before))
+
+
 def make_engine(url: str) -> Engine:
     """Return an engine for ``url``; SQLite files get WAL, full sync and a busy timeout."""
     if url.startswith("sqlite:///"):

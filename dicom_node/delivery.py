@@ -21,7 +21,9 @@ from sqlalchemy.orm import Session
 
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import DeliverySettings, Destination, Settings
-from dicom_node.db import Delivery, DeliveryStatus, Instance, NodeDatabase, OutboxMessage, utcnow
+from dicom_node.db import (
+    Delivery, DeliveryStatus, Instance, NodeDatabase, OutboxMessage, queue_message, utcnow,
+)
 from dicom_node.metrics import DELIVERIES, STAGE_SECONDS
 from dicom_node.scu import Disposition, Peer, StoreOutcome, store_files
 
@@ -52,7 +54,7 @@ def queue_deliveries(session: Session, *, job_id: int, source_sop_uid: str,
             row.status, row.attempts, row.created_at = DeliveryStatus.PENDING, 0, utcnow()
             row.next_attempt_at = row.delivered_at = row.last_status = row.last_error = None
             session.flush()
-            session.add(OutboxMessage(task="deliver", target_id=row.id))
+            queue_message(session, "deliver", row.id)
             ids.append(row.id)
     return ids
 
@@ -124,8 +126,7 @@ class Deliverer:
                 last_status=outcome.status, last_error=outcome.detail or None,
                 delivered_at=now if status is DeliveryStatus.DELIVERED else None))
             if next_attempt is not None:
-                session.add(OutboxMessage(task="deliver", target_id=delivery.id,
-                                          not_before=next_attempt))
+                queue_message(session, "deliver", delivery.id, not_before=next_attempt)
         answered = "no answer" if outcome.status is None else f"status 0x{outcome.status:04X}"
         detail = (f"{delivery.kind} to {delivery.destination}: {answered}"
                   + (f" ({outcome.detail})" if outcome.detail else "")
@@ -168,7 +169,7 @@ class Deliverer:
                 or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now)))
                 if d not in waiting]
             for delivery_id in abandoned:
-                session.add(OutboxMessage(task="deliver", target_id=delivery_id))
+                queue_message(session, "deliver", delivery_id)
         return abandoned
 
 

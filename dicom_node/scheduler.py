@@ -17,17 +17,14 @@ from datetime import timedelta
 from sqlalchemy import func, select, update
 
 from dicom_node.audit import AuditEvent, AuditTrail
-from dicom_node.db import Instance, Job, JobStatus, NodeDatabase, OutboxMessage, utcnow
+from dicom_node.db import (
+    Instance, Job, JobStatus, NodeDatabase, OutboxMessage, queue_message, utcnow,
+)
 
 logger = logging.getLogger(__name__)
 
 Publisher = Callable[[OutboxMessage], None]
 """Sends one outbox message to the broker; raises when the broker cannot take it."""
-
-
-def queue_message(session, task: str, target_id: int) -> None:  # type: ignore[no-untyped-def]
-    """Add an outbox message in the caller's transaction."""
-    session.add(OutboxMessage(task=task, target_id=target_id))
 
 
 class Scheduler:

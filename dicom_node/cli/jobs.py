@@ -19,10 +19,9 @@ from dicom_node.db import (
     Job,
     JobStatus,
     NodeDatabase,
-    OutboxMessage,
+    queue_message,
     utcnow,
 )
-from dicom_node.scheduler import queue_message
 
 
 def _db(ctx: click.Context) -> NodeDatabase:
@@ -168,6 +167,6 @@ def resend(ctx: click.Context, job_id: int) -> None:
             delivery.status, delivery.attempts, delivery.created_at = (
                 DeliveryStatus.PENDING, 0, utcnow())
             delivery.next_attempt_at = delivery.delivered_at = None
-            session.add(OutboxMessage(task="deliver", target_id=delivery.id))
+            queue_message(session, "deliver", delivery.id)
     db.dispose()
     click.echo(f"{len(deliveries)} deliveries of job {job_id} queued again")
