@@ -79,8 +79,7 @@ def reference_seconds(path: Path) -> float:
 
     pipeline = ChestXrayPipeline.from_manifest(
         Path(__file__).resolve().parent.parent / "weights" / "manifest.yaml", device="cpu")
-    algorithm = AlgorithmIdentity(pipeline.name, pipeline.version,
-                                  getattr(pipeline, "model_versions", ""))
+    algorithm = AlgorithmIdentity(pipeline.name, pipeline.version, pipeline.model_versions)
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()

@@ -58,7 +58,7 @@ class Analyzer:
         self.note_skipped = note_skipped
         self.algorithm = AlgorithmIdentity(
             name=pipeline.name, version=pipeline.version,
-            model_versions=getattr(pipeline, "model_versions", ""))
+            model_versions=pipeline.model_versions)
 
     @classmethod
     def from_settings(cls, settings: Settings, db: NodeDatabase, audit: AuditTrail, *,

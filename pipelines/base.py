@@ -85,6 +85,8 @@ class Pipeline(Protocol):
 
     name: str
     version: str
+    model_versions: str
+    """Each model's identity (name, architecture, weights digest), ``; ``-separated."""
 
     def accepts(self, dataset: Dataset) -> Verdict:
         """Return whether ``dataset`` is an image this pipeline analyses, and why not."""

@@ -43,11 +43,13 @@ class ChestXrayPipeline:
         classifiers: Sequence[FindingClassifier],
         *,
         version: str,
+        model_versions: str = "",
         min_age_years: float = 18.0,
     ) -> None:
         self.segmenter = segmenter
         self.classifiers = list(classifiers)
         self.version = version
+        self.model_versions = model_versions
         self.min_age_years = min_age_years
 
     @classmethod
@@ -76,7 +78,12 @@ class ChestXrayPipeline:
             FindingClassifier.from_manifest(entry, root, torch_device, enable_flags) for entry in manifest["findings"]
         ]
         logger.info("chest_xray %s on %s: findings %s", manifest.get("version"), torch_device, [c.name for c in classifiers])
-        return cls(segmenter, classifiers, version=str(manifest.get("version", "0")), min_age_years=min_age_years)
+        models = "; ".join(
+            f"{entry.get('name', 'lung')} {entry['architecture']['name']} {str(entry['sha256'])[:8]}"
+            for entry in [lung, *manifest["findings"]]
+        )
+        return cls(segmenter, classifiers, version=str(manifest.get("version", "0")), model_versions=models,
+                   min_age_years=min_age_years)
 
     def accepts(self, dataset: Dataset) -> Verdict:
         """Return the quality gate's verdict for ``dataset`` (frontal adult chest CR/DX)."""
