@@ -12,10 +12,9 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from pipelines.base import ImageInput, ImageResult
+from dicom_node.cli.common import expand_paths, settings_from
+from pipelines.base import ImageInput, ImageResult, Pipeline
 from pipelines.chest_xray.overlay import render_overlay
-from pipelines.chest_xray.pipeline import ChestXrayPipeline
-from pipelines.chest_xray.preprocess import IMAGE_SUFFIXES, load_image_file
 from pipelines.errors import PipelineError, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -23,19 +22,13 @@ logger = logging.getLogger(__name__)
 NOTICE = "AI result, not for diagnosis; research model, not for clinical use"
 
 
-def _files(paths: tuple[Path, ...]) -> list[Path]:
-    """Return the files named, and the files under the folders named, sorted."""
-    found: list[Path] = []
-    for path in paths:
-        found += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return found
-
-
-def _load(pipeline: ChestXrayPipeline, path: Path) -> ImageInput:
+def _load(pipeline: Pipeline, path: Path) -> ImageInput:
     """Return the input of a PNG/JPEG, or of a DICOM file that passes the pipeline's gate.
 
     Raises :class:`PipelineError` when the file is unreadable or the gate skips it.
     """
+    from pipelines.chest_xray.preprocess import IMAGE_SUFFIXES, load_image_file
+
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return load_image_file(path)
     try:
@@ -52,8 +45,8 @@ def _write(image: ImageInput, result: ImageResult, out: Path, stem: str) -> dict
     """Write the overlay, lung mask, heat-maps and flagged regions of one image; return its JSON record."""
     flagged = result.flagged
     heat = np.max([f.heatmap for f in flagged], axis=0) if flagged else None
-    region = np.any([f.region for f in flagged], axis=0) if flagged else None
-    Image.fromarray(render_overlay(image.display, result.lung_mask, heat, region)).save(out / f"{stem}.overlay.png")
+    regions = [f.region for f in flagged if f.region is not None]
+    Image.fromarray(render_overlay(image.display, result.lung_mask, heat, regions)).save(out / f"{stem}.overlay.png")
     Image.fromarray(result.lung_mask.astype(np.uint8) * 255).save(out / f"{stem}.lung-mask.png")
     findings = []
     for finding in result.findings:
@@ -84,18 +77,25 @@ def _write(image: ImageInput, result: ImageResult, out: Path, stem: str) -> dict
               help="Folder for overlay PNGs, masks and JSON findings.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="What to print on stdout.")
-@click.option("--weights", type=click.Path(path_type=Path), default=Path("weights/manifest.yaml"), show_default=True,
-              help="Weights manifest.")
+@click.option("--weights", type=click.Path(path_type=Path),
+              help="Weights manifest (default: the configured pipeline.manifest).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-def analyze(paths: tuple[Path, ...], out: Path, fmt: str, weights: Path, device: str) -> None:
+@click.pass_context
+def analyze(ctx: click.Context, paths: tuple[Path, ...], out: Path, fmt: str, weights: Path | None,
+            device: str) -> None:
     """Analyse DICOM or PNG/JPEG FILES and folders locally: overlay PNG, masks and JSON findings per image."""
+    from pipelines.chest_xray.pipeline import ChestXrayPipeline  # torch: only for this command
+
+    settings = settings_from(ctx)
     try:
-        pipeline = ChestXrayPipeline.from_manifest(weights, device=device)
+        pipeline = ChestXrayPipeline.from_manifest(
+            weights or settings.pipeline.manifest_path, device=device,
+            min_age_years=settings.gate.min_patient_age_years)
     except WeightsError as exc:
         raise click.ClickException(str(exc)) from exc
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    for index, path in enumerate(_files(paths), start=1):
+    for index, path in enumerate(expand_paths(paths), start=1):
         stem = f"{index:04d}-{path.stem}"
         record: dict[str, Any] = {"file": str(path), "output": stem, "pipeline": pipeline.name,
                                   "version": pipeline.version, "notice": NOTICE}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -26,6 +27,14 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
         raise click.ClickException(str(exc)) from exc
     logging.getLogger().setLevel(settings.log_level)
     return settings
+
+
+def expand_paths(paths: tuple[Path, ...]) -> list[Path]:
+    """Return the files named and the files under the folders named, each folder sorted."""
+    found: list[Path] = []
+    for path in paths:
+        found.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+    return found
 
 
 def node_errors_as_click(function: F) -> F:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dicom_node.cli.common import node_errors_as_click, settings_from
+from dicom_node.cli.common import expand_paths, node_errors_as_click, settings_from
 from dicom_node.scu import Disposition, Peer, store_files
 
 
@@ -15,13 +15,6 @@ def _peer(_ctx: click.Context, _param: click.Parameter, value: str) -> Peer:
         return Peer.parse(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
-
-
-def _files(paths: tuple[Path, ...]) -> list[Path]:
-    found: list[Path] = []
-    for path in paths:
-        found.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
-    return found
 
 
 @click.command()
@@ -51,7 +44,7 @@ def echo(ctx: click.Context, peer: Peer, calling_ae: str | None) -> None:
 def send(ctx: click.Context, paths: tuple[Path, ...], peer: Peer, calling_ae: str | None) -> None:
     """C-STORE files (folders are searched) to a peer; exit 1 unless every one is stored."""
     settings = settings_from(ctx)
-    outcomes = store_files(_files(paths), peer, calling_ae=calling_ae or settings.scp.ae_title)
+    outcomes = store_files(expand_paths(paths), peer, calling_ae=calling_ae or settings.scp.ae_title)
     for outcome in outcomes:
         status = "-" if outcome.status is None else f"0x{outcome.status:04X}"
         click.echo(f"{outcome.path}: {status} {outcome.disposition}"

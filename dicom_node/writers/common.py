@@ -37,8 +37,6 @@ DESCRIPTION_PREFIX = "AI CXR: "
 LOCAL_SCHEME = "99DCMNODE"
 
 #: Colours shared by the overlay and the SEG's recommended display colours.
-LUNG_COLOUR = (0, 230, 0)
-REGION_COLOUR = (255, 0, 255)
 
 #: Tracking name of the lung segment ("lungs"); findings are tracked by ``Finding.name``.
 LUNGS = "lungs"

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from scipy import ndimage
+
+from pipelines.chest_xray.overlay import render_overlay
 
 #: Banner text height as a fraction of the image rows (about 2.7 %: ~53 px on a 1955-row CR).
 TEXT_HEIGHT = 0.027
@@ -22,20 +23,11 @@ CARD_TEXT_HEIGHT = 0.06
 HEADLINE_SCALE = 1.25
 #: Space between lines as a fraction of the text height.
 LINE_GAP = 0.35
-#: Heat below this is left transparent; above it the colour map fades in up to MAX_ALPHA.
-HEAT_FLOOR = 0.2
-MAX_ALPHA = 0.55
 ALERT = (255, 80, 60)
 CALM = (120, 230, 120)
 TEXT = (255, 255, 255)
 NOTICE = (255, 215, 0)
 BANNER_BG = (0, 0, 0)
-
-# A jet-like map: blue, cyan, yellow, red.
-_ANCHORS = np.array([0.0, 0.35, 0.65, 1.0])
-_COLOURS = np.array([(0, 0, 255), (0, 255, 255), (255, 255, 0), (255, 0, 0)], dtype=np.float32)
-_LUT = np.stack([np.interp(np.linspace(0, 1, 256), _ANCHORS, _COLOURS[:, i]) for i in range(3)],
-               axis=-1).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -48,22 +40,6 @@ class BannerText:
     items: Sequence[str]
     notices: Sequence[str]
     footer: Sequence[str] = ()
-
-
-def blend_heatmap(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """Return ``rgb`` (uint8, H x W x 3) with ``heat`` ([0, 1], H x W) blended in as a colour map."""
-    heat = np.asarray(heat, np.float32)
-    alpha = (np.clip((heat - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0) * MAX_ALPHA)[..., None]
-    colours = _LUT[np.round(np.clip(heat, 0.0, 1.0) * 255).astype(np.uint8)]
-    return np.round(rgb * (1.0 - alpha) + colours * alpha).astype(np.uint8)
-
-
-def draw_contour(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> None:
-    """Draw the inner boundary of ``mask`` on ``rgb`` in place, about 0.3 % of the image wide."""
-    width = max(2, round(0.003 * min(mask.shape)))
-    mask = mask.astype(bool)
-    edge = mask & ~ndimage.binary_erosion(mask, iterations=width)
-    rgb[edge] = colour
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont:
@@ -131,17 +107,10 @@ def draw_banner(rgb: np.ndarray, text: BannerText, text_height: float = TEXT_HEI
 
 
 def overlay(display: np.ndarray, lung_mask: np.ndarray, heat: np.ndarray | None,
-            regions: Sequence[np.ndarray], text: BannerText,
-            lung_colour: tuple[int, int, int], region_colour: tuple[int, int, int]) -> np.ndarray:
+            regions: Sequence[np.ndarray], text: BannerText) -> np.ndarray:
     """Return the RGB overlay (uint8, H x W x 3): ``display`` in grey, ``heat`` blended within the lungs,
     the lung and region contours, and the banner."""
-    rgb = np.repeat(display[..., None], 3, axis=-1)
-    if heat is not None:
-        rgb = blend_heatmap(rgb, np.where(lung_mask, heat, 0.0))
-    draw_contour(rgb, lung_mask, lung_colour)
-    for region in regions:
-        draw_contour(rgb, region, region_colour)
-    return draw_banner(rgb, text)
+    return draw_banner(render_overlay(display, lung_mask, heat, regions), text)
 
 
 def text_card(text: BannerText, shape: tuple[int, int] = (480, 640)) -> np.ndarray:

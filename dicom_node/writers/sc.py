@@ -16,8 +16,6 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_node.writers.common import (
     AI_DISCLAIMER,
     DESCRIPTION_PREFIX,
-    LUNG_COLOUR,
-    REGION_COLOUR,
     AlgorithmIdentity,
     OutputKind,
     check_result,
@@ -134,7 +132,7 @@ def build_sc(source: Dataset, result: ImageResult, display: np.ndarray, algorith
     check_result(source, result, display)
     rgb = overlay(
         display, result.lung_mask, _shown_heat(result)[0], [f.region for f in segmented_findings(result)],
-        banner_text(result, algorithm), LUNG_COLOUR, REGION_COLOUR,
+        banner_text(result, algorithm),
     )
     sc = _sc_image(source, rgb, algorithm, OutputKind.SC, flag_headline(result), same_geometry=True)
     logger.debug("SC %s for %s", sc.SOPInstanceUID, source.SOPInstanceUID)

@@ -31,8 +31,6 @@ from dicom_node.writers.common import (
     ANATOMICAL_STRUCTURE,
     LUNG,
     LUNGS,
-    LUNG_COLOUR,
-    REGION_COLOUR,
     AlgorithmIdentity,
     OutputKind,
     algorithm_sequence,
@@ -46,6 +44,7 @@ from dicom_node.writers.common import (
     without_pixels,
 )
 from pipelines.base import ImageResult
+from pipelines.chest_xray.overlay import LUNG_COLOUR, REGION_COLOUR
 
 logger = logging.getLogger(__name__)
 

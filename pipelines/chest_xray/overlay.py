@@ -1,44 +1,58 @@
-"""Render a result over its image: heat-map, lung contour, optional second contour."""
+"""Drawing a result over its image: the heat-map as a colour map, and mask contours.
+
+Shared by the evaluation PNGs, ``dicom-node analyze`` and the node's Secondary
+Capture writer, so every picture of a result looks the same.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
 
 LUNG_COLOUR = (0, 255, 0)
-REGION_COLOUR = (255, 255, 0)
-ALPHA = 0.45
+REGION_COLOUR = (255, 0, 255)
+#: Heat below this is left transparent; above it the colour map fades in up to MAX_ALPHA.
+HEAT_FLOOR = 0.2
+MAX_ALPHA = 0.55
+
+# A jet-like map: blue, cyan, yellow, red.
+_ANCHORS = np.array([0.0, 0.35, 0.65, 1.0])
+_COLOURS = np.array([(0, 0, 255), (0, 255, 255), (255, 255, 0), (255, 0, 0)], dtype=np.float32)
+_LUT = np.stack([np.interp(np.linspace(0, 1, 256), _ANCHORS, _COLOURS[:, i]) for i in range(3)],
+                axis=-1).astype(np.float32)
 
 
-def _jet(values: np.ndarray) -> np.ndarray:
-    """Return an (..., 3) uint8 jet-like colour map of values in [0, 1]."""
-    v = np.clip(values, 0.0, 1.0)[..., None]
-    red = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
-    green = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
-    blue = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
-    return np.round(np.concatenate([red, green, blue], axis=-1) * 255).astype(np.uint8)
+def blend_heatmap(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """Return ``rgb`` (uint8, H x W x 3) with ``heat`` ([0, 1], H x W) blended in as a colour map."""
+    heat = np.asarray(heat, np.float32)
+    alpha = (np.clip((heat - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0) * MAX_ALPHA)[..., None]
+    colours = _LUT[np.round(np.clip(heat, 0.0, 1.0) * 255).astype(np.uint8)]
+    return np.round(rgb * (1.0 - alpha) + colours * alpha).astype(np.uint8)
 
 
-def contour(mask: np.ndarray, width: int = 2) -> np.ndarray:
-    """Return the boolean outline (``width`` pixels, inside the mask) of a boolean mask."""
-    return mask & ~ndimage.binary_erosion(mask, iterations=width)
+def draw_contour(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> None:
+    """Draw the inner boundary of ``mask`` on ``rgb`` in place, about 0.3 % of the image wide."""
+    width = max(2, round(0.003 * min(mask.shape)))
+    mask = mask.astype(bool)
+    rgb[mask & ~ndimage.binary_erosion(mask, iterations=width)] = colour
 
 
 def render_overlay(
     display: np.ndarray,
     lung_mask: np.ndarray,
     heatmap: np.ndarray | None = None,
-    outline: np.ndarray | None = None,
+    outlines: Sequence[np.ndarray] = (),
 ) -> np.ndarray:
-    """Return an RGB uint8 image: ``display`` with the heat-map blended where it is > 0,
-    the lung contour in green and ``outline`` (e.g. a finding's region or a reference mask) in yellow.
+    """Return an RGB uint8 image: ``display`` with the heat-map blended within the lungs,
+    the lung contour in green and each of ``outlines`` (findings' regions or reference
+    masks) in magenta.
     """
-    rgb = np.repeat(display[..., None], 3, axis=-1).astype(np.float32)
+    rgb = np.repeat(display[..., None], 3, axis=-1)
     if heatmap is not None:
-        hot = heatmap > 0
-        rgb[hot] = (1 - ALPHA) * rgb[hot] + ALPHA * _jet(heatmap[hot])
-    width = max(1, round(max(display.shape) / 400))
-    rgb[contour(lung_mask, width)] = LUNG_COLOUR
-    if outline is not None:
-        rgb[contour(outline, width)] = REGION_COLOUR
-    return np.round(rgb).astype(np.uint8)
+        rgb = blend_heatmap(rgb, np.where(lung_mask, heatmap, 0.0))
+    draw_contour(rgb, lung_mask, LUNG_COLOUR)
+    for outline in outlines:
+        draw_contour(rgb, outline, REGION_COLOUR)
+    return rgb
