@@ -427,7 +427,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     set_determinism(seed=args.seed)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.model == "lung":
         entry = train_lung(args.data_dir, args.out, args.cache_dir, args.epochs or 80, args.batch_size)
