@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+TARGETS = ("storescp", "dicom-node", "dicom-node-no-audit")
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 
@@ -103,42 +105,43 @@ def start_node(root: Path, port: int, audit: bool) -> subprocess.Popen[bytes]:
 
 
 def measure(target: str, folders: list[Path], count: int, streams: int, work: Path,
-            repeats: int) -> float:
-    """Return the best images/s of ``repeats`` runs, each against a fresh receiver."""
-    best = 0.0
-    for repeat in range(repeats):
-        root = work / f"{target}-{streams}-{repeat}"
-        root.mkdir()
-        port = free_port()
-        if target == "storescp":
-            process = start_storescp(root, port)
-        else:
-            process = start_node(root, port, audit=(target == "dicom-node"))
-        try:
-            seconds = send(port, folders[:streams] if streams > 1 else [folders[0].parent])
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
-        best = max(best, count / seconds)
-        shutil.rmtree(root)
-    return best
+            run: int) -> float:
+    """Return the images/s of one run against a fresh receiver."""
+    root = work / f"{target}-{streams}-{run}"
+    root.mkdir()
+    port = free_port()
+    if target == "storescp":
+        process = start_storescp(root, port)
+    else:
+        process = start_node(root, port, audit=(target == "dicom-node"))
+    try:
+        seconds = send(port, folders[:streams] if streams > 1 else [folders[0].parent])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    shutil.rmtree(root)
+    return count / seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=40, help="images per run")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per cell; the best counts")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="runs per cell, interleaved across receivers; the median counts")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
         work = Path(tmp)
         folders = make_copies(work / "images", args.count, 4)
         print(f"{args.count} x {folders[0].joinpath('0.dcm').stat().st_size / 1e6:.1f} MB CR,"
-              f" best of {args.repeats}")
+              f" median of {args.repeats} interleaved runs")
         print(f"{'associations':>12} {'storescp':>10} {'dicom-node':>11} {'no audit':>9}"
               f" {'ours/storescp':>14} {'audit cost':>11}")
         for streams in (1, 4):
-            rates = {target: measure(target, folders, args.count, streams, work, args.repeats)
-                     for target in ("storescp", "dicom-node", "dicom-node-no-audit")}
+            runs: dict[str, list[float]] = {target: [] for target in TARGETS}
+            for run in range(args.repeats):  # interleaved, so drift hits every receiver alike
+                for target in TARGETS:
+                    runs[target].append(measure(target, folders, args.count, streams, work, run))
+            rates = {target: statistics.median(values) for target, values in runs.items()}
             ratio = rates["dicom-node"] / rates["storescp"]
             cost = 1 - rates["dicom-node"] / rates["dicom-node-no-audit"]
             print(f"{streams:>12} {rates['storescp']:>8.1f}/s {rates['dicom-node']:>9.1f}/s"
