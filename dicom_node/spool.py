@@ -33,7 +33,7 @@ UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 UNDEFINED_LENGTH = 0xFFFFFFFF
 HEADER_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-    "PatientID", "IssuerOfPatientID", "Modality",
+    "PatientID", "IssuerOfPatientID",
 )
 
 
@@ -60,7 +60,6 @@ class InstanceHeader:
     study_instance_uid: str
     series_instance_uid: str
     transfer_syntax_uid: str
-    modality: str
     patient_id: str | None
     issuer_of_patient_id: str | None
     size_bytes: int
@@ -91,7 +90,6 @@ def read_header(path: Path) -> InstanceHeader:
         study_instance_uid=check_uid(values["StudyInstanceUID"], "Study Instance UID"),
         series_instance_uid=check_uid(values["SeriesInstanceUID"], "Series Instance UID"),
         transfer_syntax_uid=str(transfer_syntax),
-        modality=str(values["Modality"] or ""),
         patient_id=str(values["PatientID"]) if values["PatientID"] else None,
         issuer_of_patient_id=str(values["IssuerOfPatientID"]) if values["IssuerOfPatientID"] else None,
         size_bytes=size,
@@ -172,7 +170,3 @@ class Spool:
             leftover.unlink(missing_ok=True)
             count += 1
         return count
-
-    def size_bytes(self) -> int:
-        """Return the total size of the kept files."""
-        return sum(p.stat().st_size for p in self.root.rglob("*.dcm") if p.is_file())

@@ -38,12 +38,17 @@ def appended_by_writer(trail: AuditTrail) -> dict[str, list[int]]:
     return by_writer
 
 
+def append_from_four_processes(url: str, events_each: int, timeout: float = 300) -> None:
+    """Run four writer processes appending ``events_each`` events to ``url``; assert they succeed."""
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, url, str(n), str(events_each)])
+               for n in range(4)]
+    assert [writer.wait(timeout=timeout) for writer in writers] == [0, 0, 0, 0]
+
+
 def test_four_processes_append_a_thousand_events_each(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     AuditTrail(url, SECRET).close()  # creating the store in a race: see the last test
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, url, str(n), "1000"])
-               for n in range(4)]
-    assert [writer.wait(timeout=300) for writer in writers] == [0, 0, 0, 0]
+    append_from_four_processes(url, 1000)
 
     trail = AuditTrail(url, SECRET)
     report = verify_chain(trail)
@@ -77,8 +82,6 @@ def test_threads_of_one_process_share_a_trail(tmp_path: Path) -> None:
 
 def test_processes_creating_the_store_at_once(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh' / 'audit.db'}"
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, url, str(n), "20"])
-               for n in range(4)]
-    assert [writer.wait(timeout=120) for writer in writers] == [0, 0, 0, 0]
+    append_from_four_processes(url, 20, timeout=120)
     report = verify_chain(AuditTrail(url, SECRET))
     assert report.ok and report.rows_checked == 80

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ import pytest
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.audit.chain import purge_before, verify_chain
 from dicom_node.audit.query import EventFilter, summarize
-from tests.test_audit_concurrency import SECRET, WRITER, appended_by_writer
+from tests.test_audit_concurrency import SECRET, append_from_four_processes, appended_by_writer
 
 pytest.importorskip("psycopg")
 pytestmark = pytest.mark.skipif(not shutil.which("initdb") or not shutil.which("pg_ctl"),
@@ -38,11 +37,13 @@ def postgres_url() -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(home, "postgres")
     data = home / "data"
-    subprocess.run(as_postgres("initdb", "-D", str(data), "-A", "trust", "-U", "postgres"),
-                   check=True, capture_output=True)
-    subprocess.run(as_postgres("pg_ctl", "-D", str(data), "-l", str(home / "log"), "-w",
-                               "-o", f"-k {home} -c listen_addresses='' -c fsync=off", "start"),
-                   check=True, capture_output=True)
+    for command in (("initdb", "-D", str(data), "-A", "trust", "-U", "postgres"),
+                    ("pg_ctl", "-D", str(data), "-l", str(home / "log"), "-w",
+                     "-o", f"-k {home} -c listen_addresses='' -c fsync=off", "start")):
+        done = subprocess.run(as_postgres(*command), capture_output=True, text=True)
+        if done.returncode != 0:
+            log = (home / "log").read_text() if (home / "log").exists() else ""
+            pytest.fail(f"{command[0]} failed: {done.stderr}{done.stdout}\n{log}")
     try:
         yield f"postgresql+psycopg://postgres@/postgres?host={home}"
     finally:
@@ -52,9 +53,7 @@ def postgres_url() -> Iterator[str]:
 
 
 def test_processes_append_one_chain_on_postgres(postgres_url: str) -> None:
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, postgres_url, str(n), "250"])
-               for n in range(4)]
-    assert [writer.wait(timeout=300) for writer in writers] == [0, 0, 0, 0]
+    append_from_four_processes(postgres_url, 250)
     trail = AuditTrail(postgres_url, SECRET)
     report = verify_chain(trail)
     assert report.ok, report.problems

@@ -18,7 +18,7 @@ import yaml
 from pydicom import dcmread
 from sqlalchemy import select
 
-from dicom_node.db import Delivery, DeliveryStatus, Instance, Job, JobStatus
+from dicom_node.db import Delivery, DeliveryStatus, Job, JobStatus
 from tests.conftest import dcmtk_tool, run_tool, sample_file, wait_for
 from tests.receiving_scp import ReceivingSCP
 

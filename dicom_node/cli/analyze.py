@@ -9,36 +9,16 @@ from typing import Any
 
 import click
 import numpy as np
-import pydicom
 from PIL import Image
 
 from dicom_node.cli.common import expand_paths, settings_from
-from pipelines.base import ImageInput, ImageResult, Pipeline
+from pipelines.base import ImageInput, ImageResult
 from pipelines.chest_xray.overlay import render_overlay
 from pipelines.errors import PipelineError, WeightsError
 
 logger = logging.getLogger(__name__)
 
 NOTICE = "AI result, not for diagnosis; research model, not for clinical use"
-
-
-def _load(pipeline: Pipeline, path: Path) -> ImageInput:
-    """Return the input of a PNG/JPEG, or of a DICOM file that passes the pipeline's gate.
-
-    Raises :class:`PipelineError` when the file is unreadable or the gate skips it.
-    """
-    from pipelines.chest_xray.preprocess import IMAGE_SUFFIXES, load_image_file
-
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return load_image_file(path)
-    try:
-        dataset = pydicom.dcmread(path)
-    except Exception as exc:
-        raise PipelineError(f"not a PNG/JPEG nor a readable DICOM file: {exc}") from exc
-    verdict = pipeline.accepts(dataset)
-    if not verdict.accepted:
-        raise PipelineError(f"skipped: {verdict.reason}")
-    return pipeline.load(dataset)
 
 
 def _write(image: ImageInput, result: ImageResult, out: Path, stem: str) -> dict[str, Any]:
@@ -85,6 +65,7 @@ def analyze(ctx: click.Context, paths: tuple[Path, ...], out: Path, fmt: str, we
             device: str) -> None:
     """Analyse DICOM or PNG/JPEG FILES and folders locally: overlay PNG, masks and JSON findings per image."""
     from pipelines.chest_xray.pipeline import ChestXrayPipeline  # torch: only for this command
+    from pipelines.chest_xray.preprocess import load_path
 
     settings = settings_from(ctx)
     try:
@@ -100,7 +81,7 @@ def analyze(ctx: click.Context, paths: tuple[Path, ...], out: Path, fmt: str, we
         record: dict[str, Any] = {"file": str(path), "output": stem, "pipeline": pipeline.name,
                                   "version": pipeline.version, "notice": NOTICE}
         try:
-            image = _load(pipeline, path)
+            image = load_path(path, gate=pipeline.accepts)
             record.update(_write(image, pipeline.run([image])[0], out, stem))
         except PipelineError as exc:
             record["error"] = str(exc)

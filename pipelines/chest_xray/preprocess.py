@@ -9,7 +9,7 @@ see the windowed ``display`` image, which is what their 8-bit training images ar
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from pydicom import Dataset
 from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
-from pipelines.base import ImageInput
+from pipelines.base import ImageInput, Verdict
 from pipelines.errors import InputError, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -77,10 +77,11 @@ def load_image_file(path: Path) -> ImageInput:
     return ImageInput(sop_instance_uid=path.stem, pixels=pixels, display=display)
 
 
-def load_path(path: Path) -> ImageInput:
+def load_path(path: Path, gate: Callable[[Dataset], Verdict] | None = None) -> ImageInput:
     """Return the :class:`ImageInput` of a DICOM, PNG or JPEG file, chosen by content/suffix.
 
-    Raises :class:`InputError` when the file is neither.
+    A DICOM file must pass ``gate`` when one is given. Raises :class:`InputError` when
+    the file is neither kind, or the gate skips it (``skipped: reason``).
     """
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return load_image_file(path)
@@ -88,6 +89,8 @@ def load_path(path: Path) -> ImageInput:
         dataset = pydicom.dcmread(path)
     except Exception as exc:
         raise InputError(f"{path.name} is neither a PNG/JPEG nor a readable DICOM file: {exc}") from exc
+    if gate is not None and not (verdict := gate(dataset)).accepted:
+        raise InputError(f"skipped: {verdict.reason}")
     return load_dataset(dataset)
 
 
