@@ -12,6 +12,7 @@ import ssl
 import tempfile
 import time
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -28,7 +29,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, Association, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
@@ -122,6 +123,9 @@ class StorageSCP:
         self.db = db
         self.spool = spool
         self.audit = audit
+        # Each patient's pseudonym is looked up once per association, not per instance.
+        self._pseudonyms: WeakKeyDictionary[Association, dict[tuple[str, str], str | None]] = (
+            WeakKeyDictionary())
         self.ae = self._build_ae()
         self.server: ThreadedAssociationServer | None = None
 
@@ -242,7 +246,7 @@ class StorageSCP:
             self.spool.check_size(received.stat().st_size)
             header = read_header(received)
             self._check_request(event, header)
-            pseudonym = self.audit.pseudonym(header.patient_id, header.issuer_of_patient_id)
+            pseudonym = self._pseudonym(event.assoc, header)
             if header.sop_class_uid not in KEPT_SOP_CLASSES:
                 received.unlink(missing_ok=True)
                 INSTANCES.labels("ignored").inc()
@@ -263,6 +267,13 @@ class StorageSCP:
         self._audit_instance(AuditEvent.INSTANCE_RECEIVED, header, calling_ae, address, pseudonym)
         INSTANCES.labels("received").inc()
         return SUCCESS
+
+    def _pseudonym(self, assoc: Association, header: InstanceHeader) -> str | None:
+        known = self._pseudonyms.setdefault(assoc, {})
+        patient = (header.issuer_of_patient_id or "", header.patient_id or "")
+        if patient not in known:
+            known[patient] = self.audit.pseudonym(header.patient_id, header.issuer_of_patient_id)
+        return known[patient]
 
     @staticmethod
     def _check_request(event: Event, header: InstanceHeader) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.audit.chain import verify_chain
@@ -78,6 +80,34 @@ def test_threads_of_one_process_share_a_trail(tmp_path: Path) -> None:
     assert all(sequence == list(range(200)) for sequence in appended_by_writer(trail).values())
     with trail.connect() as connection:
         assert len(set(connection.execute(select(events.c.pseudonym)).scalars())) == 1
+
+
+def test_records_waiting_on_a_locked_store_are_committed_together(tmp_path: Path) -> None:
+    database = tmp_path / "audit.db"
+    trail = AuditTrail(f"sqlite:///{database}", SECRET)
+    commits: list[int] = []
+    event.listen(trail.engine, "commit", lambda connection: commits.append(1))
+    blocker = sqlite3.connect(database, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process's transaction holds the write lock
+    returned: list[int] = []
+
+    def append(writer: int) -> None:
+        trail.record(AuditEvent.INSTANCE_RECEIVED, actor=f"THREAD{writer}", sop_uid=f"{writer}.0")
+        returned.append(writer)
+
+    threads = [threading.Thread(target=append, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    assert returned == []  # nobody returns before its event is committed
+    blocker.rollback()
+    for thread in threads:
+        thread.join()
+    assert sorted(returned) == list(range(6))
+    # The first caller's transaction waited on the lock; the other five were grouped behind it.
+    assert len(commits) == 2
+    report = verify_chain(trail)
+    assert report.ok and report.rows_checked == 6
 
 
 def test_processes_creating_the_store_at_once(tmp_path: Path) -> None:

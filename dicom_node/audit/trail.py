@@ -30,7 +30,7 @@ T = TypeVar("T")
 WRITE_ATTEMPTS = 6
 FIRST_BACKOFF_S = 0.05
 
-# Built once: an append is on the SCP's path, twice per received instance.
+# Built once: appends are on the SCP's path, once per received instance.
 SELECT_HEAD = select(store.chain.c.head_id, store.chain.c.head_hash)
 INSERT_EVENT = insert(store.events)
 MOVE_HEAD = update(store.chain).values(head_id=bindparam("new_id"),
@@ -53,8 +53,22 @@ class Entry:
     detail: str = ""
 
 
+@dataclasses.dataclass
+class _Waiting:
+    """An entry waiting for the group commit that appends it."""
+
+    entry: Entry
+    committed: bool = False
+    error: BaseException | None = None
+
+
 class AuditTrail:
-    """The node's audit store; one per process, shared by its threads."""
+    """The node's audit store; one per process, shared by its threads.
+
+    Concurrent :meth:`record` calls are group-committed: while one thread's
+    transaction runs, the entries of the others gather and the next transaction
+    appends them all. Every caller still returns only once its own entry is committed.
+    """
 
     def __init__(self, url: str, secret: bytes) -> None:
         """Open (creating when needed) the store at ``url``, keyed by ``secret``.
@@ -63,6 +77,8 @@ class AuditTrail:
         """
         self._keys = AuditKeys(secret)
         self._thread_lock = threading.Lock()
+        self._waiting: list[_Waiting] = []
+        self._waiting_lock = threading.Lock()
         self._pid = os.getpid()
         try:
             self.engine = store.make_audit_engine(url)
@@ -125,7 +141,15 @@ class AuditTrail:
         entry = Entry(AuditEvent(event), Outcome(outcome), actor=actor, remote=remote,
                       pseudonym=pseudonym, study_uid=study_uid, series_uid=series_uid,
                       sop_uid=sop_uid, job_id=job_id, detail=detail)
-        self.write(lambda connection: self.append(connection, entry))
+        self._after_fork()
+        waiting = _Waiting(entry)
+        with self._waiting_lock:
+            self._waiting.append(waiting)
+        with self._thread_lock:
+            if not waiting.committed and waiting.error is None:
+                self._commit_waiting()
+        if waiting.error is not None:
+            raise waiting.error
 
     def has_event(self, event: AuditEvent | str, *, job_id: int, sop_uid: str) -> bool:
         """Return whether ``event`` was recorded for this job and instance.
@@ -140,16 +164,22 @@ class AuditTrail:
         with self.connect() as connection:
             return connection.execute(query).first() is not None
 
-    def append(self, connection: Connection, entry: Entry) -> int:
-        """Append ``entry`` inside a transaction begun by :meth:`write`; return its row id."""
+    def append(self, connection: Connection, *entries: Entry) -> int:
+        """Append ``entries`` in order inside a transaction begun by :meth:`write`;
+        return the row id of the last.
+        """
         head = connection.execute(SELECT_HEAD).one()
-        row = {**dataclasses.asdict(entry), "id": head.head_id + 1, "time": datetime.now(UTC),
-               "event": entry.event.value, "outcome": entry.outcome.value,
-               "event_id": entry.event.dicom_event_id.value}
-        row["hash"] = self._keys.chain_hash(head.head_hash, row)
-        connection.execute(INSERT_EVENT, row)
-        connection.execute(MOVE_HEAD, {"new_id": row["id"], "new_hash": row["hash"]})
-        return row["id"]
+        last_id, last_hash, rows = head.head_id, head.head_hash, []
+        for entry in entries:
+            row = {**vars(entry), "id": last_id + 1, "time": datetime.now(UTC),
+                   "event": entry.event.value, "outcome": entry.outcome.value,
+                   "event_id": entry.event.dicom_event_id.value}
+            row["hash"] = self._keys.chain_hash(last_hash, row)
+            last_id, last_hash = row["id"], row["hash"]
+            rows.append(row)
+        connection.execute(INSERT_EVENT, rows)
+        connection.execute(MOVE_HEAD, {"new_id": last_id, "new_hash": last_hash})
+        return last_id
 
     def write(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in a transaction that holds the write lock; return its result.
@@ -158,19 +188,35 @@ class AuditTrail:
         when that persists.
         """
         self._after_fork()
-        attempt = 1
         with self._thread_lock:
-            while True:
-                try:
-                    return store.run_locked(self.engine, work)
-                except OperationalError as exc:
-                    if attempt == WRITE_ATTEMPTS:
-                        logger.error("audit store %s unwritable after %d attempts: %s",
-                                     self.engine.url.render_as_string(), attempt, exc.orig)
-                        raise AuditError("the audit store cannot be written") from exc
-                    logger.warning("audit store busy (attempt %d): %s", attempt, exc.orig)
-                    time.sleep(FIRST_BACKOFF_S * 2 ** (attempt - 1))
-                    attempt += 1
+            return self._write_with_retries(work)
+
+    def _commit_waiting(self) -> None:
+        """Append every waiting entry in one transaction (the caller holds the thread lock)."""
+        with self._waiting_lock:
+            batch, self._waiting = self._waiting, []
+        try:
+            self._write_with_retries(lambda connection: self.append(connection, *(w.entry for w in batch)))
+        except BaseException as exc:  # every caller in the batch gets the failure
+            for waiting in batch:
+                waiting.error = exc
+        else:
+            for waiting in batch:
+                waiting.committed = True
+
+    def _write_with_retries(self, work: Callable[[Connection], T]) -> T:
+        attempt = 1
+        while True:
+            try:
+                return store.run_locked(self.engine, work)
+            except OperationalError as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    logger.error("audit store %s unwritable after %d attempts: %s",
+                                 self.engine.url.render_as_string(), attempt, exc.orig)
+                    raise AuditError("the audit store cannot be written") from exc
+                logger.warning("audit store busy (attempt %d): %s", attempt, exc.orig)
+                time.sleep(FIRST_BACKOFF_S * 2 ** (attempt - 1))
+                attempt += 1
 
     def connect(self) -> Connection:
         """Return a connection for reading; the caller closes it."""
@@ -190,6 +236,7 @@ class AuditTrail:
             self.engine.dispose(close=False)  # the parent's connections stay the parent's
             self._pid = os.getpid()
             self._thread_lock = threading.Lock()
+            self._waiting, self._waiting_lock = [], threading.Lock()
 
 
 class DisabledAuditTrail(AuditTrail):
