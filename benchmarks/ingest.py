@@ -2,10 +2,13 @@
 
 N distinct-UID copies of the ~7 MB CR `RG1_UNCI.dcm` are sent by DCMTK `storescu`
 over 1 and over 4 concurrent associations to (a) `dicom-node serve` with the audit
-trail on, (b) the same with the audit trail off, and (c) DCMTK `storescp`.
+trail on, (b) the same with the audit trail off, twice, and (c) DCMTK `storescp`.
 Prints images/s for each (median of the runs), ours / storescp, and the audit cost as
 the median over runs (audit on and off measured back to back) of the throughput lost
-with the audit on, and of the extra CPU time the node spends per image.
+with the audit on and of the extra CPU time the node spends per image, and, from the
+node's own metrics, the share of each association's time per image spent in audit calls
+(the precise figure: the A/B figures carry the run-to-run noise of a shared machine, which
+the A/A pair, audit off against audit off, shows).
 
     python benchmarks/ingest.py --count 100
 """
@@ -22,14 +25,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.request import urlopen
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-TARGETS = ("storescp", "dicom-node", "dicom-node-no-audit")
+TARGETS = ("storescp", "dicom-node", "dicom-node-no-audit", "dicom-node-no-audit-again")
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 
@@ -89,7 +95,7 @@ def start_storescp(root: Path, port: int) -> subprocess.Popen[bytes]:
     return process
 
 
-def start_node(root: Path, port: int, audit: bool) -> subprocess.Popen[bytes]:
+def start_node(root: Path, port: int, metrics_port: int, audit: bool) -> subprocess.Popen[bytes]:
     config = root / "node.yaml"
     config.write_text(yaml.safe_dump({
         "state_dir": str(root / "state"),
@@ -97,6 +103,7 @@ def start_node(root: Path, port: int, audit: bool) -> subprocess.Popen[bytes]:
         "scp": {"host": "127.0.0.1", "port": port, "min_free_disk_mb": 100},
         "worker": {"embedded": False},
         "audit": {"enabled": audit},
+        "metrics": {"host": "127.0.0.1", "serve_port": metrics_port},
     }))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
     process = subprocess.Popen([sys.executable, "-m", "dicom_node", "--config", str(config),
@@ -112,26 +119,44 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(target: str, folders: list[Path], count: int, streams: int, work: Path,
-            run: int) -> tuple[float, float]:
-    """Return the images/s of one run against a fresh receiver, and its CPU ms per image."""
+def audit_seconds(metrics_port: int) -> float:
+    """Return the seconds the node's threads have spent in audit calls so far (its metrics)."""
+    with urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+    return sum(sample.value for family in families for sample in family.samples
+               if sample.name == "dicom_node_stage_seconds_sum" and sample.labels.get("stage") == "audit")
+
+
+@dataclass
+class Run:
+    """One run against one receiver: images/s, its CPU ms per image, the node's audit ms per image."""
+
+    rate: float
+    cpu_ms: float
+    audit_ms: float = 0.0
+
+
+def measure(target: str, folders: list[Path], count: int, streams: int, work: Path, run: int) -> Run:
+    """Return one run against a fresh receiver."""
     root = work / f"{target}-{streams}-{run}"
     root.mkdir()
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     if target == "storescp":
         process = start_storescp(root, port)
     else:
-        process = start_node(root, port, audit=(target == "dicom-node"))
+        process = start_node(root, port, metrics_port, audit=(target == "dicom-node"))
     os.sync()  # the previous run's unwritten pages must not slow this one down
     try:
         cpu_before = cpu_seconds(process.pid)
+        audit_before = audit_seconds(metrics_port) if target != "storescp" else 0.0
         seconds = send(port, folders[:streams] if streams > 1 else [folders[0].parent])
         cpu = cpu_seconds(process.pid) - cpu_before
+        audit = audit_seconds(metrics_port) - audit_before if target != "storescp" else 0.0
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
     shutil.rmtree(root)
-    return count / seconds, 1000 * cpu / count
+    return Run(count / seconds, 1000 * cpu / count, 1000 * audit / count)
 
 
 def paired_ratio(on: list[float], off: list[float]) -> tuple[float, float, float]:
@@ -153,24 +178,29 @@ def main() -> None:
         print(f"{args.count} x {folders[0].joinpath('0.dcm').stat().st_size / 1e6:.1f} MB CR,"
               f" median of {args.repeats} interleaved runs")
         print(f"{'associations':>12} {'storescp':>10} {'dicom-node':>11} {'no audit':>9}"
-              f" {'ours/storescp':>14} {'audit: throughput lost (IQR)':>29} {'extra CPU per image (IQR)':>27}")
+              f" {'ours/storescp':>14} {'audit: throughput lost (IQR)':>29}"
+              f" {'extra CPU/image (IQR)':>23} {'audit time share':>17} {'A/A noise (IQR)':>24}")
         for streams in (1, 4):
-            rates: dict[str, list[float]] = {target: [] for target in TARGETS}
-            cpu: dict[str, list[float]] = {target: [] for target in TARGETS}
+            runs: dict[str, list[Run]] = {target: [] for target in TARGETS}
             for run in range(args.repeats):  # interleaved, order alternating, so drift hits all alike
                 for target in TARGETS if run % 2 == 0 else reversed(TARGETS):
-                    rate, cpu_ms = measure(target, folders, args.count, streams, work, run)
-                    rates[target].append(rate)
-                    cpu[target].append(cpu_ms)
+                    runs[target].append(measure(target, folders, args.count, streams, work, run))
+            rates = {target: [r.rate for r in values] for target, values in runs.items()}
             median = {target: statistics.median(values) for target, values in rates.items()}
             ratio = median["dicom-node"] / median["storescp"]
             kept = paired_ratio(rates["dicom-node"], rates["dicom-node-no-audit"])
             lost = (1 - kept[0], 1 - kept[2], 1 - kept[1])  # throughput lost to the audit
-            busier = [ratio - 1 for ratio in paired_ratio(cpu["dicom-node"], cpu["dicom-node-no-audit"])]
+            same = paired_ratio(rates["dicom-node-no-audit-again"], rates["dicom-node-no-audit"])
+            noise = (1 - same[0], 1 - same[2], 1 - same[1])
+            cpu = [ratio - 1 for ratio in paired_ratio([r.cpu_ms for r in runs["dicom-node"]],
+                                                       [r.cpu_ms for r in runs["dicom-node-no-audit"]])]
+            # Audit time on the C-STORE path against each association's time per image.
+            share = statistics.median(r.audit_ms * r.rate / (1000 * streams) for r in runs["dicom-node"])
             print(f"{streams:>12} {median['storescp']:>8.1f}/s {median['dicom-node']:>9.1f}/s"
                   f" {median['dicom-node-no-audit']:>7.1f}/s {ratio:>14.2f}"
                   f" {lost[0]:>13.1%} ({lost[1]:.1%} to {lost[2]:.1%})"
-                  f" {busier[0]:>11.1%} ({busier[1]:.1%} to {busier[2]:.1%})")
+                  f" {cpu[0]:>7.1%} ({cpu[1]:.1%} to {cpu[2]:.1%}) {share:>17.2%}"
+                  f" {noise[0]:>8.1%} ({noise[1]:.1%} to {noise[2]:.1%})")
 
 
 if __name__ == "__main__":

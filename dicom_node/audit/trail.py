@@ -19,6 +19,7 @@ from dicom_node.audit import store
 from dicom_node.audit.events import AuditEvent, Outcome
 from dicom_node.audit.keys import AuditKeys, load_or_create_secret
 from dicom_node.errors import AuditError
+from dicom_node.metrics import STAGE_SECONDS
 
 if TYPE_CHECKING:
     from dicom_node.config import Settings
@@ -110,8 +111,9 @@ class AuditTrail:
         if not patient_id or not patient_id.strip():
             return None
         key = self._keys.patient_key(patient_id, issuer)
-        found = self._lookup(key)
-        return found or self.write(lambda connection: _get_or_create(connection, key))
+        with STAGE_SECONDS.labels("audit").time():
+            found = self._lookup(key)
+            return found or self.write(lambda connection: _get_or_create(connection, key))
 
     def lookup_pseudonym(self, patient_id: str, issuer: str | None = None) -> str | None:
         """Return the patient's pseudonym without creating one; None when unknown or erased."""
@@ -143,11 +145,12 @@ class AuditTrail:
                       sop_uid=sop_uid, job_id=job_id, detail=detail)
         self._after_fork()
         waiting = _Waiting(entry)
-        with self._waiting_lock:
-            self._waiting.append(waiting)
-        with self._thread_lock:
-            if not waiting.committed and waiting.error is None:
-                self._commit_waiting()
+        with STAGE_SECONDS.labels("audit").time():
+            with self._waiting_lock:
+                self._waiting.append(waiting)
+            with self._thread_lock:
+                if not waiting.committed and waiting.error is None:
+                    self._commit_waiting()
         if waiting.error is not None:
             raise waiting.error
 

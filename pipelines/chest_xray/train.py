@@ -404,8 +404,13 @@ def update_manifest(out: Path, section: str, entry: dict[str, Any]) -> None:
     if section == "lung":
         manifest["lung"] = entry
     else:
-        kept = [e for e in manifest.get(section, []) if e.get("name") != entry["name"]]
-        manifest[section] = kept + [entry]
+        entries = manifest.get(section, [])
+        names = [e.get("name") for e in entries]
+        if entry["name"] in names:  # replaced where it stands: the order of findings is kept
+            entries[names.index(entry["name"])] = entry
+        else:
+            entries.append(entry)
+        manifest[section] = entries
     write_manifest(path, manifest)
     logger.info("updated %s: %s %s", path, section, entry.get("name", ""))
 
