@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from tests.audit_fixtures import (
     patient_dataset,
     record_reception,
 )
+from tests.conftest import dcmtk_tool
+from tests.dicom_factory import write_cr
 
 
 def count_events(trail: AuditTrail) -> int:
@@ -146,3 +149,27 @@ def test_unopenable_store_raises_audit_error(tmp_path: Path) -> None:
     (tmp_path / "audit.db").write_text("not a database")
     with pytest.raises(AuditError, match="cannot open the audit store"):
         AuditTrail(f"sqlite:///{tmp_path / 'audit.db'}", b"secret")
+
+
+def test_the_scp_looks_a_patient_up_once_per_association(start_scp, tmp_path, monkeypatch) -> None:
+    scp = start_scp()
+    lookups: list[str] = []
+    pseudonym = scp.audit.pseudonym
+    monkeypatch.setattr(scp.audit, "pseudonym", lambda patient_id, issuer=None: (
+        lookups.append(patient_id) or pseudonym(patient_id, issuer)))
+    first = [write_cr(tmp_path / "first" / f"{n}.dcm", patient_id="PAT-A") for n in range(3)]
+    write_cr(tmp_path / "first" / "other.dcm", patient_id="PAT-B")
+    write_cr(tmp_path / "second" / "0.dcm", patient_id="PAT-A")
+
+    for folder in ("first", "second"):
+        subprocess.run([dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", "DICOM_NODE", "+sd",
+                        "127.0.0.1", str(scp.port), str(tmp_path / folder)], check=True, timeout=60)
+
+    assert sorted(lookups) == ["PAT-A", "PAT-A", "PAT-B"]  # once per patient and association
+    with scp.audit.connect() as connection:
+        received = dict(connection.execute(
+            select(events.c.sop_uid, events.c.pseudonym)
+            .where(events.c.event == AuditEvent.INSTANCE_RECEIVED.value)).all())
+    assert len(received) == 5
+    assert len({received[ds.SOPInstanceUID] for ds in first}) == 1
+    assert received[first[0].SOPInstanceUID] == pseudonym("PAT-A")
