@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -21,12 +21,15 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     event,
     insert,
     select,
     text,
+    update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.sql import Executable
 
 from dicom_node.db import UTCDateTime, make_engine
 
@@ -76,10 +79,12 @@ GENESIS_HASH = "0" * 64
 def make_audit_engine(url: str) -> Engine:
     """Return an engine for the audit store at ``url`` with its schema created.
 
-    SQLite files get WAL with ``synchronous=NORMAL`` (an append costs no fsync; a power
-    cut may lose the last events but never corrupts the chain), and transactions
-    begun by :func:`run_locked` start with ``BEGIN IMMEDIATE``. A new SQLite file is
-    readable by its owner only (its -wal and -shm files inherit that).
+    SQLite files get WAL with ``synchronous=NORMAL``: a commit writes the WAL but does
+    not fsync it, so a committed event survives a crash or kill of the node's process
+    but not necessarily an OS crash or a power cut, which can roll back the most recent
+    commits (head and rows together: the chain still verifies, without those events).
+    Transactions of a :func:`writer_connection` start with ``BEGIN IMMEDIATE``. A new
+    SQLite file is readable by its owner only (its -wal and -shm files inherit that).
     """
     engine = make_engine(url)
     if engine.dialect.name == "sqlite":
@@ -104,17 +109,78 @@ def make_audit_engine(url: str) -> Engine:
                 cursor.execute("SET TIME ZONE 'UTC'")  # summaries by day are UTC days
             dbapi_connection.autocommit = autocommit
 
-    run_locked(engine, _create_schema)
+    with writer_connection(engine) as connection:
+        run_locked(connection, _create_schema)
     return engine
 
 
-def run_locked(engine: Engine, work: Callable[[Connection], T]) -> T:
-    """Run ``work`` in one transaction holding the store's write lock; return its result."""
-    with engine.execution_options(audit_write=True).begin() as connection:
+def writer_connection(engine: Engine) -> Connection:
+    """Return a new connection for :func:`run_locked`; the caller closes it."""
+    return engine.connect().execution_options(audit_write=True)
+
+
+def run_locked(connection: Connection, work: Callable[[Connection], T]) -> T:
+    """Run ``work`` in one transaction of a :func:`writer_connection` holding the store's
+    write lock; return its result."""
+    with connection.begin():
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                {"key": ADVISORY_LOCK_KEY})
         return work(connection)
+
+
+class ChainStatements:
+    """The statements of an append, compiled once for a dialect, run on the driver's cursor.
+
+    An append is on the SCP's path once per received instance; passing SQLAlchemy's
+    statement execution by (its events, execution contexts and result objects) makes it
+    several times cheaper. The transaction stays the SQLAlchemy connection's.
+    """
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._head = _DriverStatement(select(chain.c.head_id, chain.c.head_hash), dialect)
+        self._insert = _DriverStatement(insert(events), dialect)
+        self._move = _DriverStatement(update(chain).values(
+            head_id=bindparam("new_id"), head_hash=bindparam("new_hash")), dialect)
+
+    def head(self, connection: Connection) -> tuple[int, str]:
+        """Return the id and hash of the chain's last row (the genesis when empty)."""
+        cursor = connection.connection.cursor()
+        try:
+            cursor.execute(self._head.sql)
+            head_id, head_hash = cursor.fetchone()
+        finally:
+            cursor.close()
+        return head_id, head_hash
+
+    def add(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert ``rows`` (complete event rows, in chain order) and make the last the head."""
+        last = rows[-1]
+        cursor = connection.connection.cursor()
+        try:
+            cursor.executemany(self._insert.sql, [self._insert.parameters(row) for row in rows])
+            cursor.execute(self._move.sql,
+                           self._move.parameters({"new_id": last["id"], "new_hash": last["hash"]}))
+        finally:
+            cursor.close()
+
+
+class _DriverStatement:
+    """A statement compiled for a dialect: its SQL, and how to bind values as the driver wants."""
+
+    def __init__(self, statement: Executable, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = compiled.string
+        self._names = compiled.positiontup  # None where the driver takes named parameters
+        self._processors = {
+            name: processor for name, bind in compiled.binds.items()
+            if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect))}
+
+    def parameters(self, values: Mapping[str, Any]) -> Sequence[Any] | Mapping[str, Any]:
+        """Return ``values`` converted for the driver (e.g. datetimes to text on SQLite)."""
+        bound = {**values, **{name: process(values[name])
+                              for name, process in self._processors.items()}}
+        return bound if self._names is None else [bound[name] for name in self._names]
 
 
 def _create_private_file(database: str | None) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, select
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from dicom_node.audit import store
@@ -30,12 +30,6 @@ T = TypeVar("T")
 
 WRITE_ATTEMPTS = 6
 FIRST_BACKOFF_S = 0.05
-
-# Built once: appends are on the SCP's path, once per received instance.
-SELECT_HEAD = select(store.chain.c.head_id, store.chain.c.head_hash)
-INSERT_EVENT = insert(store.events)
-MOVE_HEAD = update(store.chain).values(head_id=bindparam("new_id"),
-                                       head_hash=bindparam("new_hash"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +63,7 @@ class AuditTrail:
     Concurrent :meth:`record` calls are group-committed: while one thread's
     transaction runs, the entries of the others gather and the next transaction
     appends them all. Every caller still returns only once its own entry is committed.
+    Writes go through one connection that the process holds open between them.
     """
 
     def __init__(self, url: str, secret: bytes) -> None:
@@ -81,11 +76,13 @@ class AuditTrail:
         self._waiting: list[_Waiting] = []
         self._waiting_lock = threading.Lock()
         self._pid = os.getpid()
+        self._writer: Connection | None = None
         try:
             self.engine = store.make_audit_engine(url)
         except (SQLAlchemyError, OSError) as exc:
             reason = exc.orig if isinstance(exc, DBAPIError) else exc  # no SQL, no parameters
             raise AuditError(f"cannot open the audit store: {reason}") from exc
+        self._statements = store.ChainStatements(self.engine.dialect)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuditTrail:
@@ -171,8 +168,8 @@ class AuditTrail:
         """Append ``entries`` in order inside a transaction begun by :meth:`write`;
         return the row id of the last.
         """
-        head = connection.execute(SELECT_HEAD).one()
-        last_id, last_hash, rows = head.head_id, head.head_hash, []
+        last_id, last_hash = self._statements.head(connection)
+        rows = []
         for entry in entries:
             row = {**vars(entry), "id": last_id + 1, "time": datetime.now(UTC),
                    "event": entry.event.value, "outcome": entry.outcome.value,
@@ -180,8 +177,7 @@ class AuditTrail:
             row["hash"] = self._keys.chain_hash(last_hash, row)
             last_id, last_hash = row["id"], row["hash"]
             rows.append(row)
-        connection.execute(INSERT_EVENT, rows)
-        connection.execute(MOVE_HEAD, {"new_id": last_id, "new_hash": last_hash})
+        self._statements.add(connection, rows)
         return last_id
 
     def write(self, work: Callable[[Connection], T]) -> T:
@@ -208,11 +204,15 @@ class AuditTrail:
                 waiting.committed = True
 
     def _write_with_retries(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` through the held writer connection (the caller holds the thread lock)."""
         attempt = 1
         while True:
             try:
-                return store.run_locked(self.engine, work)
+                if self._writer is None:
+                    self._writer = store.writer_connection(self.engine)
+                return store.run_locked(self._writer, work)
             except OperationalError as exc:
+                self._drop_writer()  # the next attempt starts on a fresh connection
                 if attempt == WRITE_ATTEMPTS:
                     logger.error("audit store %s unwritable after %d attempts: %s",
                                  self.engine.url.render_as_string(), attempt, exc.orig)
@@ -228,7 +228,14 @@ class AuditTrail:
 
     def close(self) -> None:
         """Release the store's connections."""
+        with self._thread_lock:
+            self._drop_writer()
         self.engine.dispose()
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def _lookup(self, key: str) -> str | None:
         with self.connect() as connection:
@@ -237,6 +244,7 @@ class AuditTrail:
     def _after_fork(self) -> None:
         if os.getpid() != self._pid:
             self.engine.dispose(close=False)  # the parent's connections stay the parent's
+            self._writer = None
             self._pid = os.getpid()
             self._thread_lock = threading.Lock()
             self._waiting, self._waiting_lock = [], threading.Lock()
