@@ -33,7 +33,8 @@ def as_postgres(*command: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
-    home = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))  # pytest's tmp is root-only
+    # Not pytest's tmp (root-only), nor tempfile's default: a started SCP points that at its spool.
+    home = Path(tempfile.mkdtemp(prefix="dicom-node-pg-", dir="/tmp"))
     if os.geteuid() == 0:
         shutil.chown(home, "postgres")
     data = home / "data"
