@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from pipelines.chest_xray.datasets import Sample
 from pipelines.chest_xray.gradcam import GRADCAM_LAYER
 from pipelines.chest_xray.metrics import binary_metrics, dice, youden_threshold
 from pipelines.chest_xray.models import build_network, load_network, read_manifest, save_weights, write_manifest
-from pipelines.chest_xray.preprocess import InputSpec, classifier_input, load_image_file, network_image
+from pipelines.chest_xray.preprocess import REGIONS, InputSpec, classifier_input, load_image_file, network_image
 from pipelines.chest_xray.segmentation import LungSegmenter
 from pipelines.errors import WeightsError
 
@@ -279,9 +279,14 @@ def train_classifier(
     batch_size: int,
     lr: float = 1e-3,
     start: dict[str, Any] | None = None,
+    workers: int = 0,
+    max_minutes: float | None = None,
 ) -> dict[str, Any]:
     """Train one binary DenseNet head, from scratch or continuing from the manifest entry ``start``;
     return its manifest entry (weights written to ``out``).
+
+    ``workers`` loader processes augment in parallel; with ``max_minutes`` training stops
+    after the first epoch that ends past that time (the best epoch so far is kept).
     """
     device = pick_device()
     images = arrays[f"{head.spec.region}-{head.spec.size}"]
@@ -289,7 +294,11 @@ def train_classifier(
     train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
     items = [{"image": images[i][None] / np.float32(255), "label": np.float32(labels[i])} for i in train]
     loader = DataLoader(
-        Dataset(items, augmentations(["image"], ["bilinear"])), batch_size=batch_size, shuffle=True, num_workers=0
+        Dataset(items, augmentations(["image"], ["bilinear"])),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
     )
     val_images = torch.from_numpy(images[val][:, None] / np.float32(255))
     network = load_network(start, out, device).train() if start else build_network(CLASSIFIER_ARCHITECTURE).to(device)
@@ -314,6 +323,10 @@ def train_classifier(
                 best, best_state = auroc, {k: v.detach().clone() for k, v in network.state_dict().items()}
             progress.set_postfix(loss=f"{loss.item():.3f}", val_auroc=f"{auroc:.4f}", best=f"{best:.4f}")
         logger.info("%s epoch %d loss %.4f", head.name, epoch + 1, loss.item())
+        run_epochs = epoch + 1
+        if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
+            logger.warning("%s: stopped after %d of %d epochs (time limit %.0f min)", head.name, run_epochs, epochs, max_minutes)
+            break
     if selectable:
         network.load_state_dict(best_state)
         scores = predict(network, val_images, device)
@@ -349,13 +362,13 @@ def train_classifier(
         "experimental": head.experimental,
         "flag_enabled": not head.experimental,
         "training": {
-            "epochs": epochs + sum(run["epochs"] for run in history),
+            "epochs": run_epochs + sum(run["epochs"] for run in history),
             "minutes": round((time.monotonic() - started) / 60 + sum(run["minutes"] for run in history), 1),
             "images": int(len(train)),
             "positives": int(positives),
             "loss": "BCE with logits, positive class weighted by the negative/positive ratio",
             "optimizer": "Adam, weight decay 1e-4, cosine decay per run",
-            "runs": [*history, {"epochs": epochs, "lr": lr, "minutes": round((time.monotonic() - started) / 60, 1),
+            "runs": [*history, {"epochs": run_epochs, "lr": lr, "minutes": round((time.monotonic() - started) / 60, 1),
                                 "continued_from": start["sha256"] if start else None}],
             "augmentation": "affine (rotation ±0.15 rad, scale ±12 %, shift 12 px), gamma 0.6-1.6, intensity "
             "±15 %, Gaussian blur, Gaussian noise",
@@ -364,23 +377,23 @@ def train_classifier(
     }
 
 
-def classifier_cache(name: str, data_dir: Path, out: Path, cache_dir: Path) -> dict[str, np.ndarray]:
-    """Return the cached inputs of the data set behind head ``name``, built with the trained lung model."""
+def classifier_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> dict[str, np.ndarray]:
+    """Return the cached inputs of ``head``'s data set at its input spec, built with the trained lung model."""
     manifest = read_manifest(out / "manifest.yaml")
     device = pick_device()
     segmenter = LungSegmenter(load_network(manifest["lung"], out, device), int(manifest["lung"]["input"]["size"][0]), device)
-    if name.startswith("covid19"):
+    key = f"{head.spec.region}-{head.spec.size}"
+    if head.name.startswith("covid19"):
         samples = datasets.covid_samples(data_dir / "covid-radiography")
         splits = [datasets.hash_split(s.image.stem) for s in samples]
-        specs = [HEADS["covid19"].spec, HEADS["covid19-whole"].spec]
-        return cached(cache_dir / "covid19.npz", lambda: classifier_arrays(samples, segmenter, specs, splits))
+        return cached(cache_dir / f"covid19_{key}.npz", lambda: classifier_arrays(samples, segmenter, [head.spec], splits))
     root = data_dir / "nih-cxr14"
     samples, splits = [], []
     for split in datasets.SPLITS:
         chunk = datasets.labelled_samples(root, "Pneumothorax", split)
         samples += chunk
         splits += [split] * len(chunk)
-    return cached(cache_dir / "nih.npz", lambda: classifier_arrays(samples, segmenter, [HEADS[name].spec], splits))
+    return cached(cache_dir / f"nih_{key}.npz", lambda: classifier_arrays(samples, segmenter, [head.spec], splits))
 
 
 def _entry(out: Path, head: Head) -> dict[str, Any]:
@@ -425,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: 80 (lung), per head (classifier)")
     parser.add_argument("--heads", nargs="+", choices=list(HEADS), help="classifier heads to train (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--size", type=int, help="classifier: input size instead of the head's")
+    parser.add_argument("--region", choices=REGIONS, help="classifier: input region instead of the head's")
+    parser.add_argument("--workers", type=int, default=0, help="loader processes for augmentation")
+    parser.add_argument("--max-minutes", type=float, help="classifier: stop after this many minutes of training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3, help="classifier learning rate")
     parser.add_argument("--continue", dest="resume", action="store_true",
@@ -440,9 +457,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in args.heads or list(HEADS):
         head = HEADS[name]
         set_determinism(seed=args.seed)
-        arrays = classifier_cache(name, args.data_dir, args.out, args.cache_dir)
+        if args.size or args.region:
+            head = replace(head, spec=replace(head.spec, size=args.size or head.spec.size, region=args.region or head.spec.region))
+        arrays = classifier_cache(head, args.data_dir, args.out, args.cache_dir)
         start = _entry(args.out, head) if args.resume else None
-        entry = train_classifier(head, arrays, args.out, args.epochs or head.epochs, args.batch_size, args.lr, start)
+        entry = train_classifier(
+            head, arrays, args.out, args.epochs or head.epochs, args.batch_size, args.lr, start, args.workers, args.max_minutes
+        )
         update_manifest(args.out, "references" if head.reference else "findings", entry)
 
 
