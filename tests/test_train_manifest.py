@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from pipelines.chest_xray.models import read_manifest, write_manifest
-from pipelines.chest_xray.train import update_manifest
+from pipelines.chest_xray.train import main, update_manifest
 
 
 def test_a_retrained_finding_keeps_its_place(tmp_path: Path) -> None:
@@ -18,3 +22,24 @@ def test_a_retrained_finding_keeps_its_place(tmp_path: Path) -> None:
     findings = read_manifest(tmp_path / "manifest.yaml")["findings"]
     assert [(f["name"], f["threshold"]) for f in findings] == [
         ("covid19", 0.7), ("pneumothorax", 0.5), ("effusion", 0.4)]
+
+
+def test_classifier_input_override_and_time_limit(tmp_path: Path) -> None:
+    """``--size/--region`` set the trained head's input spec and its cache; ``--max-minutes``
+    stops after the first epoch that ends past the limit, and the manifest says so."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data" / "covid-radiography"
+    for folder, count in (("COVID", 12), ("Normal", 12)):
+        (data / folder).mkdir(parents=True)
+        for number in range(count):
+            pixels = rng.integers(0, 255, (96, 96), dtype=np.uint8)
+            Image.fromarray(pixels).save(data / folder / f"{folder}-{number}.png")
+    out = tmp_path / "weights"
+    shutil.copytree(Path(__file__).parents[1] / "weights", out)
+    main(["classifier", "--heads", "covid19", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+          "--cache-dir", str(tmp_path / "cache"), "--size", "64", "--region", "lung-crop",
+          "--epochs", "3", "--max-minutes", "0"])
+    entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
+    assert entry["input"]["size"] == 64 and entry["input"]["region"] == "lung-crop"
+    assert entry["training"]["runs"][-1]["epochs"] == 1
+    assert (tmp_path / "cache" / "covid19_lung-crop-64.npz").is_file()

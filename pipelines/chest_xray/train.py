@@ -458,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         head = HEADS[name]
         set_determinism(seed=args.seed)
         if args.size or args.region:
-            head = replace(head, spec=replace(head.spec, size=args.size or head.spec.size, region=args.region or head.spec.region))
+            spec = replace(head.spec, size=args.size or head.spec.size, region=args.region or head.spec.region)
+            head = replace(head, spec=spec)
         arrays = classifier_cache(head, args.data_dir, args.out, args.cache_dir)
         start = _entry(args.out, head) if args.resume else None
         entry = train_classifier(
