@@ -14,6 +14,7 @@ from pydicom.data import get_testdata_file
 from skimage.measure import label
 
 from pipelines.base import ImageResult, Pipeline
+from pipelines.chest_xray.gradcam import peak
 from pipelines.chest_xray.metrics import dice
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
 from pipelines.errors import WeightsError
@@ -116,6 +117,26 @@ def test_probabilities_and_heatmaps(results: dict[str, ImageResult]) -> None:
                 assert not finding.region[~result.lung_mask].any()
             else:
                 assert finding.region is None
+
+
+def test_peak_of_a_border_plateau_lies_inside_it() -> None:
+    """A constant band along the left lung border (as upsampling makes it) points at its middle, not its first pixel."""
+    heat = np.zeros((60, 80), dtype=np.float32)
+    heat[10:50, 5:15] = 1.0  # the plateau
+    heat[30:34, 40:44] = 0.9  # a weaker spot elsewhere
+    assert peak(heat) == (30, 10)
+
+
+def test_peak_follows_the_strongest_region_and_stays_on_it() -> None:
+    heat = np.zeros((60, 80), dtype=np.float32)
+    heat[5:15, 5:75] = 0.7  # large but below the peak level used here
+    heat[40:45, 10:12] = 1.0
+    ring = np.zeros((60, 80), dtype=bool)
+    ring[20:40, 50:70] = True
+    ring[24:36, 54:66] = False
+    heat[ring] = 0.95  # strongest by summed heat; its centroid is off the ring
+    row, column = peak(heat, level=0.8)
+    assert ring[row, column]
 
 
 def test_pneumothorax_is_experimental(results: dict[str, ImageResult]) -> None:

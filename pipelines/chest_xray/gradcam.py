@@ -8,10 +8,12 @@ import numpy as np
 import torch
 from monai.transforms import Resize
 from monai.visualize import GradCAM
+from scipy import ndimage
 from torch import nn
 
 GRADCAM_LAYER = "class_layers.relu"
 REGION_LEVEL = 0.5
+PEAK_LEVEL = 0.7  # chosen with the covid19 Grad-CAM layer (see pipelines.chest_xray.train)
 
 
 class LungGradCAM:
@@ -49,3 +51,21 @@ class LungGradCAM:
 def region(heatmap: np.ndarray, level: float = REGION_LEVEL) -> np.ndarray:
     """Return the boolean region where ``heatmap`` reaches ``level`` (inside the lungs by construction)."""
     return heatmap >= level
+
+
+def peak(heatmap: np.ndarray, level: float = PEAK_LEVEL) -> tuple[int, int]:
+    """Return the (row, column) ``heatmap`` points at: the centroid of its strongest connected
+    region at ``level`` of its maximum (by summed heat), moved onto that region when it falls outside.
+
+    Not the plain arg-max: upsampling a coarse activation map holds its outer cells constant
+    up to the edge of the box, and the first pixel of such a plateau lies on the lung border.
+    """
+    top = heatmap >= level * float(heatmap.max())
+    labels, count = ndimage.label(top)
+    strongest = 1 + int(np.argmax(ndimage.sum(heatmap, labels, range(1, count + 1))))
+    component = labels == strongest
+    row, column = (int(round(c)) for c in ndimage.center_of_mass(component))
+    if not component[row, column]:
+        _, nearest = ndimage.distance_transform_edt(~component, return_indices=True)
+        row, column = (int(i) for i in nearest[:, row, column])
+    return row, column
