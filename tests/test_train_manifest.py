@@ -41,5 +41,6 @@ def test_classifier_input_override_and_time_limit(tmp_path: Path) -> None:
           "--epochs", "3", "--max-minutes", "0"])
     entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
     assert entry["input"]["size"] == 64 and entry["input"]["region"] == "lung-crop"
+    assert entry["gradcam_layer"] == "features.denseblock3"  # the head's layer, chosen by the pointing game
     assert entry["training"]["runs"][-1]["epochs"] == 1
     assert (tmp_path / "cache" / "covid19_lung-crop-64.npz").is_file()

@@ -3,7 +3,7 @@
     python -m pipelines.chest_xray.evaluate lung --data-dir DIR [--data-dir DIR ...] [--split test] [--json]
     python -m pipelines.chest_xray.evaluate covid19 --data-dir DIR [--split test] [--negatives DIR] [--json]
     python -m pipelines.chest_xray.evaluate pneumothorax --data-dir DIR [--split test] [--json]
-    python -m pipelines.chest_xray.evaluate localization --data-dir DIR [--json]
+    python -m pipelines.chest_xray.evaluate localization --data-dir DIR [--split train] [--json]
 
 Layouts: lung ``images/`` + ``masks-lung/``; covid19 ``COVID/`` + ``Normal/``;
 pneumothorax ``images/`` + ``labels.csv``; localization ``images/`` + ``masks-opacity/``.
@@ -38,7 +38,7 @@ from pipelines.chest_xray.models import read_manifest
 from pipelines.chest_xray.overlay import render_overlay
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
 from pipelines.chest_xray.preprocess import load_image_file
-from pipelines.errors import InputError
+from pipelines.errors import InputError, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +208,6 @@ def _anatomical_prior(lung_mask: np.ndarray) -> tuple[int, int]:
     chosen without looking at the image, where COVID-19 opacities are most common in ``covid-seg``.
     """
     labels, count = ndimage.label(lung_mask)
-    if count == 0:
-        return lung_mask.shape[0] // 2, lung_mask.shape[1] // 4
     columns = ndimage.center_of_mass(lung_mask, labels, range(1, count + 1))
     lung = labels == 1 + int(np.argmin([column for _, column in columns]))
     rows = np.nonzero(lung)[0]
@@ -228,6 +226,27 @@ def _print(report: dict[str, Any], indent: str = "") -> None:
             print(f"{indent}{key}: {value}")
 
 
+def _report(args: argparse.Namespace, pipeline: ChestXrayPipeline) -> dict[str, Any]:
+    """Run the evaluation ``args.task`` names and return its report."""
+    root = args.data_dir[0]
+    if args.task == "lung":
+        return evaluate_lung(pipeline, args.data_dir, args.split, args.out)
+    if args.task == "covid19":
+        manifest = read_manifest(args.weights)
+        references = [
+            FindingClassifier.from_manifest(entry, args.weights.parent, pipeline.segmenter.device)
+            for entry in manifest.get("references", [])
+            if entry["name"].startswith("covid19")
+        ]
+        negatives = [Sample(p, label=0) for p in datasets.image_files(args.negatives)] if args.negatives else []
+        samples = datasets.covid_samples(root, args.split)
+        return evaluate_binary(pipeline, [_classifier(pipeline, "covid19"), *references], samples, args.out, "covid19", negatives)
+    if args.task == "pneumothorax":
+        samples = datasets.labelled_samples(root, "Pneumothorax", args.split)
+        return evaluate_binary(pipeline, [_classifier(pipeline, "pneumothorax")], samples, args.out, "pneumothorax")
+    return evaluate_localization(pipeline, root, "covid19", args.out, args.split)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line, run one evaluation, print (or dump as JSON) its report."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.chest_xray.evaluate", description=__doc__,
@@ -242,25 +261,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    pipeline = ChestXrayPipeline.from_manifest(args.weights, device=args.device)
-    root = args.data_dir[0]
-    if args.task == "lung":
-        report = evaluate_lung(pipeline, args.data_dir, args.split, args.out)
-    elif args.task == "covid19":
-        manifest = read_manifest(args.weights)
-        references = [
-            FindingClassifier.from_manifest(entry, args.weights.parent, pipeline.segmenter.device)
-            for entry in manifest.get("references", [])
-            if entry["name"].startswith("covid19")
-        ]
-        negatives = [Sample(p, label=0) for p in datasets.image_files(args.negatives)] if args.negatives else []
-        samples = datasets.covid_samples(root, args.split)
-        report = evaluate_binary(pipeline, [_classifier(pipeline, "covid19"), *references], samples, args.out, "covid19", negatives)
-    elif args.task == "pneumothorax":
-        samples = datasets.labelled_samples(root, "Pneumothorax", args.split)
-        report = evaluate_binary(pipeline, [_classifier(pipeline, "pneumothorax")], samples, args.out, "pneumothorax")
-    else:
-        report = evaluate_localization(pipeline, root, "covid19", args.out, args.split)
+    try:
+        pipeline = ChestXrayPipeline.from_manifest(args.weights, device=args.device)
+        report = _report(args, pipeline)
+    except (InputError, WeightsError) as exc:
+        parser.error(str(exc))
     report["weights"] = {"manifest": str(args.weights), "version": pipeline.version}
     report["outputs"] = str(args.out)
     if args.json:

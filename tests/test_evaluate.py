@@ -1,0 +1,55 @@
+"""The evaluate command's localization report, on a folder it builds from pydicom-data's chest CR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from pipelines.chest_xray.datasets import SPLITS, hash_split
+from pipelines.chest_xray.evaluate import main
+from pipelines.chest_xray.pipeline import ChestXrayPipeline
+
+from tests.test_pipeline import MANIFEST
+
+
+@pytest.fixture(scope="module")
+def opacity_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``images/`` + ``masks-opacity/`` with one chest image whose 'opacity' is the image-left half."""
+    root = tmp_path_factory.mktemp("covid-seg")
+    pipeline = ChestXrayPipeline.from_manifest(MANIFEST, device="cpu")
+    display = pipeline.load(pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))).display
+    small = Image.fromarray(display).resize((display.shape[1] // 4, display.shape[0] // 4), Image.BOX)
+    (root / "images").mkdir()
+    (root / "masks-opacity").mkdir()
+    small.save(root / "images" / "chest.png")
+    opacity = np.zeros((small.height, small.width), dtype=np.uint8)
+    opacity[:, : small.width // 2] = 255
+    Image.fromarray(opacity).save(root / "masks-opacity" / "chest.png")
+    return root
+
+
+def test_localization_report(opacity_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["localization", "--data-dir", str(opacity_set), "--weights", str(MANIFEST), "--out", str(tmp_path),
+          "--device", "cpu", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 1 and report["split"] == "all"
+    assert report["pointing_game"]["value"] in (0.0, 1.0)
+    assert report["anatomical_prior_pointing_game"]["value"] == 1.0  # the lower image-left lung lies in the mask
+    assert 0.3 < report["chance_pointing_game"] < 0.7  # about half of the lung area is image-left
+    assert (tmp_path / "localization-1.png").is_file()
+
+
+def test_a_split_without_images_is_a_clear_error(opacity_set: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    other = next(split for split in SPLITS if split != hash_split("chest"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["localization", "--data-dir", str(opacity_set), "--weights", str(MANIFEST), "--out", str(tmp_path),
+              "--device", "cpu", "--split", other])
+    assert exit_.value.code == 2
+    assert f"no images with masks in {opacity_set / 'masks-opacity'} (split {other})" in capsys.readouterr().err
