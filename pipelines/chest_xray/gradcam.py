@@ -16,11 +16,17 @@ REGION_LEVEL = 0.5
 PEAK_LEVEL = 0.7  # chosen with the covid19 Grad-CAM layer (see pipelines.chest_xray.train)
 
 
+def _unscaled(maps: torch.Tensor) -> torch.Tensor:
+    return maps
+
+
 class LungGradCAM:
     """Grad-CAM of one output of a classifier, mapped back into the source image and masked to the lungs."""
 
     def __init__(self, network: nn.Module, layer: str = GRADCAM_LAYER, class_index: int = 0) -> None:
-        self.cam = GradCAM(nn_module=network, target_layers=layer)
+        # MONAI's default post-processing maps (min, max) to (1, 0), flipping the map: keep the
+        # rectified activation as it is and scale it inside the lungs below.
+        self.cam = GradCAM(nn_module=network, target_layers=layer, postprocessing=_unscaled)
         self.class_index = class_index
 
     def heatmaps(
