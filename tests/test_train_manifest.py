@@ -25,8 +25,9 @@ def test_a_retrained_finding_keeps_its_place(tmp_path: Path) -> None:
 
 
 def test_classifier_input_override_and_time_limit(tmp_path: Path) -> None:
-    """``--size/--region`` set the trained head's input spec and its cache; ``--max-minutes``
-    stops after the first epoch that ends past the limit, and the manifest says so."""
+    """``--size/--region`` set the trained head's input spec and its caches; ``--max-minutes``
+    stops after the first epoch that ends past the limit, and the manifest says so; the covid19
+    head is guided by the train split of the opacity set."""
     rng = np.random.default_rng(0)
     data = tmp_path / "data" / "covid-radiography"
     for folder, count in (("COVID", 12), ("Normal", 12)):
@@ -34,6 +35,14 @@ def test_classifier_input_override_and_time_limit(tmp_path: Path) -> None:
         for number in range(count):
             pixels = rng.integers(0, 255, (96, 96), dtype=np.uint8)
             Image.fromarray(pixels).save(data / folder / f"{folder}-{number}.png")
+    opacity_set = tmp_path / "data" / "lung-seg" / "covid-seg"
+    for folder in ("images", "masks-opacity"):
+        (opacity_set / folder).mkdir(parents=True)
+    for number in range(12):
+        Image.fromarray(rng.integers(0, 255, (96, 96), dtype=np.uint8)).save(opacity_set / "images" / f"seg-{number}.png")
+        opacity = np.zeros((96, 96), dtype=np.uint8)
+        opacity[48:, :48] = 255
+        Image.fromarray(opacity).save(opacity_set / "masks-opacity" / f"seg-{number}.png")
     out = tmp_path / "weights"
     shutil.copytree(Path(__file__).parents[1] / "weights", out)
     main(["classifier", "--heads", "covid19", "--data-dir", str(tmp_path / "data"), "--out", str(out),
@@ -41,6 +50,8 @@ def test_classifier_input_override_and_time_limit(tmp_path: Path) -> None:
           "--epochs", "3", "--max-minutes", "0"])
     entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
     assert entry["input"]["size"] == 64 and entry["input"]["region"] == "lung-crop"
-    assert entry["gradcam_layer"] == "features.denseblock3"  # the head's layer, chosen by the pointing game
+    assert entry["gradcam_layer"] == "class_layers.relu"  # the layer opacity guidance trains
+    assert entry["training"]["guidance"]["images"] == 10  # the train split of the opacity set only
     assert entry["training"]["runs"][-1]["epochs"] == 1
     assert (tmp_path / "cache" / "covid19_lung-crop-64.npz").is_file()
+    assert (tmp_path / "cache" / "opacity_lung-crop-64.npz").is_file()

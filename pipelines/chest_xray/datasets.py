@@ -16,6 +16,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from pipelines.chest_xray.preprocess import IMAGE_SUFFIXES
 from pipelines.errors import InputError
 
@@ -43,6 +46,15 @@ def image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise InputError(f"folder not found: {folder}")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Return the binary mask PNG at ``path`` (> 127) as a boolean array of ``shape``, nearest-resized if needed."""
+    with Image.open(path) as image:
+        mask = image.convert("L")
+        if mask.size != (shape[1], shape[0]):
+            mask = mask.resize((shape[1], shape[0]), Image.NEAREST)
+        return np.asarray(mask) > 127
 
 
 def _keep(stem: str, split: str) -> bool:

@@ -53,14 +53,6 @@ def _batches(samples: Sequence[Sample], desc: str) -> Iterator[tuple[list[Sample
         yield chunk, [load_image_file(s.image).display for s in chunk]
 
 
-def _mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    with Image.open(path) as image:
-        mask = image.convert("L")
-        if mask.size != (shape[1], shape[0]):
-            mask = mask.resize((shape[1], shape[0]), Image.NEAREST)
-        return np.asarray(mask) > 127
-
-
 def _save_png(array: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
@@ -74,7 +66,7 @@ def evaluate_lung(pipeline: ChestXrayPipeline, roots: Sequence[Path], split: str
         scores = []
         for chunk, displays in _batches(datasets.masked_samples(root, "masks-lung", split), f"lung {root.name}"):
             for sample, display, mask in zip(chunk, displays, pipeline.segmenter.masks(displays), strict=True):
-                truth = _mask(sample.mask, display.shape)
+                truth = datasets.read_mask(sample.mask, display.shape)
                 scores.append(dice(mask, truth))
                 if len(scores) <= EXAMPLES:
                     _save_png(render_overlay(display, mask, outlines=[truth]), out / f"lung-{root.name}-{len(scores)}.png")
@@ -178,7 +170,7 @@ def evaluate_localization(
         masks = pipeline.segmenter.masks(displays)
         batch, boxes = classifier.inputs(displays, masks)
         for sample, display, mask, heat in zip(chunk, displays, masks, classifier.gradcam.heatmaps(batch, boxes, masks), strict=True):
-            opacity = _mask(sample.mask, display.shape)
+            opacity = datasets.read_mask(sample.mask, display.shape)
             point = peak(heat)
             hits.append(float(opacity[point]))
             near.append(float(ndimage.distance_transform_edt(~opacity)[point] <= TOLERANCE_PX))

@@ -13,7 +13,7 @@ import argparse
 import logging
 import time
 from dataclasses import dataclass, replace
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from monai.transforms import (
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandScaleIntensityd,
+    Resize,
 )
 from monai.utils import set_determinism
 from PIL import Image
@@ -37,11 +38,12 @@ from tqdm import tqdm
 from pipelines.chest_xray import datasets
 from pipelines.chest_xray.datasets import Sample
 from pipelines.chest_xray.gradcam import GRADCAM_LAYER
+from pipelines.chest_xray.guidance import GUIDED_LAYER, ActivationMap, pointing_loss
 from pipelines.chest_xray.metrics import binary_metrics, dice, youden_threshold
 from pipelines.chest_xray.models import build_network, load_network, read_manifest, save_weights, write_manifest
 from pipelines.chest_xray.preprocess import REGIONS, InputSpec, classifier_input, load_image_file, network_image
 from pipelines.chest_xray.segmentation import LungSegmenter
-from pipelines.errors import WeightsError
+from pipelines.errors import InputError, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -216,9 +218,14 @@ NIH_DATA = (
     "nih-cxr14: NIH ChestX-ray14 subset (1,105 images, official CheXNet split; labels from arnoweng/CheXNet); "
     "NIH Clinical Center, unrestricted use, cite Wang et al. CVPR 2017"
 )
-# Chosen by the pointing game on the covid-seg "train" hash split (68 images) among six layers
-# and peak levels 0.5-0.9; scored on the other 27 and on all 95 (weights/MODEL_CARD.md).
-COVID19_GRADCAM_LAYER = "features.denseblock3"
+GUIDE_SET = "lung-seg/covid-seg"
+GUIDE_DATA = (
+    "lung-seg/covid-seg masks-opacity, train hash split only (opacity guidance): GeneralBlockchain "
+    "covid-19-chest-xray-segmentations-dataset (ieee8023 images); CC BY 4.0 repo, per-image Apache-2.0 / CC BY / "
+    "CC BY-NC-SA (non-commercial)"
+)
+GUIDE_BATCH = 4
+GUIDE_WEIGHT = 1.0
 THRESHOLD_RULE = "maximises Youden's J (sensitivity + specificity - 1) on the validation split"
 
 
@@ -235,12 +242,13 @@ class Head:
     epochs: int
     reference: bool = False
     gradcam_layer: str = GRADCAM_LAYER
+    guided: bool = False  # trained with opacity guidance (pipelines.chest_xray.guidance)
 
 
 HEADS = {
     "covid19": Head(
         "covid19", "COVID-19 pattern", InputSpec(128, "lung"), COVID_DATA, 0.95, False, 20,
-        gradcam_layer=COVID19_GRADCAM_LAYER,
+        gradcam_layer=GUIDED_LAYER, guided=True,
     ),
     "covid19-whole": Head(
         "covid19-whole", "COVID-19 pattern (whole image, source-bias reference)", InputSpec(128, "whole"),
@@ -248,6 +256,11 @@ HEADS = {
     ),
     "pneumothorax": Head("pneumothorax", "Pneumothorax", InputSpec(192, "lung-crop"), NIH_DATA, 0.9, True, 40),
 }
+
+
+def _lungs_or_whole(lung_mask: np.ndarray) -> np.ndarray:
+    """Return ``lung_mask``, or all of the image when no lungs were found in it."""
+    return lung_mask if lung_mask.any() else np.ones_like(lung_mask)
 
 
 def classifier_arrays(
@@ -258,9 +271,7 @@ def classifier_arrays(
     for start in tqdm(range(0, len(samples), 32), desc="segment + crop"):
         chunk = samples[start : start + 32]
         displays = [load_image_file(s.image).display for s in chunk]
-        for display, mask in zip(displays, segmenter.masks(displays), strict=True):
-            if not mask.any():
-                mask = np.ones_like(mask)
+        for display, mask in zip(displays, map(_lungs_or_whole, segmenter.masks(displays)), strict=True):
             for spec in specs:
                 image = classifier_input(display, mask, spec)[0][0]
                 inputs[f"{spec.region}-{spec.size}"].append(np.round(image * 255).astype(np.uint8))
@@ -269,6 +280,54 @@ def classifier_arrays(
         "label": np.array([s.label for s in samples], dtype=np.uint8),
         "split": np.array(list(splits)),
     }
+
+
+def opacity_arrays(samples: Sequence[Sample], segmenter: LungSegmenter, spec: InputSpec) -> dict[str, np.ndarray]:
+    """Return uint8 classifier inputs at ``spec`` with their opacity and lung masks cropped and
+    resized the same way, and their split: the data of opacity guidance.
+    """
+    images, opacities, lungs = [], [], []
+    for sample in tqdm(samples, desc="segment + crop opacity set"):
+        display = load_image_file(sample.image).display
+        lung = _lungs_or_whole(segmenter.masks([display])[0])
+        image, box = classifier_input(display, lung, spec)
+        images.append(np.round(image[0] * 255).astype(np.uint8))
+        for masks, mask in ((opacities, datasets.read_mask(sample.mask, display.shape)), (lungs, lung)):
+            resized = Resize((spec.size, spec.size), mode="nearest")(mask[box][None].astype(np.float32))
+            masks.append(np.asarray(resized[0]) > 0.5)
+    return {
+        "images": np.stack(images),
+        "opacity": np.stack(opacities).astype(np.uint8),
+        "lung": np.stack(lungs).astype(np.uint8),
+        "split": np.array([datasets.hash_split(s.image.stem) for s in samples]),
+    }
+
+
+def _forever(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the batches of ``loader`` epoch after epoch (reshuffled each time)."""
+    while True:
+        yield from loader
+
+
+def _guide_batches(guide: dict[str, np.ndarray], workers: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Return endless augmented batches of the guidance set's train split (image, opacity and lung masks)."""
+    train = np.flatnonzero(guide["split"] == "train")
+    if train.size < GUIDE_BATCH:
+        raise InputError(f"opacity guidance needs at least {GUIDE_BATCH} train-split images, found {train.size}")
+    items = [
+        {key: guide[source][i][None].astype(np.float32) / scale for key, source, scale in
+         (("image", "images", 255), ("opacity", "opacity", 1), ("lung", "lung", 1))}
+        for i in train
+    ]
+    loader = DataLoader(
+        Dataset(items, augmentations(["image", "opacity", "lung"], ["bilinear", "nearest", "nearest"])),
+        batch_size=GUIDE_BATCH,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+    return _forever(loader)
 
 
 @torch.no_grad()
@@ -288,12 +347,15 @@ def train_classifier(
     start: dict[str, Any] | None = None,
     workers: int = 0,
     max_minutes: float | None = None,
+    guide: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Train one binary DenseNet head, from scratch or continuing from the manifest entry ``start``;
     return its manifest entry (weights written to ``out``).
 
     ``workers`` loader processes augment in parallel; with ``max_minutes`` training stops
-    after the first epoch that ends past that time (the best epoch so far is kept).
+    after the first epoch that ends past that time (the best epoch so far is kept). With
+    ``guide`` (:func:`opacity_arrays`), every batch also carries :data:`GUIDE_BATCH` images of
+    its train split, whose :func:`~pipelines.chest_xray.guidance.pointing_loss` is added.
     """
     device = pick_device()
     images = arrays[f"{head.spec.region}-{head.spec.size}"]
@@ -314,13 +376,22 @@ def train_classifier(
     optimizer = torch.optim.Adam(network.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     selectable = len(set(labels[val].tolist())) == 2
+    guides = _guide_batches(guide, workers) if guide is not None else None
+    activations = ActivationMap(network) if guide is not None else None
     best, best_state, started = -1.0, None, time.monotonic()
     progress = tqdm(range(epochs), desc=head.name)
     for epoch in progress:
         network.train()
         for batch in loader:
             optimizer.zero_grad()
-            loss = loss_fn(network(batch["image"].to(device))[:, 0], batch["label"].to(device))
+            if guides is None:
+                loss = loss_fn(network(batch["image"].to(device))[:, 0], batch["label"].to(device))
+            else:
+                extra = next(guides)
+                logits = network(torch.cat([batch["image"], extra["image"]]).to(device))[:, 0]
+                loss = loss_fn(logits[: len(batch["label"])], batch["label"].to(device))
+                cam = activations.last(GUIDE_BATCH)
+                loss = loss + GUIDE_WEIGHT * pointing_loss(cam, extra["opacity"].to(device), extra["lung"].to(device))
             loss.backward()
             optimizer.step()
         schedule.step()
@@ -334,6 +405,8 @@ def train_classifier(
         if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
             logger.warning("%s: stopped after %d of %d epochs (time limit %.0f min)", head.name, run_epochs, epochs, max_minutes)
             break
+    if activations is not None:
+        activations.close()
     if selectable:
         network.load_state_dict(best_state)
         scores = predict(network, val_images, device)
@@ -379,16 +452,35 @@ def train_classifier(
                                 "continued_from": start["sha256"] if start else None}],
             "augmentation": "affine (rotation ±0.15 rad, scale ±12 %, shift 12 px), gamma 0.6-1.6, intensity "
             "±15 %, Gaussian blur, Gaussian noise",
-            "data": [head.data],
+            "data": [head.data, *([GUIDE_DATA] if guide is not None else [])],
+            **({"guidance": {
+                "loss": f"{GUIDE_WEIGHT} × -log(share of the lung-restricted softmax of the class activation map "
+                "on opacity), added to the classification loss",
+                "layer": GUIDED_LAYER,
+                "images": int((guide["split"] == "train").sum()),
+                "per_batch": GUIDE_BATCH,
+            }} if guide is not None else {}),
         },
     }
 
 
-def classifier_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> dict[str, np.ndarray]:
-    """Return the cached inputs of ``head``'s data set at its input spec, built with the trained lung model."""
+def _segmenter(out: Path) -> LungSegmenter:
+    """Return the lung segmenter of the manifest in ``out``."""
     manifest = read_manifest(out / "manifest.yaml")
     device = pick_device()
-    segmenter = LungSegmenter(load_network(manifest["lung"], out, device), int(manifest["lung"]["input"]["size"][0]), device)
+    return LungSegmenter(load_network(manifest["lung"], out, device), int(manifest["lung"]["input"]["size"][0]), device)
+
+
+def guide_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> dict[str, np.ndarray]:
+    """Return the cached opacity-guidance arrays (:func:`opacity_arrays`) at ``head``'s input spec."""
+    samples = datasets.masked_samples(data_dir / GUIDE_SET, "masks-opacity")
+    key = f"{head.spec.region}-{head.spec.size}"
+    return cached(cache_dir / f"opacity_{key}.npz", lambda: opacity_arrays(samples, _segmenter(out), head.spec))
+
+
+def classifier_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> dict[str, np.ndarray]:
+    """Return the cached inputs of ``head``'s data set at its input spec, built with the trained lung model."""
+    segmenter = _segmenter(out)
     key = f"{head.spec.region}-{head.spec.size}"
     if head.name.startswith("covid19"):
         samples = datasets.covid_samples(data_dir / "covid-radiography")
@@ -457,6 +549,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     set_determinism(seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        _train(args)
+    except (InputError, WeightsError) as exc:
+        parser.error(str(exc))
+
+
+def _train(args: argparse.Namespace) -> None:
+    """Train what the parsed command line ``args`` asks for and record it in the manifest."""
     if args.model == "lung":
         entry = train_lung(args.data_dir, args.out, args.cache_dir, args.epochs or 80, args.batch_size)
         update_manifest(args.out, "lung", entry)
@@ -468,9 +568,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             spec = replace(head.spec, size=args.size or head.spec.size, region=args.region or head.spec.region)
             head = replace(head, spec=spec)
         arrays = classifier_cache(head, args.data_dir, args.out, args.cache_dir)
+        guide = guide_cache(head, args.data_dir, args.out, args.cache_dir) if head.guided else None
         start = _entry(args.out, head) if args.resume else None
         entry = train_classifier(
-            head, arrays, args.out, args.epochs or head.epochs, args.batch_size, args.lr, start, args.workers, args.max_minutes
+            head, arrays, args.out, args.epochs or head.epochs, args.batch_size, args.lr, start, args.workers,
+            args.max_minutes, guide,
         )
         update_manifest(args.out, "references" if head.reference else "findings", entry)
 
