@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from pipelines.chest_xray.datasets import SPLITS, hash_split
+from pipelines.chest_xray.datasets import HELD_OUT, SPLITS, hash_split, masked_samples
 from pipelines.chest_xray.evaluate import main
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
 
@@ -53,3 +53,13 @@ def test_a_split_without_images_is_a_clear_error(opacity_set: Path, tmp_path: Pa
               "--device", "cpu", "--split", other])
     assert exit_.value.code == 2
     assert f"no images with masks in {opacity_set / 'masks-opacity'} (split {other})" in capsys.readouterr().err
+
+
+def test_held_out_is_validation_and_test_together(tmp_path: Path) -> None:
+    for folder in ("images", "masks-opacity"):
+        (tmp_path / folder).mkdir()
+        for number in range(20):
+            Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / folder / f"image-{number}.png")
+    held_out = {sample.image.stem for sample in masked_samples(tmp_path, "masks-opacity", HELD_OUT)}
+    expected = {f"image-{n}" for n in range(20) if hash_split(f"image-{n}") != "train"}
+    assert held_out == expected and 0 < len(expected) < 20

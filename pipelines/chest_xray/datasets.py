@@ -24,6 +24,7 @@ from pipelines.errors import InputError
 
 SPLIT_RULE = "sha256(file stem) mod 100: < 70 train, < 85 val, else test"
 SPLITS = ("train", "val", "test")
+HELD_OUT = "held-out"  # val and test together: everything training did not see
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,12 @@ def read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         return np.asarray(mask) > 127
 
 
+def _in_split(chosen: str, split: str) -> bool:
+    return split in ("all", chosen) or (split == HELD_OUT and chosen != "train")
+
+
 def _keep(stem: str, split: str) -> bool:
-    return split == "all" or hash_split(stem) == split
+    return _in_split(hash_split(stem), split)
 
 
 def masked_samples(root: Path, mask_folder: str, split: str = "all") -> list[Sample]:
@@ -112,7 +117,7 @@ def labelled_samples(root: Path, label: str, split: str = "all") -> list[Sample]
             if stem not in files:
                 raise InputError(f"{table} names {stem}, which is not in {root / 'images'}")
             chosen = row.get("official_split") or hash_split(stem)
-            if split in ("all", chosen):
+            if _in_split(chosen, split):
                 samples.append(Sample(files[stem], label=int(row[label])))
     if not samples:
         raise InputError(f"no labelled images in {root} (split {split})")

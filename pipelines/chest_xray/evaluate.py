@@ -7,8 +7,9 @@
 
 Layouts: lung ``images/`` + ``masks-lung/``; covid19 ``COVID/`` + ``Normal/``;
 pneumothorax ``images/`` + ``labels.csv``; localization ``images/`` + ``masks-opacity/``.
-``--split`` picks the held-out part of the sets the models were trained on (the
-hash split, or ``official_split`` of labels.csv); ``all`` scores an outside set.
+``--split`` picks a part of the sets the models were trained on (the hash split, or
+``official_split`` of labels.csv; ``held-out`` is val and test together); ``all``
+scores an outside set.
 Everything goes through the inference path of the node (decode → display → lungs
 → classifier input). 95 % CIs are percentile bootstraps (1,000 rounds, stratified
 by label). ROC curves and example overlays are written under ``--out``.
@@ -245,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["lung", "covid19", "pneumothorax", "localization"])
     parser.add_argument("--data-dir", type=Path, action="append", required=True)
-    parser.add_argument("--split", choices=["all", *datasets.SPLITS], default="all")
+    parser.add_argument("--split", choices=["all", *datasets.SPLITS, datasets.HELD_OUT], default="all",
+                        help=f"{datasets.HELD_OUT}: val and test together")
     parser.add_argument("--negatives", type=Path, help="covid19: a folder of outside images without COVID-19")
     parser.add_argument("--weights", type=Path, default=Path("weights/manifest.yaml"))
     parser.add_argument("--out", type=Path, default=Path(".train/evaluate"), help="folder for ROC and overlay PNGs")

@@ -527,6 +527,29 @@ def update_manifest(out: Path, section: str, entry: dict[str, Any]) -> None:
     logger.info("updated %s: %s %s", path, section, entry.get("name", ""))
 
 
+def _train(args: argparse.Namespace) -> None:
+    """Train what the parsed command line ``args`` asks for and record it in the manifest."""
+    if args.model == "lung":
+        entry = train_lung(args.data_dir, args.out, args.cache_dir, args.epochs or 80, args.batch_size)
+        update_manifest(args.out, "lung", entry)
+        return
+    for name in args.heads or list(HEADS):
+        head = HEADS[name]
+        set_determinism(seed=args.seed)
+        if args.size or args.region:
+            spec = replace(head.spec, size=args.size or head.spec.size, region=args.region or head.spec.region)
+            head = replace(head, spec=spec)
+        arrays = classifier_cache(head, args.data_dir, args.out, args.cache_dir)
+        guide = guide_cache(head, args.data_dir, args.out, args.cache_dir) if head.guided else None
+        start = _entry(args.out, head) if args.resume else None
+        entry = train_classifier(
+            head, arrays, args.out, args.epochs or head.epochs, args.batch_size, args.lr, start, args.workers,
+            args.max_minutes, guide,
+        )
+        update_manifest(args.out, "references" if head.reference else "findings", entry)
+
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and train the chosen model(s)."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.chest_xray.train", description=__doc__)
@@ -553,28 +576,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         _train(args)
     except (InputError, WeightsError) as exc:
         parser.error(str(exc))
-
-
-def _train(args: argparse.Namespace) -> None:
-    """Train what the parsed command line ``args`` asks for and record it in the manifest."""
-    if args.model == "lung":
-        entry = train_lung(args.data_dir, args.out, args.cache_dir, args.epochs or 80, args.batch_size)
-        update_manifest(args.out, "lung", entry)
-        return
-    for name in args.heads or list(HEADS):
-        head = HEADS[name]
-        set_determinism(seed=args.seed)
-        if args.size or args.region:
-            spec = replace(head.spec, size=args.size or head.spec.size, region=args.region or head.spec.region)
-            head = replace(head, spec=spec)
-        arrays = classifier_cache(head, args.data_dir, args.out, args.cache_dir)
-        guide = guide_cache(head, args.data_dir, args.out, args.cache_dir) if head.guided else None
-        start = _entry(args.out, head) if args.resume else None
-        entry = train_classifier(
-            head, arrays, args.out, args.epochs or head.epochs, args.batch_size, args.lr, start, args.workers,
-            args.max_minutes, guide,
-        )
-        update_manifest(args.out, "references" if head.reference else "findings", entry)
 
 
 if __name__ == "__main__":
