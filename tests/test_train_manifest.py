@@ -52,6 +52,6 @@ def test_classifier_input_override_and_time_limit(tmp_path: Path) -> None:
     assert entry["input"]["size"] == 64 and entry["input"]["region"] == "lung-crop"
     assert entry["gradcam_layer"] == "class_layers.relu"  # the layer opacity guidance trains
     assert entry["training"]["guidance"]["images"] == 10  # the train split of the opacity set only
-    assert entry["training"]["runs"][-1]["epochs"] == 1
+    assert entry["training"]["runs"][-1]["epochs"] == 1 and entry["training"]["runs"][-1]["guided"]
     assert (tmp_path / "cache" / "covid19_lung-crop-64.npz").is_file()
     assert (tmp_path / "cache" / "opacity_lung-crop-64.npz").is_file()

@@ -449,7 +449,7 @@ def train_classifier(
             "loss": "BCE with logits, positive class weighted by the negative/positive ratio",
             "optimizer": "Adam, weight decay 1e-4, cosine decay per run",
             "runs": [*history, {"epochs": run_epochs, "lr": lr, "minutes": round((time.monotonic() - started) / 60, 1),
-                                "continued_from": start["sha256"] if start else None}],
+                                "continued_from": start["sha256"] if start else None, "guided": guide is not None}],
             "augmentation": "affine (rotation ±0.15 rad, scale ±12 %, shift 12 px), gamma 0.6-1.6, intensity "
             "±15 %, Gaussian blur, Gaussian noise",
             "data": [head.data, *([GUIDE_DATA] if guide is not None else [])],
