@@ -24,17 +24,27 @@ def test_a_retrained_finding_keeps_its_place(tmp_path: Path) -> None:
         ("covid19", 0.7), ("pneumothorax", 0.5), ("effusion", 0.4)]
 
 
+def _covid_set(data: Path, rng: np.random.Generator) -> None:
+    """Write a 12 + 12 image COVID-19 Radiography-like set of noise under ``data``."""
+    for folder in ("COVID", "Normal"):
+        (data / "covid-radiography" / folder).mkdir(parents=True)
+        for number in range(12):
+            pixels = rng.integers(0, 255, (96, 96), dtype=np.uint8)
+            Image.fromarray(pixels).save(data / "covid-radiography" / folder / f"{folder}-{number}.png")
+
+
+def _weights(tmp_path: Path) -> Path:
+    out = tmp_path / "weights"
+    shutil.copytree(Path(__file__).parents[1] / "weights", out)
+    return out
+
+
 def test_classifier_input_override_and_time_limit(tmp_path: Path) -> None:
     """``--size/--region`` set the trained head's input spec and its caches; ``--max-minutes``
     stops after the first epoch that ends past the limit, and the manifest says so; the covid19
     head is guided by the train split of the opacity set."""
     rng = np.random.default_rng(0)
-    data = tmp_path / "data" / "covid-radiography"
-    for folder, count in (("COVID", 12), ("Normal", 12)):
-        (data / folder).mkdir(parents=True)
-        for number in range(count):
-            pixels = rng.integers(0, 255, (96, 96), dtype=np.uint8)
-            Image.fromarray(pixels).save(data / folder / f"{folder}-{number}.png")
+    _covid_set(tmp_path / "data", rng)
     opacity_set = tmp_path / "data" / "lung-seg" / "covid-seg"
     for folder in ("images", "masks-opacity"):
         (opacity_set / folder).mkdir(parents=True)
@@ -43,8 +53,7 @@ def test_classifier_input_override_and_time_limit(tmp_path: Path) -> None:
         opacity = np.zeros((96, 96), dtype=np.uint8)
         opacity[48:, :48] = 255
         Image.fromarray(opacity).save(opacity_set / "masks-opacity" / f"seg-{number}.png")
-    out = tmp_path / "weights"
-    shutil.copytree(Path(__file__).parents[1] / "weights", out)
+    out = _weights(tmp_path)
     main(["classifier", "--heads", "covid19", "--data-dir", str(tmp_path / "data"), "--out", str(out),
           "--cache-dir", str(tmp_path / "cache"), "--size", "64", "--region", "lung-crop",
           "--epochs", "3", "--max-minutes", "0"])
@@ -55,3 +64,14 @@ def test_classifier_input_override_and_time_limit(tmp_path: Path) -> None:
     assert entry["training"]["runs"][-1]["epochs"] == 1 and entry["training"]["runs"][-1]["guided"]
     assert (tmp_path / "cache" / "covid19_lung-crop-64.npz").is_file()
     assert (tmp_path / "cache" / "opacity_lung-crop-64.npz").is_file()
+
+
+def test_no_guidance_trains_without_the_opacity_set(tmp_path: Path) -> None:
+    """``--no-guidance`` trains the covid19 head on its own set (there is no covid-seg here) and records so."""
+    _covid_set(tmp_path / "data", np.random.default_rng(1))
+    out = _weights(tmp_path)
+    main(["classifier", "--heads", "covid19", "--no-guidance", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+          "--cache-dir", str(tmp_path / "cache"), "--size", "64", "--epochs", "1"])
+    entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
+    assert "guidance" not in entry["training"] and not entry["training"]["runs"][-1]["guided"]
+    assert len(entry["training"]["data"]) == 1  # the opacity set is not listed

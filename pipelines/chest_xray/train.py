@@ -540,14 +540,14 @@ def _train(args: argparse.Namespace) -> None:
             spec = replace(head.spec, size=args.size or head.spec.size, region=args.region or head.spec.region)
             head = replace(head, spec=spec)
         arrays = classifier_cache(head, args.data_dir, args.out, args.cache_dir)
-        guide = guide_cache(head, args.data_dir, args.out, args.cache_dir) if head.guided else None
+        guided = head.guided and args.guidance
+        guide = guide_cache(head, args.data_dir, args.out, args.cache_dir) if guided else None
         start = _entry(args.out, head) if args.resume else None
         entry = train_classifier(
             head, arrays, args.out, args.epochs or head.epochs, args.batch_size, args.lr, start, args.workers,
             args.max_minutes, guide,
         )
         update_manifest(args.out, "references" if head.reference else "findings", entry)
-
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -568,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="classifier learning rate")
     parser.add_argument("--continue", dest="resume", action="store_true",
                         help="classifier: continue training each head from its weights in --out's manifest")
+    parser.add_argument("--no-guidance", dest="guidance", action="store_false",
+                        help=f"classifier: train guided heads without opacity guidance (no {GUIDE_SET} needed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     set_determinism(seed=args.seed)
