@@ -9,6 +9,7 @@ from monai.networks.nets import DenseNet
 
 from pipelines.chest_xray.gradcam import LungGradCAM
 from pipelines.chest_xray.guidance import GUIDED_LAYER, ActivationMap, pointing_loss
+from pipelines.chest_xray.train import _guide_batches
 
 
 def _network() -> DenseNet:
@@ -64,3 +65,20 @@ def test_images_without_opacity_in_their_lungs_add_nothing() -> None:
     loss = pointing_loss(cam, opacity, lung)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(cam.grad) == 0
+
+
+def test_guide_batches_flip_image_and_masks_together() -> None:
+    """The few guidance images are also seen mirrored, with their opacity and lung masks mirrored alike."""
+    image = np.zeros((8, 64, 64), dtype=np.uint8)
+    image[:, :, :16] = 255  # bright where the opacity is: the left quarter
+    opacity = (image > 0).astype(np.uint8)
+    guide = {"images": image, "opacity": opacity, "lung": np.ones_like(opacity), "split": np.array(["train"] * 8)}
+    batches = _guide_batches(guide, workers=0)
+    sides = set()
+    for _ in range(6):
+        batch = next(batches)
+        for pixels, mask in zip(batch["image"][:, 0], batch["opacity"][:, 0], strict=True):
+            left, right = mask[:, :32].sum(), mask[:, 32:].sum()
+            sides.add("left" if left > right else "right")
+            assert mask.any() and pixels[mask > 0].mean() > pixels[mask == 0].mean()  # the image moved with its mask
+    assert sides == {"left", "right"}

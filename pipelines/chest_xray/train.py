@@ -25,6 +25,7 @@ from monai.transforms import (
     Compose,
     RandAdjustContrastd,
     RandAffined,
+    RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandScaleIntensityd,
@@ -101,11 +102,15 @@ def lung_arrays(samples: Sequence[Sample], size: int) -> dict[str, np.ndarray]:
     }
 
 
-def augmentations(keys: Sequence[str], modes: Sequence[str]) -> Compose:
-    """Return the geometric and acquisition-like intensity augmentations used in training."""
+def augmentations(keys: Sequence[str], modes: Sequence[str], flip: bool = False) -> Compose:
+    """Return the geometric and acquisition-like intensity augmentations used in training; with
+    ``flip``, images are also flipped left-right half of the time.
+    """
     image = keys[0]
+    flips = [RandFlipd(keys=keys, prob=0.5, spatial_axis=1)] if flip else []
     return Compose(
         [
+            *flips,
             RandAffined(
                 keys=keys,
                 prob=0.8,
@@ -310,7 +315,9 @@ def _forever(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def _guide_batches(guide: dict[str, np.ndarray], workers: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Return endless augmented batches of the guidance set's train split (image, opacity and lung masks)."""
+    """Return endless batches of the guidance set's train split (image, opacity and lung masks), augmented
+    like the classification set and also flipped left-right half of the time: 68 images are few.
+    """
     train = np.flatnonzero(guide["split"] == "train")
     if train.size < GUIDE_BATCH:
         raise InputError(f"opacity guidance needs at least {GUIDE_BATCH} train-split images, found {train.size}")
@@ -320,7 +327,7 @@ def _guide_batches(guide: dict[str, np.ndarray], workers: int) -> Iterator[dict[
         for i in train
     ]
     loader = DataLoader(
-        Dataset(items, augmentations(["image", "opacity", "lung"], ["bilinear", "nearest", "nearest"])),
+        Dataset(items, augmentations(["image", "opacity", "lung"], ["bilinear", "nearest", "nearest"], flip=True)),
         batch_size=GUIDE_BATCH,
         shuffle=True,
         drop_last=True,
@@ -459,6 +466,7 @@ def train_classifier(
                 "layer": GUIDED_LAYER,
                 "images": int((guide["split"] == "train").sum()),
                 "per_batch": GUIDE_BATCH,
+                "augmentation": "as above, plus left-right flips (p 0.5)",
             }} if guide is not None else {}),
         },
     }
