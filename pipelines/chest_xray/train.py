@@ -316,7 +316,7 @@ def _forever(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
 
 def _guide_batches(guide: dict[str, np.ndarray], workers: int) -> Iterator[dict[str, torch.Tensor]]:
     """Return endless batches of the guidance set's train split (image, opacity and lung masks), augmented
-    like the classification set and also flipped left-right half of the time: 68 images are few.
+    like the classification set and also flipped left-right half of the time: the guidance set is small.
     """
     train = np.flatnonzero(guide["split"] == "train")
     if train.size < GUIDE_BATCH:
