@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipelines.chest_xray.models import read_manifest, write_manifest
@@ -75,3 +76,16 @@ def test_no_guidance_trains_without_the_opacity_set(tmp_path: Path) -> None:
     entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
     assert "guidance" not in entry["training"] and not entry["training"]["runs"][-1]["guided"]
     assert len(entry["training"]["data"]) == 1  # the opacity set is not listed
+
+
+def test_guidance_without_the_opacity_set_is_a_clear_error_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing covid-seg set stops guided training at once, naming the way out, before any image is cached."""
+    _covid_set(tmp_path / "data", np.random.default_rng(2))
+    with pytest.raises(SystemExit) as stopped:
+        main(["classifier", "--heads", "covid19", "--data-dir", str(tmp_path / "data"), "--out", str(_weights(tmp_path)),
+              "--cache-dir", str(tmp_path / "cache"), "--size", "64", "--epochs", "1"])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and "lung-seg/covid-seg" in error and "--no-guidance" in error
+    assert not (tmp_path / "cache").exists()

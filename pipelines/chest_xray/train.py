@@ -466,7 +466,7 @@ def train_classifier(
                 "layer": GUIDED_LAYER,
                 "images": int((guide["split"] == "train").sum()),
                 "per_batch": GUIDE_BATCH,
-                "augmentation": "as above, plus left-right flips (p 0.5)",
+                "augmentation": "the training augmentation, plus left-right flips (p 0.5)",
             }} if guide is not None else {}),
         },
     }
@@ -481,7 +481,10 @@ def _segmenter(out: Path) -> LungSegmenter:
 
 def guide_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> dict[str, np.ndarray]:
     """Return the cached opacity-guidance arrays (:func:`opacity_arrays`) at ``head``'s input spec."""
-    samples = datasets.masked_samples(data_dir / GUIDE_SET, "masks-opacity")
+    try:
+        samples = datasets.masked_samples(data_dir / GUIDE_SET, "masks-opacity")
+    except InputError as exc:
+        raise InputError(f"{exc}: opacity guidance needs {GUIDE_SET}, or train with --no-guidance") from exc
     key = f"{head.spec.region}-{head.spec.size}"
     return cached(cache_dir / f"opacity_{key}.npz", lambda: opacity_arrays(samples, _segmenter(out), head.spec))
 
@@ -547,9 +550,8 @@ def _train(args: argparse.Namespace) -> None:
         if args.size or args.region:
             spec = replace(head.spec, size=args.size or head.spec.size, region=args.region or head.spec.region)
             head = replace(head, spec=spec)
+        guide = guide_cache(head, args.data_dir, args.out, args.cache_dir) if head.guided and args.guidance else None
         arrays = classifier_cache(head, args.data_dir, args.out, args.cache_dir)
-        guided = head.guided and args.guidance
-        guide = guide_cache(head, args.data_dir, args.out, args.cache_dir) if guided else None
         start = _entry(args.out, head) if args.resume else None
         entry = train_classifier(
             head, arrays, args.out, args.epochs or head.epochs, args.batch_size, args.lr, start, args.workers,
