@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch.optim.swa_utils import AveragedModel
 
 from pipelines.chest_xray.models import read_manifest, write_manifest
 from pipelines.chest_xray.train import main, update_manifest
@@ -89,3 +91,30 @@ def test_guidance_without_the_opacity_set_is_a_clear_error_before_any_work(
     error = capsys.readouterr().err
     assert stopped.value.code == 2 and "lung-seg/covid-seg" in error and "--no-guidance" in error
     assert not (tmp_path / "cache").exists()
+
+
+def test_averaging_keeps_the_mean_of_the_weights_at_every_epoch_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--average`` saves the mean of the weights the network had at the end of each epoch, and says so."""
+    ends: list[dict[str, torch.Tensor]] = []
+    keep = AveragedModel.update_parameters
+
+    def record(averaged: AveragedModel, network: torch.nn.Module) -> None:
+        ends.append({k: v.detach().clone() for k, v in network.named_parameters()})
+        keep(averaged, network)
+
+    monkeypatch.setattr(AveragedModel, "update_parameters", record)
+    _covid_set(tmp_path / "data", np.random.default_rng(3))
+    out = _weights(tmp_path)
+    main(["classifier", "--heads", "covid19", "--no-guidance", "--average", "--data-dir", str(tmp_path / "data"),
+          "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--size", "64", "--epochs", "3", "--lr", "0.01"])
+    entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
+    run = entry["training"]["runs"][-1]
+    assert run["schedule"] == "constant" and "SWA" in run["kept"]
+    saved = torch.load(out / entry["file"], map_location="cpu")
+    assert len(ends) == 3
+    for name in ("features.conv0.weight", "class_layers.out.weight"):
+        mean = torch.stack([end[name] for end in ends]).mean(0)
+        assert torch.allclose(saved[name].float(), mean, rtol=2e-3, atol=1e-5)  # stored as float16
+        assert not torch.allclose(saved[name].float(), ends[-1][name], rtol=2e-3, atol=1e-5)  # not the last epoch

@@ -34,6 +34,7 @@ from monai.transforms import (
 from monai.utils import set_determinism
 from PIL import Image
 from sklearn.metrics import roc_auc_score
+from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
 from pipelines.chest_xray import datasets
@@ -231,6 +232,7 @@ GUIDE_DATA = (
 )
 GUIDE_BATCH = 4
 GUIDE_WEIGHT = 1.0
+AVERAGE_KEPT = "mean of the weights at every epoch's end (SWA), batch-norm statistics recomputed on the training split"
 THRESHOLD_RULE = "maximises Youden's J (sensitivity + specificity - 1) on the validation split"
 
 
@@ -337,6 +339,11 @@ def _guide_batches(guide: dict[str, np.ndarray], workers: int) -> Iterator[dict[
     return _forever(loader)
 
 
+def _best_kept(selectable: bool) -> str:
+    """Return which weights a run without averaging keeps."""
+    return "the epoch of best validation AUROC" if selectable else "the last epoch"
+
+
 @torch.no_grad()
 def predict(network: torch.nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
     """Return sigmoid scores of a (N, 1, H, W) tensor, in chunks."""
@@ -355,6 +362,7 @@ def train_classifier(
     workers: int = 0,
     max_minutes: float | None = None,
     guide: dict[str, np.ndarray] | None = None,
+    average: bool = False,
 ) -> dict[str, Any]:
     """Train one binary DenseNet head, from scratch or continuing from the manifest entry ``start``;
     return its manifest entry (weights written to ``out``).
@@ -363,6 +371,9 @@ def train_classifier(
     after the first epoch that ends past that time (the best epoch so far is kept). With
     ``guide`` (:func:`opacity_arrays`), every batch also carries :data:`GUIDE_BATCH` images of
     its train split, whose :func:`~pipelines.chest_xray.guidance.pointing_loss` is added.
+    With ``average``, the learning rate stays constant and the weights kept are the mean of
+    those at the end of every epoch (stochastic weight averaging), with batch-norm statistics
+    recomputed on the training split; otherwise the best validation epoch is kept.
     """
     device = pick_device()
     images = arrays[f"{head.spec.region}-{head.spec.size}"]
@@ -381,7 +392,11 @@ def train_classifier(
     positives = float(labels[train].sum())
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(train) - positives) / max(positives, 1.0)))
     optimizer = torch.optim.Adam(network.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if average:
+        schedule = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+        averaged = AveragedModel(network)
+    else:
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     selectable = len(set(labels[val].tolist())) == 2
     guides = _guide_batches(guide, workers) if guide is not None else None
     activations = ActivationMap(network) if guide is not None else None
@@ -402,6 +417,8 @@ def train_classifier(
             loss.backward()
             optimizer.step()
         schedule.step()
+        if average:
+            averaged.update_parameters(network)
         if selectable:
             auroc = float(roc_auc_score(labels[val], predict(network, val_images, device)))
             if auroc > best:
@@ -414,8 +431,12 @@ def train_classifier(
             break
     if activations is not None:
         activations.close()
-    if selectable:
+    if average:
+        update_bn((batch["image"] for batch in loader), averaged.module, device)
+        network.load_state_dict(averaged.module.state_dict())
+    elif selectable:
         network.load_state_dict(best_state)
+    if selectable:
         scores = predict(network, val_images, device)
         threshold = youden_threshold(labels[val], scores)
         validation: dict[str, Any] = {
@@ -425,7 +446,7 @@ def train_classifier(
     else:
         threshold = 0.5
         validation = {"auroc": None, "note": "the validation split has one class only: no AUROC, gate not met"}
-        rule = "fixed at 0.5: the validation split has no positives to choose it on; last epoch kept"
+        rule = "fixed at 0.5: the validation split has no positives to choose it on"
     path = out / f"{head.name}_densenet.pt"
     history = list(start["training"].get("runs", [start["training"]])) if start else []
     return {
@@ -454,9 +475,11 @@ def train_classifier(
             "images": int(len(train)),
             "positives": int(positives),
             "loss": "BCE with logits, positive class weighted by the negative/positive ratio",
-            "optimizer": "Adam, weight decay 1e-4, cosine decay per run",
+            "optimizer": "Adam, weight decay 1e-4",
             "runs": [*history, {"epochs": run_epochs, "lr": lr, "minutes": round((time.monotonic() - started) / 60, 1),
-                                "continued_from": start["sha256"] if start else None, "guided": guide is not None}],
+                                "continued_from": start["sha256"] if start else None, "guided": guide is not None,
+                                "schedule": "constant" if average else "cosine decay",
+                                "kept": AVERAGE_KEPT if average else _best_kept(selectable)}],
             "augmentation": "affine (rotation ±0.15 rad, scale ±12 %, shift 12 px), gamma 0.6-1.6, intensity "
             "±15 %, Gaussian blur, Gaussian noise",
             "data": [head.data, *([GUIDE_DATA] if guide is not None else [])],
@@ -555,7 +578,7 @@ def _train(args: argparse.Namespace) -> None:
         start = _entry(args.out, head) if args.resume else None
         entry = train_classifier(
             head, arrays, args.out, args.epochs or head.epochs, args.batch_size, args.lr, start, args.workers,
-            args.max_minutes, guide,
+            args.max_minutes, guide, args.average,
         )
         update_manifest(args.out, "references" if head.reference else "findings", entry)
 
@@ -578,6 +601,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="classifier learning rate")
     parser.add_argument("--continue", dest="resume", action="store_true",
                         help="classifier: continue training each head from its weights in --out's manifest")
+    parser.add_argument("--average", action="store_true",
+                        help="classifier: keep the mean of every epoch's weights (SWA, constant learning rate) "
+                        "instead of the best epoch")
     parser.add_argument("--no-guidance", dest="guidance", action="store_false",
                         help=f"classifier: train guided heads without opacity guidance (no {GUIDE_SET} needed)")
     args = parser.parse_args(argv)
