@@ -6,10 +6,21 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.transforms import FillHoles, KeepLargestConnectedComponent, Resize
+from monai.transforms import KeepLargestConnectedComponent, Resize
+from scipy import ndimage
 from torch import nn
 
 from pipelines.chest_xray.preprocess import network_image
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Return the boolean ``mask`` with its holes filled: background regions (8-connected) that do
+    not reach the image border. The result of MONAI's ``FillHoles`` at full connectivity, several
+    times faster on a full-resolution radiograph.
+    """
+    background, _ = ndimage.label(~mask, structure=np.ones((3, 3), dtype=bool))
+    border = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    return mask | ~np.isin(background, np.unique(border))
 
 
 class LungSegmenter:
@@ -24,7 +35,6 @@ class LungSegmenter:
         self.size = size
         self.device = device
         self._largest = KeepLargestConnectedComponent(applied_labels=[1], num_components=2)
-        self._fill = FillHoles(applied_labels=[1])
 
     def network_inputs(self, displays: Sequence[np.ndarray]) -> torch.Tensor:
         """Return the (N, 1, size, size) input tensor of ``displays``."""
@@ -44,5 +54,4 @@ class LungSegmenter:
         """Return the boolean mask of a (size, size) probability map resized to ``shape``."""
         full = Resize(tuple(shape), mode="bilinear")(probability[None])
         mask = (torch.as_tensor(full) > 0.5).to(torch.uint8)
-        mask = self._fill(self._largest(mask))
-        return np.asarray(mask[0], dtype=bool)
+        return fill_holes(np.asarray(self._largest(mask)[0], dtype=bool))
