@@ -10,8 +10,8 @@ included), and the process's peak resident memory. CPU target: ≤ 1.0 s per ima
 Reference, measured in the same run: decode plus the networks' forward passes alone
 (segmentation and every classifier, on inputs prepared beforehand), the least any node
 running these models spends per image. The ratio end to end / reference is what
-preprocessing, mask post-processing, lung cropping and Grad-CAM add, and unlike the
-absolute times it does not move with the machine's load.
+preprocessing, mask post-processing, lung cropping and Grad-CAM add; it moves less
+with the machine's load than the absolute times do.
 """
 
 from __future__ import annotations
