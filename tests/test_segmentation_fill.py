@@ -19,7 +19,7 @@ def test_enclosed_background_is_filled_and_open_background_is_not() -> None:
     filled = fill_holes(mask)
     assert filled[5:7, 6:8].all()
     assert not filled[6:8, 2].any() and not filled[3, 3]
-    assert (filled[mask]).all()
+    assert filled[mask].all()
 
 
 @pytest.mark.parametrize("seed", range(5))

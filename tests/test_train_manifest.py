@@ -118,3 +118,10 @@ def test_averaging_keeps_the_mean_of_the_weights_at_every_epoch_end(
         mean = torch.stack([end[name] for end in ends]).mean(0)
         assert torch.allclose(saved[name].float(), mean, rtol=2e-3, atol=1e-5)  # stored as float16
         assert not torch.allclose(saved[name].float(), ends[-1][name], rtol=2e-3, atol=1e-5)  # not the last epoch
+
+
+@pytest.mark.parametrize("option", ["--epochs", "--batch-size"])
+def test_a_count_below_one_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["classifier", "--data-dir", str(tmp_path), "--out", str(tmp_path / "weights"), option, "-1"])
+    assert stopped.value.code == 2 and f"{option}: must be at least 1, got -1" in capsys.readouterr().err

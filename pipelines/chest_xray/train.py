@@ -394,9 +394,9 @@ def train_classifier(
     optimizer = torch.optim.Adam(network.parameters(), lr=lr, weight_decay=1e-4)
     if average:
         schedule = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-        averaged = AveragedModel(network)
     else:
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    averaged = AveragedModel(network) if average else None
     selectable = len(set(labels[val].tolist())) == 2
     guides = _guide_batches(guide, workers) if guide is not None else None
     activations = ActivationMap(network) if guide is not None else None
@@ -417,7 +417,7 @@ def train_classifier(
             loss.backward()
             optimizer.step()
         schedule.step()
-        if average:
+        if averaged is not None:
             averaged.update_parameters(network)
         if selectable:
             auroc = float(roc_auc_score(labels[val], predict(network, val_images, device)))
@@ -431,7 +431,7 @@ def train_classifier(
             break
     if activations is not None:
         activations.close()
-    if average:
+    if averaged is not None:
         update_bn((batch["image"] for batch in loader), averaged.module, device)
         network.load_state_dict(averaged.module.state_dict())
     elif selectable:
@@ -583,6 +583,14 @@ def _train(args: argparse.Namespace) -> None:
         update_manifest(args.out, "references" if head.reference else "findings", entry)
 
 
+def _positive(text: str) -> int:
+    """Return ``text`` as a positive int (argparse type)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and train the chosen model(s)."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.chest_xray.train", description=__doc__)
@@ -590,9 +598,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("weights"))
     parser.add_argument("--cache-dir", type=Path, default=Path(".train"))
-    parser.add_argument("--epochs", type=int, default=None, help="default: 80 (lung), per head (classifier)")
+    parser.add_argument("--epochs", type=_positive, default=None, help="default: 80 (lung), per head (classifier)")
     parser.add_argument("--heads", nargs="+", choices=list(HEADS), help="classifier heads to train (default: all)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=_positive, default=16)
     parser.add_argument("--size", type=int, help="classifier: input size instead of the head's")
     parser.add_argument("--region", choices=REGIONS, help="classifier: input region instead of the head's")
     parser.add_argument("--workers", type=int, default=0, help="loader processes for augmentation")
