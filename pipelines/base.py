@@ -18,14 +18,18 @@ from pydicom import Dataset
 
 @dataclass(frozen=True)
 class Verdict:
-    """The quality gate's answer for one data set: accepted, or skipped with a reason."""
+    """The quality gate's answer for one data set: accepted, or skipped with a reason.
+
+    ``caveats`` are short phrases an accepted image's results must show (``age unknown``).
+    """
 
     accepted: bool
     reason: str = ""
+    caveats: tuple[str, ...] = ()
 
     @classmethod
-    def accept(cls) -> Verdict:
-        return cls(True, "")
+    def accept(cls, caveats: tuple[str, ...] = ()) -> Verdict:
+        return cls(True, "", tuple(caveats))
 
     @classmethod
     def skip(cls, reason: str) -> Verdict:

@@ -248,12 +248,21 @@ def segmented_findings(result: ImageResult) -> list[Finding]:
     return [f for f in result.findings if f.flagged and f.region is not None]
 
 
-def without_pixels(source: Dataset) -> Dataset:
-    """Return a shallow copy of ``source`` without its pixel data (which may be compressed)."""
+#: The Type 2 attributes of the Patient and General Study modules: present in every object,
+#: empty when the source does not know them (anonymised feeds omit several).
+PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def reference_of(source: Dataset) -> Dataset:
+    """Return what the writers copy from ``source``: a shallow copy without its pixel data (which
+    may be compressed), with each absent attribute of :data:`PATIENT_STUDY_TYPE2` present and empty."""
     meta = Dataset()
     meta.file_meta = getattr(source, "file_meta", Dataset())
     for element in source:
         if element.tag.group != 0x7FE0:
             meta.add(element)
+    for keyword in PATIENT_STUDY_TYPE2:
+        if keyword not in meta:
+            setattr(meta, keyword, None)
     return meta
-

@@ -24,7 +24,7 @@ from dicom_node.writers.common import (
     flag_headline,
     instance_kwargs,
     segmented_findings,
-    without_pixels,
+    reference_of,
 )
 from dicom_node.writers.render import BannerText, overlay, text_card
 from pipelines.base import Finding, ImageResult
@@ -97,7 +97,7 @@ def _sc_image(source: Dataset, rgb: np.ndarray, algorithm: AlgorithmIdentity, ki
     """Return an RGB SC image in the source's study; with ``same_geometry`` it also carries the
     source's orientation and pixel spacing and references it as its source image."""
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=without_pixels(source),
+        ref_dataset=reference_of(source),
         pixel_array=rgb,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,

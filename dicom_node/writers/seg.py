@@ -41,7 +41,7 @@ from dicom_node.writers.common import (
     instance_kwargs,
     segmented_findings,
     tracking_uid,
-    without_pixels,
+    reference_of,
 )
 from pipelines.base import ImageResult
 from pipelines.chest_xray.overlay import LUNG_COLOUR, REGION_COLOUR
@@ -87,7 +87,7 @@ def build_seg(source: Dataset, result: ImageResult, algorithm: AlgorithmIdentity
     ]
     masks = np.stack([result.lung_mask, *(f.region for f in findings)], axis=-1).astype(bool)
 
-    reference = without_pixels(source)
+    reference = reference_of(source)
     if "ImagePositionPatient" not in reference and "PixelSpacing" in reference:
         del reference.PixelSpacing  # see the module docstring: no Pixel Measures for projection images
 

@@ -39,7 +39,7 @@ from dicom_node.writers.common import (
     local_scheme_item,
     segmented_findings,
     tracking_uid,
-    without_pixels,
+    reference_of,
 )
 from dicom_node.writers.seg import LUNG_SEGMENT
 from pipelines.base import Finding, ImageResult
@@ -169,7 +169,7 @@ def build_sr(source: Dataset, result: ImageResult, seg: Dataset, algorithm: Algo
     report[0].ContentSequence.append(_marking())
 
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[without_pixels(source), seg],
+        evidence=[reference_of(source), seg],
         content=report[0],
         is_complete=True,
         is_final=False,

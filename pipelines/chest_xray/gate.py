@@ -1,8 +1,19 @@
-"""The input quality gate: which data sets the chest X-ray pipeline analyses."""
+"""The tag half of the quality gate: what a data set's attributes say about the image.
+
+Every attribute that can say "not a frontal adult chest radiograph" is read, in the
+forms real modalities and feeds write (coded views and anatomy, ``TORAX``, ``17Y``,
+``045``, birth dates against every date of the study). A value that contradicts the
+rule skips, whatever else is missing; a missing value proves nothing, and the image
+content check (:mod:`pipelines.chest_xray.plausibility`) has to prove it instead.
+An age that cannot be told is decided by the ``unknown_age`` policy.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from datetime import date
+from enum import StrEnum
 
 from pydicom import Dataset
 
@@ -11,28 +22,48 @@ from pipelines.base import Verdict
 PROJECTION_MODALITIES = {"CR", "DX"}
 FRONTAL_VIEWS = {"PA", "AP"}
 GRAYSCALE = {"MONOCHROME1", "MONOCHROME2"}
-CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG"}
+#: Words for the chest in BodyPartExamined, as modalities write it (several languages).
+CHEST_WORDS = {"CHEST", "THORAX", "THORACIC", "TORAX", "TORACE", "TORACICO", "THORAKS", "TORAKS", "BRUST",
+               "BRUSTKORB", "POITRINE", "PECHO", "LUNG", "LUNGS", "PULMON", "PULMAO", "CXR"}
+LATERAL_WORDS = {"LAT", "LATERAL", "LL", "RL", "OBL", "OBLIQUE"}
+#: Coded frontal views (CID 4010): SNOMED CT and the retired SNOMED RT codes.
+FRONTAL_VIEW_CODES = {"399348003", "272479007", "399300004", "R-10206", "R-10214"}
+#: Coded chest anatomy (CID 4031): thorax, chest, lung, chest cavity.
+CHEST_REGION_CODES = {"51185008", "816094009", "39607008", "43799004", "302551006", "T-D3000", "T-28000"}
+_FRONTAL_MEANINGS = ("postero-anterior", "antero-posterior", "posteroanterior", "anteroposterior")
+_CHEST_MEANINGS = ("chest", "thorax", "lung")
+_NOT_FRONTAL_MEANINGS = ("lateral", "oblique", "lordotic", "decubitus")
+_AGE = re.compile(r"^0*(\d{1,3})\s*([YMWD])?$")
+_PER_YEAR = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}
+AGE_DATES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
 
 
-def patient_age_years(dataset: Dataset) -> float | None:
-    """Return the patient's age at the study in years, or None when it cannot be told.
+class UnknownAge(StrEnum):
+    """What the gate does with an image whose patient age cannot be told."""
 
-    PatientAge (``nnnY/M/W/D``) is used when present, otherwise the difference
-    between PatientBirthDate and StudyDate (or AcquisitionDate).
-    """
-    age = str(dataset.get("PatientAge", "") or "").strip().upper()
-    if len(age) == 4 and age[:3].isdigit() and age[3] in "YMWD":
-        per_year = {"Y": 1, "M": 12, "W": 52.1775, "D": 365.25}[age[3]]
-        return int(age[:3]) / per_year
-    birth = _parse_date(dataset.get("PatientBirthDate"))
-    seen = _parse_date(dataset.get("StudyDate")) or _parse_date(dataset.get("AcquisitionDate"))
-    if birth is None or seen is None or seen < birth:
+    ANALYSE = "analyse"
+    SKIP = "skip"
+
+
+#: The caveat an accepted image with an unknown age carries into the SC banner and the SR.
+AGE_UNKNOWN = "age unknown"
+
+
+def _text(dataset: Dataset, keyword: str) -> str:
+    return str(dataset.get(keyword, "") or "").strip()
+
+
+def parse_age(value: object) -> float | None:
+    """Return a PatientAge value in years, leniently (``045Y``, ``17Y``, ``00010M``, ``045``), or None."""
+    match = _AGE.match(str(value or "").strip().upper())
+    if match is None:
         return None
-    return (seen - birth).days / 365.25
+    return int(match.group(1)) / _PER_YEAR[match.group(2) or "Y"]
 
 
-def _parse_date(value: object) -> date | None:
-    text = str(value or "").strip()
+def parse_date(value: object) -> date | None:
+    """Return a DA value (``YYYYMMDD``, also with ``.`` or ``-`` separators) as a date, or None."""
+    text = re.sub(r"[.\-/ ]", "", str(value or ""))
     if len(text) != 8 or not text.isdigit():
         return None
     try:
@@ -41,36 +72,111 @@ def _parse_date(value: object) -> date | None:
         return None
 
 
+def patient_ages(dataset: Dataset) -> list[float]:
+    """Return every age in years the data set states: PatientAge, and PatientBirthDate against
+    each of StudyDate, SeriesDate, AcquisitionDate and ContentDate (later than the birth)."""
+    ages = []
+    if (stated := parse_age(dataset.get("PatientAge"))) is not None:
+        ages.append(stated)
+    birth = parse_date(dataset.get("PatientBirthDate"))
+    if birth is not None:
+        for keyword in AGE_DATES:
+            seen = parse_date(dataset.get(keyword))
+            if seen is not None and seen >= birth:
+                ages.append((seen - birth).days / 365.25)
+    return ages
+
+
+def patient_age_years(dataset: Dataset) -> float | None:
+    """Return the lowest age the data set states, in years, or None when it states none."""
+    ages = patient_ages(dataset)
+    return min(ages) if ages else None
+
+
+def _codes(dataset: Dataset, keyword: str) -> list[tuple[str, str]]:
+    """Return (code value, lower-case meaning) of every item of a code sequence, nested modifiers included."""
+    found = []
+    for item in dataset.get(keyword, None) or []:
+        value = str(item.get("CodeValue", "") or item.get("LongCodeValue", "") or "").strip()
+        found.append((value, str(item.get("CodeMeaning", "") or "").strip().lower()))
+        found += _codes(item, "ViewModifierCodeSequence")
+    return found
+
+
+def _words(text: str) -> set[str]:
+    return set(re.split(r"[^A-Z]+", text.upper())) - {""}
+
+
+def body_part_is_chest(value: str) -> bool:
+    """Return whether a BodyPartExamined value names the chest (``CHEST``, ``Thorax``, ``TORAX``, ``chest pa``...)."""
+    return bool(_words(value) & CHEST_WORDS)
+
+
 def is_chest(dataset: Dataset) -> bool:
-    """Return whether ``dataset`` says it shows the chest (BodyPartExamined)."""
-    return str(dataset.get("BodyPartExamined", "") or "").upper() in CHEST_BODY_PARTS
+    """Return whether ``dataset`` says it shows the chest (BodyPartExamined or AnatomicRegionSequence)."""
+    return body_part_is_chest(_text(dataset, "BodyPartExamined")) or any(
+        value in CHEST_REGION_CODES or any(word in meaning for word in _CHEST_MEANINGS)
+        for value, meaning in _codes(dataset, "AnatomicRegionSequence"))
 
 
-def check_chest_radiograph(dataset: Dataset, *, min_age_years: float = 18.0) -> Verdict:
-    """Accept a single-frame grayscale frontal (PA/AP) chest CR/DX of an adult.
+def _view_reason(dataset: Dataset) -> str | None:
+    view = _text(dataset, "ViewPosition").upper()
+    if view and view not in FRONTAL_VIEWS:
+        return f"view position {view} is not frontal (PA/AP)"
+    for value, meaning in _codes(dataset, "ViewCodeSequence"):
+        if value not in FRONTAL_VIEW_CODES and not any(word in meaning for word in _FRONTAL_MEANINGS):
+            return f"view code {value or '?'} ({meaning or 'no meaning'}) is not frontal (PA/AP)"
+    for value, meaning in [*_codes(dataset, "ViewModifierCodeSequence")]:
+        if any(word in meaning for word in _NOT_FRONTAL_MEANINGS):
+            return f"view modifier {value or '?'} ({meaning}) is not a frontal view"
+    return None
 
-    Missing optional attributes (ViewPosition, BodyPartExamined, age) do not skip
-    an image; a value that contradicts the rule does. Returns a :class:`Verdict`
-    whose reason names the first rule that failed.
+
+def _anatomy_reason(dataset: Dataset) -> str | None:
+    body_part = _text(dataset, "BodyPartExamined")
+    if body_part and not body_part_is_chest(body_part):
+        return f"body part {body_part.upper()} is not chest"
+    if body_part and _words(body_part) & LATERAL_WORDS:
+        return f"body part {body_part.upper()} names a lateral or oblique view"
+    for value, meaning in _codes(dataset, "AnatomicRegionSequence"):
+        if value not in CHEST_REGION_CODES and not any(word in meaning for word in _CHEST_MEANINGS):
+            return f"anatomic region {value or '?'} ({meaning or 'no meaning'}) is not chest"
+    return None
+
+
+def _first(reasons: Iterable[str | None]) -> str | None:
+    return next((reason for reason in reasons if reason), None)
+
+
+def check_chest_radiograph(dataset: Dataset, *, min_age_years: float = 18.0,
+                           unknown_age: UnknownAge | str = UnknownAge.ANALYSE) -> Verdict:
+    """Return the tag verdict for ``dataset``: a single-frame grayscale frontal (PA/AP) chest CR/DX
+    of a patient of at least ``min_age_years``.
+
+    A stated value that contradicts the rule skips (the reason names it); a missing
+    one does not, except the age under ``unknown_age=skip``. An accepted image of
+    unknown age carries the caveat :data:`AGE_UNKNOWN`.
     """
-    modality = str(dataset.get("Modality", "")).upper()
+    modality = _text(dataset, "Modality").upper()
     if modality not in PROJECTION_MODALITIES:
         return Verdict.skip(f"modality {modality or 'missing'} is not CR or DX")
     if "PixelData" not in dataset and "FloatPixelData" not in dataset:
         return Verdict.skip("no pixel data")
-    body_part = str(dataset.get("BodyPartExamined", "") or "").upper()
-    if body_part and body_part not in CHEST_BODY_PARTS:
-        return Verdict.skip(f"body part {body_part} is not chest")
-    view = str(dataset.get("ViewPosition", "") or "").upper()
-    if view and view not in FRONTAL_VIEWS:
-        return Verdict.skip(f"view position {view} is not frontal (PA/AP)")
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    if frames != 1:
-        return Verdict.skip(f"{frames} frames; a single frame is required")
-    photometric = str(dataset.get("PhotometricInterpretation", "")).upper()
-    if photometric not in GRAYSCALE:
-        return Verdict.skip(f"photometric interpretation {photometric or 'missing'} is not grayscale")
+    photometric = _text(dataset, "PhotometricInterpretation").upper()
+    reason = _first([
+        _anatomy_reason(dataset),
+        _view_reason(dataset),
+        f"{frames} frames; a single frame is required" if frames != 1 else None,
+        None if photometric in GRAYSCALE else f"photometric interpretation {photometric or 'missing'} is not grayscale",
+    ])
+    if reason:
+        return Verdict.skip(reason)
     age = patient_age_years(dataset)
     if age is not None and age < min_age_years:
-        return Verdict.skip(f"patient younger than {min_age_years:g} years")
+        return Verdict.skip(f"patient younger than {min_age_years:g} years (by PatientAge or PatientBirthDate)")
+    if age is None:
+        if UnknownAge(unknown_age) is UnknownAge.SKIP:
+            return Verdict.skip("patient age unknown (no valid PatientAge or PatientBirthDate) and gate.unknown_age is skip")
+        return Verdict.accept(caveats=(AGE_UNKNOWN,))
     return Verdict.accept()
