@@ -68,7 +68,7 @@ class Analyzer:
 
         pipeline = ChestXrayPipeline.from_manifest(
             settings.pipeline.manifest_path, device=settings.worker.device,
-            min_age_years=settings.gate.min_patient_age_years,
+            min_age_years=settings.gate.min_patient_age_years, unknown_age=settings.gate.unknown_age,
         )
         return cls(db, audit, pipeline, settings.results_dir, worker=worker,
                    destinations=settings.destinations,
@@ -134,31 +134,38 @@ class Analyzer:
         return status
 
     def _analyse_instance(self, job_id: int, instance: Instance) -> InstanceOutcome:
-        """Gate, analyse and write the outputs of one instance; return its verdict."""
+        """Gate (tags, then image content), analyse and write the outputs of one instance; return its verdict."""
         try:
             dataset = dcmread(instance.path)
             verdict = self.pipeline.accepts(dataset)
             folder = result_dir(self.results_root, instance.study_instance_uid,
                                 instance.sop_instance_uid)
             if not verdict.accepted:
-                if self.note_skipped and is_chest(dataset):
-                    note = write_not_analysed(dataset, verdict.reason, self.algorithm)
-                    self._queue_outputs(job_id, instance, folder, {OutputKind.NOT_ANALYSED: note})
-                return InstanceOutcome(Verdict.SKIPPED, verdict.reason)
+                return self._skip(job_id, instance, dataset, folder, verdict.reason)
             with STAGE_SECONDS.labels("decode").time():
                 image = self.pipeline.load(dataset)
             with STAGE_SECONDS.labels("pipeline").time():
                 result = self.pipeline.run([image])[0]
+            if not result.verdict.accepted:
+                return self._skip(job_id, instance, dataset, folder, result.verdict.reason)
             with STAGE_SECONDS.labels("writers").time():
                 save_result(folder, result, self.algorithm.label)
-                self._queue_outputs(job_id, instance, folder,
-                                    write_results(dataset, result, image.display, self.algorithm))
-            return InstanceOutcome(Verdict.ANALYSED, ", ".join(
-                f"{f['name']}={f['probability']:.2f}{' FLAGGED' if f['flagged'] else ''}"
-                for f in findings_summary(result)))
+                self._queue_outputs(job_id, instance, folder, write_results(
+                    dataset, result, image.display, self.algorithm, caveats=verdict.caveats))
+            scores = ", ".join(f"{f['name']}={f['probability']:.2f}{' FLAGGED' if f['flagged'] else ''}"
+                               for f in findings_summary(result))
+            return InstanceOutcome(Verdict.ANALYSED, "; ".join([scores, *verdict.caveats]))
         except Exception as exc:  # a bad input or model error is a recorded failure, not a retry
             logger.exception("Job %d: instance %s failed", job_id, instance.sop_instance_uid)
             return InstanceOutcome(Verdict.FAILED, f"{type(exc).__name__}: {exc}"[:500])
+
+    def _skip(self, job_id: int, instance: Instance, dataset: Dataset, folder: Path,
+              reason: str) -> InstanceOutcome:
+        """Return the skipped outcome; queue the "not analysed" note when configured and the data set says chest."""
+        if self.note_skipped and is_chest(dataset):
+            note = write_not_analysed(dataset, reason, self.algorithm)
+            self._queue_outputs(job_id, instance, folder, {OutputKind.NOT_ANALYSED: note})
+        return InstanceOutcome(Verdict.SKIPPED, reason)
 
     def _record_verdict(self, instance: Instance, outcome: InstanceOutcome) -> None:
         with self.db.session() as session:

@@ -115,6 +115,8 @@ class SchedulerSettings(Section):
 
 class GateSettings(Section):
     min_patient_age_years: float = Field(18, ge=0)
+    unknown_age: Literal["analyse", "skip"] = Field(
+        "analyse", description="an image whose age cannot be told: analysed and marked 'age unknown', or skipped")
 
 
 class PipelineSettings(Section):

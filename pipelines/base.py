@@ -72,11 +72,16 @@ class Finding:
 
 @dataclass
 class ImageResult:
-    """Everything a pipeline says about one image."""
+    """Everything a pipeline says about one image.
+
+    ``verdict`` is the image content check's: a skipped image has no findings and
+    must yield no result objects.
+    """
 
     sop_instance_uid: str
     lung_mask: np.ndarray
     findings: list[Finding] = field(default_factory=list)
+    verdict: Verdict = field(default_factory=Verdict.accept)
 
     @property
     def flagged(self) -> list[Finding]:
@@ -93,7 +98,7 @@ class Pipeline(Protocol):
     """Each model's identity (name, architecture, weights digest), ``; ``-separated."""
 
     def accepts(self, dataset: Dataset) -> Verdict:
-        """Return whether ``dataset`` is an image this pipeline analyses, and why not."""
+        """Return whether ``dataset``'s attributes allow analysing it, and why not (the tag gate)."""
         ...
 
     def load(self, dataset: Dataset) -> ImageInput:
@@ -101,5 +106,6 @@ class Pipeline(Protocol):
         ...
 
     def run(self, inputs: Sequence[ImageInput]) -> list[ImageResult]:
-        """Analyse ``inputs``; one result per input, in order."""
+        """Analyse ``inputs``; one result per input, in order. An input whose pixels fail the
+        content check gets a result whose verdict says why, and no findings."""
         ...

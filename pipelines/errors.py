@@ -11,5 +11,13 @@ class InputError(PipelineError, ValueError):
     """An image or data set that cannot be analysed (undecodable, wrong shape, ...)."""
 
 
+class SkippedByGate(InputError):
+    """A data set the quality gate's tag check skipped; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"skipped: {reason}")
+        self.reason = reason
+
+
 class WeightsError(PipelineError):
     """A weights manifest or weights file that is missing, malformed or altered."""

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import yaml
 from pydicom.data import get_testdata_file
 from skimage.measure import label
 
-from pipelines.base import ImageResult, Pipeline
+from pipelines.base import ImageInput, ImageResult, Pipeline
 from pipelines.chest_xray.gradcam import peak
 from pipelines.chest_xray.metrics import dice
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
@@ -66,8 +67,42 @@ def test_gate_uses_min_age(pipeline: ChestXrayPipeline) -> None:
     assert pipeline.accepts(dataset).accepted
     dataset.PatientAge = "012Y"
     assert not pipeline.accepts(dataset).accepted
-    younger = ChestXrayPipeline(pipeline.segmenter, pipeline.classifiers, version=pipeline.version, min_age_years=10)
+    younger = ChestXrayPipeline(pipeline.segmenter, pipeline.content_check, pipeline.classifiers,
+                                version=pipeline.version, min_age_years=10)
     assert younger.accepts(dataset).accepted
+
+
+def test_rg1_passes_the_content_check_in_every_encoding(results: dict[str, ImageResult]) -> None:
+    for name, result in results.items():
+        assert result.verdict.accepted, (name, result.verdict.reason)
+
+
+def _content_reason(pipeline: ChestXrayPipeline, display: np.ndarray) -> str:
+    image = ImageInput("1.2.3", display.astype(np.float32), np.ascontiguousarray(display))
+    [result] = pipeline.run([image])
+    assert result.findings == [] and not result.verdict.accepted
+    return result.verdict.reason
+
+
+def test_what_is_not_a_frontal_chest_radiograph_is_skipped_before_scoring(pipeline: ChestXrayPipeline) -> None:
+    rg1 = pipeline.load(_read("RG1_UNCR.dcm")).display
+    hand = pipeline.load(_read("RG3_UNCR.dcm")).display
+    for name, display in {"hand": hand, "RG1 rotated 90": np.rot90(rg1), "RG1 inverted": 255 - rg1,
+                          "RG1 upside down": rg1[::-1], "RG1 left half": rg1[:, :900],
+                          "noise": np.random.default_rng(0).integers(0, 256, (512, 512))}.items():
+        assert "does not look like a frontal chest radiograph" in _content_reason(pipeline, display), name
+    assert "blank or near-constant" in _content_reason(pipeline, np.zeros((512, 512), np.uint8))
+    assert "blank or near-constant" in _content_reason(pipeline, np.full((512, 512), 77, np.uint8))
+
+
+def test_a_manifest_without_content_check_stops_the_start(tmp_path: Path) -> None:
+    weights = tmp_path / "weights"
+    shutil.copytree(MANIFEST.parent, weights)
+    manifest = yaml.safe_load((weights / "manifest.yaml").read_text())
+    del manifest["content_check"]
+    (weights / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(WeightsError, match="no content_check entry"):
+        ChestXrayPipeline.from_manifest(weights / "manifest.yaml", device="cpu")
 
 
 def test_two_lungs_of_plausible_size(results: dict[str, ImageResult]) -> None:

@@ -31,7 +31,7 @@ def test_analyze_dicom_png_and_skipped(tmp_path: Path) -> None:
     result = CliRunner().invoke(analyze, [str(inputs), "--out", str(out), "--format", "json", "--weights", str(MANIFEST)])
     assert result.exit_code == 0, result.output
     records = {Path(r["file"]).name: r for r in json.loads(result.output)}
-    assert "not frontal" in records["lateral.dcm"]["error"]
+    assert "not frontal" in records["lateral.dcm"]["skipped"]
     for name in ("cr.dcm", "cr.png"):
         record = records[name]
         assert {f["name"] for f in record["findings"]} >= {"covid19", "pneumothorax"}

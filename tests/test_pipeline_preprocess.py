@@ -99,7 +99,8 @@ def test_png_and_jpeg_files(tmp_path: Path) -> None:
     Image.fromarray(np.stack([(RAMP // 16).astype(np.uint8)] * 3, axis=-1)).save(tmp_path / "colour.jpg")
     deep = load_image_file(tmp_path / "deep.png")
     assert deep.display.dtype == np.uint8 and deep.display.max() == 255 and deep.sop_instance_uid == "deep"
-    colour = load_path(tmp_path / "colour.jpg")
+    colour, verdict = load_path(tmp_path / "colour.jpg")
+    assert verdict.accepted
     assert colour.display.shape == (64, 64)
     (tmp_path / "note.txt").write_text("not an image")
     with pytest.raises(InputError, match="neither"):

@@ -20,7 +20,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from dicom_node.writers import AI_DISCLAIMER, OutputKind, write_not_analysed, write_results
-from dicom_node.writers.common import series_description
+from dicom_node.writers.common import PATIENT_STUDY_TYPE2, series_description
+from pipelines.base import Verdict
 from tests.writers_fixtures import ALGORITHM, HOT_SPOT, LUNGS, dciodvfy, display_of, read_source, synthetic_result
 
 #: dciodvfy warnings left, and why:
@@ -249,6 +250,8 @@ def test_uids_and_series_numbers_differ_by_source_kind_and_version(flagged: Case
      "experimental"),
     (lambda c: (replace(c.result, findings=[replace(c.result.findings[0], region=np.zeros((4, 4), bool))]),
                 c.display), "region has shape"),
+    (lambda c: (replace(c.result, findings=[], verdict=Verdict.skip("image content: no lungs found")), c.display),
+     "skipped .*no result objects"),
 ])
 def test_bad_arguments_are_rejected(flagged: Case, change, message: str) -> None:
     result, display = change(flagged)
@@ -259,3 +262,39 @@ def test_bad_arguments_are_rejected(flagged: Case, change, message: str) -> None
 def test_not_analysed_needs_a_reason(flagged: Case) -> None:
     with pytest.raises(ValueError, match="reason"):
         write_not_analysed(flagged.source, " ", ALGORITHM)
+
+
+# --- sources that lack Type 2 patient / study attributes, and gate caveats ----------------------------
+
+def test_absent_type2_patient_and_study_attributes_are_written_empty(tmp_path: Path) -> None:
+    """Anonymised feeds omit birth date, sex, IDs, accession number, study ID, date and time."""
+    source = read_source("RG1_UNCI.dcm")
+    for keyword in PATIENT_STUDY_TYPE2:
+        delattr(source, keyword)
+    outputs = write_results(source, synthetic_result(source), display_of(source), ALGORITHM)
+    for kind, dataset in outputs.items():
+        path = tmp_path / f"{kind}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        errors, _ = dciodvfy(path)
+        assert errors == [], (kind, errors)
+        read = pydicom.dcmread(path)
+        for keyword in PATIENT_STUDY_TYPE2:
+            assert keyword in read and not read[keyword].value, (kind, keyword)
+    assert hd.seg.segread(tmp_path / "seg.dcm").number_of_segments == 2
+    assert hd.sr.srread(tmp_path / "sr.dcm").SOPInstanceUID == outputs[OutputKind.SR].SOPInstanceUID
+
+
+def test_an_unknown_age_is_said_in_the_sc_banner_and_the_sr(tmp_path: Path) -> None:
+    source = read_source("RG1_UNCI.dcm")
+    result = synthetic_result(source)
+    outputs = write_results(source, result, display_of(source), ALGORITHM, caveats=("age unknown",))
+    plain = write_results(source, result, display_of(source), ALGORITHM)
+    assert not np.array_equal(outputs[OutputKind.SC].pixel_array, plain[OutputKind.SC].pixel_array)
+    from dicom_node.writers.sc import banner_text
+    assert any("age unknown" in notice for notice in banner_text(result, ALGORITHM, ("age unknown",)).notices)
+    outputs[OutputKind.SR].save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    texts = [item.TextValue for item in hd.sr.srread(tmp_path / "sr.dcm").ContentSequence[-1].ContentSequence
+             if item.ValueType == "TEXT"]
+    assert texts == [AI_DISCLAIMER, "age unknown"]
+    errors, _ = dciodvfy(tmp_path / "sr.dcm")
+    assert errors == []

@@ -14,7 +14,7 @@ from PIL import Image
 from dicom_node.cli.common import expand_paths, settings_from
 from pipelines.base import ImageInput, ImageResult
 from pipelines.chest_xray.overlay import render_overlay
-from pipelines.errors import PipelineError, WeightsError
+from pipelines.errors import PipelineError, SkippedByGate, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,15 @@ def _write(image: ImageInput, result: ImageResult, out: Path, stem: str) -> dict
     }
 
 
+def _summary(record: dict[str, Any]) -> str:
+    """Return the one-line text of an image's record: its error, skip reason or scores."""
+    if "error" in record:
+        return str(record["error"])
+    if "skipped" in record:
+        return f"skipped: {record['skipped']}"
+    return ", ".join(f"{f['name']} {f['probability']:.3f}{' FLAGGED' if f['flagged'] else ''}" for f in record["findings"])
+
+
 @click.command("analyze")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -71,7 +80,7 @@ def analyze(ctx: click.Context, paths: tuple[Path, ...], out: Path, fmt: str, we
     try:
         pipeline = ChestXrayPipeline.from_manifest(
             weights or settings.pipeline.manifest_path, device=device,
-            min_age_years=settings.gate.min_patient_age_years)
+            min_age_years=settings.gate.min_patient_age_years, unknown_age=settings.gate.unknown_age)
     except WeightsError as exc:
         raise click.ClickException(str(exc)) from exc
     out.mkdir(parents=True, exist_ok=True)
@@ -81,16 +90,19 @@ def analyze(ctx: click.Context, paths: tuple[Path, ...], out: Path, fmt: str, we
         record: dict[str, Any] = {"file": str(path), "output": stem, "pipeline": pipeline.name,
                                   "version": pipeline.version, "notice": NOTICE}
         try:
-            image = load_path(path, gate=pipeline.accepts)
-            record.update(_write(image, pipeline.run([image])[0], out, stem))
+            image, verdict = load_path(path, gate=pipeline.accepts)
+            result = pipeline.run([image])[0]
+            if result.verdict.accepted:
+                record.update(_write(image, result, out, stem), caveats=list(verdict.caveats))
+            else:
+                record["skipped"] = result.verdict.reason
+        except SkippedByGate as exc:
+            record["skipped"] = exc.reason
         except PipelineError as exc:
             record["error"] = str(exc)
         (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
         records.append(record)
         if fmt == "text":
-            summary = record.get("error") or ", ".join(
-                f"{f['name']} {f['probability']:.3f}{' FLAGGED' if f['flagged'] else ''}" for f in record["findings"]
-            )
-            click.echo(f"{path}: {summary}")
+            click.echo(f"{path}: {_summary(record)}")
     if fmt == "json":
         click.echo(json.dumps(records, indent=2))

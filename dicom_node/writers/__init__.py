@@ -11,6 +11,7 @@ ones in the PACS.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 from pydicom import Dataset
@@ -27,21 +28,24 @@ logger = logging.getLogger(__name__)
 
 
 def write_results(source: Dataset, result: ImageResult, display: np.ndarray,
-                  algorithm: AlgorithmIdentity) -> dict[OutputKind, Dataset]:
+                  algorithm: AlgorithmIdentity, caveats: Sequence[str] = ()) -> dict[OutputKind, Dataset]:
     """Return the SC, SEG and SR of ``result`` for ``source``, keyed by kind.
+
+    ``caveats`` (the gate's, e.g. "age unknown") are shown in the SC banner and written into the SR.
 
     ``source`` is the analysed data set (its pixel data is not used, and may be
     compressed or absent); ``display`` is the windowed uint8 image at the source
     geometry (``ImageInput.display``). Raises ValueError when ``result`` or
     ``display`` does not fit ``source`` (other image, other Rows/Columns, scores
-    outside [0, 1], duplicate finding names, flagged experimental finding).
+    outside [0, 1], duplicate finding names, flagged experimental finding, an image the
+    content check skipped).
     """
     check_result(source, result, display)
     seg = build_seg(source, result, algorithm)
     outputs: dict[OutputKind, Dataset] = {
-        OutputKind.SC: build_sc(source, result, display, algorithm),
+        OutputKind.SC: build_sc(source, result, display, algorithm, caveats),
         OutputKind.SEG: seg,
-        OutputKind.SR: build_sr(source, result, seg, algorithm),
+        OutputKind.SR: build_sr(source, result, seg, algorithm, caveats),
     }
     logger.info("results for %s: %s", source.SOPInstanceUID,
                 ", ".join(f"{kind}={ds.SOPInstanceUID}" for kind, ds in outputs.items()))

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 UID_PREFIX = PYDICOM_ROOT_UID
 #: The marking carried by every object (ASCII: the sources' character sets may be Latin-1).
 AI_DISCLAIMER = "AI result - not for diagnosis"
+#: How a gate caveat reads in the SC banner: ``Patient age unknown ...``.
+CAVEAT_NOTICES = {"age unknown": "Patient age unknown: the models were validated on adults only"}
 #: Every SeriesDescription starts with this.
 DESCRIPTION_PREFIX = "AI CXR: "
 #: Private coding scheme for the concepts no public terminology has (flag, experimental head).
@@ -149,6 +151,11 @@ def finding_code(finding: Finding) -> Code:
     return Code(finding.name[:16], LOCAL_SCHEME, finding.display_name[:64])
 
 
+def caveat_notice(caveat: str) -> str:
+    """Return the banner line of a gate caveat (the caveat itself when it has no longer wording)."""
+    return CAVEAT_NOTICES.get(caveat, caveat)
+
+
 def local_code(value: str, meaning: str) -> Code:
     """Return a code of the node's private scheme :data:`LOCAL_SCHEME`."""
     return Code(value, LOCAL_SCHEME, meaning)
@@ -218,8 +225,10 @@ def _check_array(label: str, array: np.ndarray | None, shape: tuple[int, int]) -
 
 def check_result(source: Dataset, result: ImageResult, display: np.ndarray | None = None) -> None:
     """Raise ValueError unless ``result`` (and ``display``) fit ``source``: same image, same geometry,
-    scores in [0, 1], unique finding names, no flagged experimental finding."""
+    scores in [0, 1], unique finding names, no flagged experimental finding, not skipped."""
     shape = check_source(source)
+    if not result.verdict.accepted:
+        raise ValueError(f"The image was skipped ({result.verdict.reason}): it yields no result objects.")
     if result.sop_instance_uid != source.SOPInstanceUID:
         raise ValueError(
             f"The result is for {result.sop_instance_uid}, not for the source {source.SOPInstanceUID}.")

@@ -6,6 +6,7 @@ region contours and a burned-in banner; and the short "not analysed" note.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -19,6 +20,7 @@ from dicom_node.writers.common import (
     AlgorithmIdentity,
     OutputKind,
     check_result,
+    caveat_notice,
     check_source,
     copy_patient_orientation,
     flag_headline,
@@ -39,8 +41,9 @@ def _finding_item(finding: Finding) -> str:
     return f"{finding.display_name} {finding.probability:.2f} (threshold {finding.threshold:.2f}): {verdict}"
 
 
-def banner_text(result: ImageResult, algorithm: AlgorithmIdentity) -> BannerText:
-    """Return the banner of ``result``: the flag, each finding (flagged first, then by score), model, marking."""
+def banner_text(result: ImageResult, algorithm: AlgorithmIdentity, caveats: Sequence[str] = ()) -> BannerText:
+    """Return the banner of ``result``: the flag, each finding (flagged first, then by score), model, marking
+    and the gate's caveats."""
     findings = sorted(result.findings, key=lambda f: (not f.flagged, f.experimental, -f.probability))
     legend = "Green: lungs"
     _, heat_legend = _shown_heat(result)
@@ -52,7 +55,7 @@ def banner_text(result: ImageResult, algorithm: AlgorithmIdentity) -> BannerText
         headline=flag_headline(result),
         alert=bool(result.flagged),
         items=[_finding_item(f) for f in findings],
-        notices=[AI_DISCLAIMER],
+        notices=[AI_DISCLAIMER, *(caveat_notice(c) for c in caveats)],
         footer=[f"Model: {algorithm.label}", legend],
     )
 
@@ -123,8 +126,9 @@ def _sc_image(source: Dataset, rgb: np.ndarray, algorithm: AlgorithmIdentity, ki
     return sc
 
 
-def build_sc(source: Dataset, result: ImageResult, display: np.ndarray, algorithm: AlgorithmIdentity) -> hd.sc.SCImage:
-    """Return the RGB overlay SC of ``result`` at the source geometry.
+def build_sc(source: Dataset, result: ImageResult, display: np.ndarray, algorithm: AlgorithmIdentity,
+             caveats: Sequence[str] = ()) -> hd.sc.SCImage:
+    """Return the RGB overlay SC of ``result`` at the source geometry, the gate's ``caveats`` in its banner.
 
     ``display`` is the windowed uint8 image (``ImageInput.display``). Raises ValueError
     if it or a mask does not match the source's Rows/Columns.
@@ -132,7 +136,7 @@ def build_sc(source: Dataset, result: ImageResult, display: np.ndarray, algorith
     check_result(source, result, display)
     rgb = overlay(
         display, result.lung_mask, _shown_heat(result)[0], [f.region for f in segmented_findings(result)],
-        banner_text(result, algorithm),
+        banner_text(result, algorithm, caveats),
     )
     sc = _sc_image(source, rgb, algorithm, OutputKind.SC, flag_headline(result), same_geometry=True)
     logger.debug("SC %s for %s", sc.SOPInstanceUID, source.SOPInstanceUID)

@@ -16,6 +16,7 @@ Qualitative Evaluations container holding the "not for diagnosis" marking.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import highdicom as hd
 from pydicom import Dataset
@@ -135,18 +136,21 @@ def _lung_group(source: Dataset, seg: Dataset, algorithm: AlgorithmIdentity,
     )
 
 
-def _marking() -> hd.sr.ContainerContentItem:
-    """Return the TID 1500 Qualitative Evaluations container holding the "not for diagnosis" comment."""
+def _marking(caveats: Sequence[str]) -> hd.sr.ContainerContentItem:
+    """Return the TID 1500 Qualitative Evaluations container holding the "not for diagnosis" comment
+    and one comment per gate caveat ("age unknown")."""
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
     container.ContentSequence = [
-        hd.sr.TextContentItem(name=codes.DCM.Comment, value=AI_DISCLAIMER, relationship_type="CONTAINS"),
+        hd.sr.TextContentItem(name=codes.DCM.Comment, value=text, relationship_type="CONTAINS")
+        for text in (AI_DISCLAIMER, *caveats)
     ]
     return container
 
 
 def build_sr(source: Dataset, result: ImageResult, seg: Dataset, algorithm: AlgorithmIdentity,
-             ) -> hd.sr.Comprehensive3DSR:
-    """Return the SR of ``result``, referencing ``source`` and the segments of ``seg`` (from :func:`build_seg`).
+             caveats: Sequence[str] = ()) -> hd.sr.Comprehensive3DSR:
+    """Return the SR of ``result``, referencing ``source`` and the segments of ``seg`` (from :func:`build_seg`),
+    with the gate's ``caveats`` as comments beside the "not for diagnosis" marking.
 
     Raises ValueError if ``seg`` is not a SEG of ``source`` or a mask does not match the source.
     """
@@ -166,7 +170,7 @@ def build_sr(source: Dataset, result: ImageResult, seg: Dataset, algorithm: Algo
         procedure_reported=PLAIN_CHEST_XRAY,
         imaging_measurements=groups,
     )
-    report[0].ContentSequence.append(_marking())
+    report[0].ContentSequence.append(_marking(caveats))
 
     sr = hd.sr.Comprehensive3DSR(
         evidence=[reference_of(source), seg],

@@ -122,3 +122,29 @@ def labelled_samples(root: Path, label: str, split: str = "all") -> list[Sample]
     if not samples:
         raise InputError(f"no labelled images in {root} (split {split})")
     return samples
+
+
+#: The frontal chest sets under a data folder like ``../shared/data``: name → (folder, kind).
+FRONTAL_CHEST_SETS = {
+    "openist": ("lung-seg/openist", "masked"),
+    "covid-seg": ("lung-seg/covid-seg", "masked"),
+    "covid-radiography": ("covid-radiography", "covid"),
+    "nih-cxr14": ("nih-cxr14", "labelled"),
+}
+
+
+def frontal_chest_samples(data_dir: Path, split: str = "all") -> dict[str, list[Sample]]:
+    """Return the images of every set of :data:`FRONTAL_CHEST_SETS` in ``split``, by set name.
+
+    Raises :class:`InputError` when a set's folder is missing.
+    """
+    found = {}
+    for name, (folder, kind) in FRONTAL_CHEST_SETS.items():
+        root = data_dir / folder
+        if kind == "masked":
+            found[name] = masked_samples(root, "masks-lung", split)
+        elif kind == "covid":
+            found[name] = covid_samples(root, split)
+        else:
+            found[name] = labelled_samples(root, "Pneumothorax", split)
+    return found

@@ -4,15 +4,18 @@
     python -m pipelines.chest_xray.evaluate covid19 --data-dir DIR [--split test] [--negatives DIR] [--json]
     python -m pipelines.chest_xray.evaluate pneumothorax --data-dir DIR [--split test] [--json]
     python -m pipelines.chest_xray.evaluate localization --data-dir DIR [--split train] [--json]
+    python -m pipelines.chest_xray.evaluate gate --data-dir DATA [--split test] [--json]
 
 Layouts: lung ``images/`` + ``masks-lung/``; covid19 ``COVID/`` + ``Normal/``;
-pneumothorax ``images/`` + ``labels.csv``; localization ``images/`` + ``masks-opacity/``.
+pneumothorax ``images/`` + ``labels.csv``; localization ``images/`` + ``masks-opacity/``;
+gate: the data folder holding every frontal chest set (``../shared/data``).
 ``--split`` picks a part of the sets the models were trained on (the hash split, or
 ``official_split`` of labels.csv; ``held-out`` is val and test together); ``all``
 scores an outside set.
 Everything goes through the inference path of the node (decode → display → lungs
 → classifier input). 95 % CIs are percentile bootstraps (1,000 rounds, stratified
-by label). ROC curves and example overlays are written under ``--out``.
+by label); the gate's rates have exact binomial (Clopper-Pearson) intervals. ROC
+curves and example overlays are written under ``--out``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,15 +34,15 @@ from scipy import ndimage
 from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
-from pipelines.chest_xray import datasets
+from pipelines.chest_xray import datasets, gate_corpus
 from pipelines.chest_xray.classification import FindingClassifier
 from pipelines.chest_xray.datasets import Sample
 from pipelines.chest_xray.gradcam import peak
-from pipelines.chest_xray.metrics import dice, mean_with_ci, with_ci
+from pipelines.chest_xray.metrics import dice, mean_with_ci, proportion_with_ci, with_ci
 from pipelines.chest_xray.models import read_manifest
 from pipelines.chest_xray.overlay import render_overlay
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
-from pipelines.chest_xray.preprocess import load_image_file
+from pipelines.chest_xray.preprocess import load_dataset, load_image_file
 from pipelines.errors import InputError, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -196,6 +200,71 @@ def evaluate_localization(
     }
 
 
+CORPUS_CHESTS_PER_SET = 25
+
+
+def _skip_kind(reason: str) -> str:
+    """Return which content check skipped: blank, no lungs or the view / body-part network."""
+    return "blank" if "blank" in reason else "no lungs" if "no lungs" in reason else "view check"
+
+
+def _content_verdicts(pipeline: ChestXrayPipeline, displays: Sequence[np.ndarray]) -> list[Any]:
+    verdicts = []
+    for start in range(0, len(displays), BATCH):
+        chunk = list(displays[start : start + BATCH])
+        verdicts += pipeline.content_check.verdicts(chunk, pipeline.segmenter.masks(chunk))
+    return verdicts
+
+
+def evaluate_gate(pipeline: ChestXrayPipeline, data_dir: Path, split: str, out: Path) -> dict[str, Any]:
+    """Return the image content check's false skips on every frontal chest set in ``split`` (with 95 %
+    CIs) and its skips of :func:`gate_corpus.corpus` (made of pydicom-data's other anatomy, synthetic
+    images, and RG1 and the first images of each chest set turned, inverted and cropped)."""
+    report: dict[str, Any] = {"task": "gate", "split": split, "threshold": pipeline.content_check.threshold,
+                              "chest": {}, "corpus": {}}
+    pooled: list[float] = []
+    chest_examples: list[tuple[str, np.ndarray]] = []
+    for name, samples in datasets.frontal_chest_samples(data_dir, split).items():
+        skipped, kinds = [], Counter()
+        for batch, (chunk, displays) in enumerate(_batches(samples, f"gate {name}")):
+            if batch == 0:  # the corpus turns, inverts and crops the first images of each set
+                chest_examples += [(f"{name} {s.image.stem}", d) for s, d in zip(chunk, displays, strict=True)
+                                   ][:CORPUS_CHESTS_PER_SET]
+            for sample, display, verdict in zip(chunk, displays, _content_verdicts(pipeline, displays), strict=True):
+                skipped.append(float(not verdict.accepted))
+                if not verdict.accepted:
+                    kinds[_skip_kind(verdict.reason)] += 1
+                    _save_png(display, out / "gate-false-skips" / f"{name}-{sample.image.stem}.png")
+        pooled += skipped
+        report["chest"][name] = {"images": len(skipped), "false_skips": int(sum(skipped)),
+                                 "false_skip_rate": proportion_with_ci(int(sum(skipped)), len(skipped)),
+                                 "by_check": dict(kinds)}
+    report["chest_pooled"] = {"images": len(pooled), "false_skips": int(sum(pooled)),
+                              "false_skip_rate": proportion_with_ci(int(sum(pooled)), len(pooled))}
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    rg1 = load_dataset(dcmread(get_testdata_file("RG1_UNCR.dcm"))).display
+    items = gate_corpus.corpus([("RG1_UNCR", rg1), *chest_examples])
+    verdicts = _content_verdicts(pipeline, [item.display for item in items])
+    for group in dict.fromkeys(item.group for item in items):
+        members = [(item, v) for item, v in zip(items, verdicts, strict=True) if item.group == group]
+        passed = [item.name for item, v in members if v.accepted]
+        for item, v in members:
+            if v.accepted:
+                _save_png(item.display, out / "gate-corpus-passed" / f"{item.name.replace(' ', '_')}.png")
+        report["corpus"][group] = {
+            "images": len(members), "skipped": len(members) - len(passed),
+            "skip_rate": proportion_with_ci(len(members) - len(passed), len(members)),
+            "by_check": dict(Counter(_skip_kind(v.reason) for _, v in members if not v.accepted)),
+            "passed": passed,
+        }
+    skipped = sum(entry["skipped"] for entry in report["corpus"].values())
+    report["corpus_pooled"] = {"images": len(items), "skipped": skipped,
+                               "skip_rate": proportion_with_ci(skipped, len(items))}
+    return report
+
+
 def _anatomical_prior(lung_mask: np.ndarray) -> tuple[int, int]:
     """Return the centre of the lower half of the image-left lung (the right lung of a PA view), a point
     chosen without looking at the image, where COVID-19 opacities are most common in ``covid-seg``.
@@ -237,6 +306,8 @@ def _report(args: argparse.Namespace, pipeline: ChestXrayPipeline) -> dict[str, 
     if args.task == "pneumothorax":
         samples = datasets.labelled_samples(root, "Pneumothorax", args.split)
         return evaluate_binary(pipeline, [_classifier(pipeline, "pneumothorax")], samples, args.out, "pneumothorax")
+    if args.task == "gate":
+        return evaluate_gate(pipeline, root, args.split, args.out)
     return evaluate_localization(pipeline, root, "covid19", args.out, args.split)
 
 
@@ -244,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line, run one evaluation, print (or dump as JSON) its report."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.chest_xray.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=["lung", "covid19", "pneumothorax", "localization"])
+    parser.add_argument("task", choices=["lung", "covid19", "pneumothorax", "localization", "gate"])
     parser.add_argument("--data-dir", type=Path, action="append", required=True)
     parser.add_argument("--split", choices=["all", *datasets.SPLITS, datasets.HELD_OUT], default="all",
                         help=f"{datasets.HELD_OUT}: val and test together")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score, roc_curve
 
 
@@ -76,3 +77,12 @@ def mean_with_ci(values: np.ndarray, rounds: int = 1000) -> dict[str, float]:
     values = np.asarray(values, dtype=float)
     low, high = bootstrap_ci(lambda i: {"mean": float(values[i].mean())}, len(values), rounds=rounds)["mean"]
     return {"value": float(values.mean()), "ci_low": low, "ci_high": high}
+
+
+def proportion_with_ci(count: int, total: int) -> dict[str, float]:
+    """Return ``count / total`` with its exact (Clopper-Pearson) 95 % interval as ``{"value", "ci_low", "ci_high"}``;
+    unlike a bootstrap it stays informative at 0 or ``total`` events."""
+    if total < 1:
+        raise ValueError("A proportion needs at least one case.")
+    interval = binomtest(count, total).proportion_ci(confidence_level=0.95, method="exact")
+    return {"value": count / total, "ci_low": float(interval.low), "ci_high": float(interval.high)}

@@ -11,12 +11,13 @@ from pydicom import Dataset
 
 from pipelines.base import Finding, ImageInput, ImageResult, Verdict
 from pipelines.chest_xray.classification import FindingClassifier
-from pipelines.chest_xray.gate import check_chest_radiograph
+from pipelines.chest_xray.content import ContentCheck
+from pipelines.chest_xray.gate import UnknownAge, check_chest_radiograph
 from pipelines.chest_xray.gradcam import region
 from pipelines.chest_xray.models import load_network, read_manifest
 from pipelines.chest_xray.preprocess import load_dataset
 from pipelines.chest_xray.segmentation import LungSegmenter
-from pipelines.errors import InputError
+from pipelines.errors import WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 class ChestXrayPipeline:
-    """Lung segmentation, per-finding probability/threshold/flag, and lung-restricted Grad-CAM.
+    """Tag gate, lung segmentation, image content check, per-finding probability/threshold/flag,
+    and lung-restricted Grad-CAM.
 
     Implements :class:`pipelines.base.Pipeline`. Build it with :meth:`from_manifest`,
     which checks every weights file's sha256 before anything is loaded.
@@ -40,17 +42,21 @@ class ChestXrayPipeline:
     def __init__(
         self,
         segmenter: LungSegmenter,
+        content_check: ContentCheck,
         classifiers: Sequence[FindingClassifier],
         *,
         version: str,
         model_versions: str = "",
         min_age_years: float = 18.0,
+        unknown_age: UnknownAge | str = UnknownAge.ANALYSE,
     ) -> None:
         self.segmenter = segmenter
+        self.content_check = content_check
         self.classifiers = list(classifiers)
         self.version = version
         self.model_versions = model_versions
         self.min_age_years = min_age_years
+        self.unknown_age = UnknownAge(unknown_age)
 
     @classmethod
     def from_manifest(
@@ -59,6 +65,7 @@ class ChestXrayPipeline:
         *,
         device: str | torch.device = "auto",
         min_age_years: float = 18.0,
+        unknown_age: UnknownAge | str = UnknownAge.ANALYSE,
         enable_flags: Collection[str] = (),
     ) -> ChestXrayPipeline:
         """Return the pipeline described by the manifest at ``path``.
@@ -66,7 +73,8 @@ class ChestXrayPipeline:
         ``enable_flags`` names findings a site has validated and allows to be flagged
         although the manifest marks them experimental (the validation-AUROC gate still
         applies). Raises :class:`pipelines.errors.WeightsError` when the manifest is
-        missing or malformed, or any weights file is missing or altered.
+        missing or malformed (a manifest without ``content_check`` included: the gate
+        cannot run without it), or any weights file is missing or altered.
         """
         path = Path(path)
         manifest = read_manifest(path)
@@ -74,20 +82,23 @@ class ChestXrayPipeline:
         torch_device = resolve_device(device)
         lung = manifest["lung"]
         segmenter = LungSegmenter(load_network(lung, root, torch_device), int(lung["input"]["size"][0]), torch_device)
+        if not isinstance(manifest.get("content_check"), dict):
+            raise WeightsError(f"weights manifest {path} has no content_check entry: the quality gate needs it")
+        content_check = ContentCheck.from_manifest(manifest["content_check"], root, torch_device)
         classifiers = [
             FindingClassifier.from_manifest(entry, root, torch_device, enable_flags) for entry in manifest["findings"]
         ]
         logger.info("chest_xray %s on %s: findings %s", manifest.get("version"), torch_device, [c.name for c in classifiers])
         models = "; ".join(
             f"{entry.get('name', 'lung')} {entry['architecture']['name']} {str(entry['sha256'])[:8]}"
-            for entry in [lung, *manifest["findings"]]
+            for entry in [lung, {"name": "content_check", **manifest["content_check"]}, *manifest["findings"]]
         )
-        return cls(segmenter, classifiers, version=str(manifest.get("version", "0")), model_versions=models,
-                   min_age_years=min_age_years)
+        return cls(segmenter, content_check, classifiers, version=str(manifest.get("version", "0")),
+                   model_versions=models, min_age_years=min_age_years, unknown_age=unknown_age)
 
     def accepts(self, dataset: Dataset) -> Verdict:
-        """Return the quality gate's verdict for ``dataset`` (frontal adult chest CR/DX)."""
-        return check_chest_radiograph(dataset, min_age_years=self.min_age_years)
+        """Return the tag gate's verdict for ``dataset`` (frontal adult chest CR/DX)."""
+        return check_chest_radiograph(dataset, min_age_years=self.min_age_years, unknown_age=self.unknown_age)
 
     def load(self, dataset: Dataset) -> ImageInput:
         """Return the :class:`ImageInput` of ``dataset``; raises :class:`InputError` when undecodable."""
@@ -96,21 +107,28 @@ class ChestXrayPipeline:
     def run(self, inputs: Sequence[ImageInput]) -> list[ImageResult]:
         """Return one :class:`ImageResult` per input, in order.
 
-        Raises :class:`InputError` when no lungs are found in an image.
+        The lungs are segmented, then the content check decides; findings are scored
+        only for the images it accepts, the others' results carry its skip verdict.
         """
         if not inputs:
             return []
-        displays = [image.display for image in inputs]
-        masks = self.segmenter.masks(displays)
-        for image, mask in zip(inputs, masks, strict=True):
-            if not mask.any():
-                raise InputError(f"no lungs found in image {image.sop_instance_uid}")
-        results = [ImageResult(image.sop_instance_uid, mask) for image, mask in zip(inputs, masks, strict=True)]
+        masks = self.segmenter.masks([image.display for image in inputs])
+        verdicts = self.content_check.verdicts([image.display for image in inputs], masks)
+        results = [ImageResult(image.sop_instance_uid, mask, verdict=verdict)
+                   for image, mask, verdict in zip(inputs, masks, verdicts, strict=True)]
+        for result, verdict in zip(results, verdicts, strict=True):
+            if not verdict.accepted:
+                logger.info("image %s skipped: %s", result.sop_instance_uid, verdict.reason)
+        analysed = [(image, result) for image, result in zip(inputs, results, strict=True) if result.verdict.accepted]
+        if not analysed:
+            return results
+        displays = [image.display for image, _ in analysed]
+        accepted_masks = [result.lung_mask for _, result in analysed]
         for classifier in self.classifiers:
-            batch, boxes = classifier.inputs(displays, masks)
+            batch, boxes = classifier.inputs(displays, accepted_masks)
             probabilities = classifier.probabilities(batch)
-            heatmaps = classifier.gradcam.heatmaps(batch, boxes, masks)
-            for result, probability, heatmap in zip(results, probabilities, heatmaps, strict=True):
+            heatmaps = classifier.gradcam.heatmaps(batch, boxes, accepted_masks)
+            for (_, result), probability, heatmap in zip(analysed, probabilities, heatmaps, strict=True):
                 flagged = classifier.flaggable and float(probability) >= classifier.threshold
                 result.findings.append(
                     Finding(

@@ -23,7 +23,7 @@ from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
 from pipelines.base import ImageInput, Verdict
-from pipelines.errors import InputError, WeightsError
+from pipelines.errors import InputError, SkippedByGate, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -73,25 +73,27 @@ def load_image_file(path: Path) -> ImageInput:
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read image {path.name}: {exc}") from exc
     pixels = array.astype(np.float32)
-    display = array.astype(np.uint8) if array.dtype == np.uint8 else _window(pixels, *np.percentile(pixels, PERCENTILES))
+    display = array.astype(np.uint8) if array.dtype == np.uint8 else window(pixels, *np.percentile(pixels, PERCENTILES))
     return ImageInput(sop_instance_uid=path.stem, pixels=pixels, display=display)
 
 
-def load_path(path: Path, gate: Callable[[Dataset], Verdict] | None = None) -> ImageInput:
-    """Return the :class:`ImageInput` of a DICOM, PNG or JPEG file, chosen by content/suffix.
+def load_path(path: Path, gate: Callable[[Dataset], Verdict] | None = None) -> tuple[ImageInput, Verdict]:
+    """Return the :class:`ImageInput` of a DICOM, PNG or JPEG file (chosen by content/suffix) and
+    the verdict of ``gate`` on a DICOM file (accepted when there is no gate, or for PNG/JPEG).
 
-    A DICOM file must pass ``gate`` when one is given. Raises :class:`InputError` when
-    the file is neither kind, or the gate skips it (``skipped: reason``).
+    Raises :class:`SkippedByGate` when the gate skips the data set, :class:`InputError` when the
+    file is neither kind.
     """
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return load_image_file(path)
+        return load_image_file(path), Verdict.accept()
     try:
         dataset = pydicom.dcmread(path)
     except Exception as exc:
         raise InputError(f"{path.name} is neither a PNG/JPEG nor a readable DICOM file: {exc}") from exc
-    if gate is not None and not (verdict := gate(dataset)).accepted:
-        raise InputError(f"skipped: {verdict.reason}")
-    return load_dataset(dataset)
+    verdict = gate(dataset) if gate is not None else Verdict.accept()
+    if not verdict.accepted:
+        raise SkippedByGate(verdict.reason)
+    return load_dataset(dataset), verdict
 
 
 def network_image(display: np.ndarray, size: int) -> np.ndarray:
@@ -197,7 +199,7 @@ def _dicom_display(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
         if width > 0:
             return _voi_window(pixels, center, width, function)
         logger.warning("ignoring window width %s; using a percentile window", width)
-    return _window(pixels, *np.percentile(pixels, PERCENTILES))
+    return window(pixels, *np.percentile(pixels, PERCENTILES))
 
 
 def _voi_lut(pixels: np.ndarray, item: Dataset) -> np.ndarray:
@@ -211,7 +213,7 @@ def _voi_lut(pixels: np.ndarray, item: Dataset) -> np.ndarray:
         data = np.frombuffer(data, dtype=np.uint8 if bits <= 8 and len(data) == (entries or 65536) else np.uint16)
     lut = np.asarray(data, dtype=np.float32).ravel()
     index = np.clip(np.round(pixels) - first, 0, lut.size - 1).astype(np.int64)
-    return _window(lut[index], 0.0, float(2**bits - 1))
+    return window(lut[index], 0.0, float(2**bits - 1))
 
 
 def _voi_window(pixels: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -220,11 +222,11 @@ def _voi_window(pixels: np.ndarray, center: float, width: float, function: str) 
         scaled = 1.0 / (1.0 + np.exp(-4.0 * (pixels - center) / width))
         return np.round(scaled * 255).astype(np.uint8)
     if function == "LINEAR_EXACT":
-        return _window(pixels, center - width / 2, center + width / 2)
-    return _window(pixels, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2)
+        return window(pixels, center - width / 2, center + width / 2)
+    return window(pixels, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2)
 
 
-def _window(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
+def window(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
     """Map [low, high] linearly onto 0..255 (clipped) and return uint8."""
     scaled = (pixels.astype(np.float32) - low) / max(float(high - low), 1e-6)
     return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)

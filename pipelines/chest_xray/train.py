@@ -539,16 +539,17 @@ def _entry(out: Path, head: Head) -> dict[str, Any]:
 
 
 def update_manifest(out: Path, section: str, entry: dict[str, Any]) -> None:
-    """Set ``lung``, or replace the entry of the same name in ``findings`` or ``references``, in
-    ``out/manifest.yaml`` (creating the manifest). References are models kept only for evaluation.
+    """Set ``lung`` or ``content_check``, or replace the entry of the same name in ``findings`` or
+    ``references``, in ``out/manifest.yaml`` (creating the manifest). References are models kept only
+    for evaluation.
     """
     path = out / "manifest.yaml"
     try:
         manifest = read_manifest(path)
     except WeightsError:
         manifest = {"pipeline": "chest_xray", "version": "0.1.0", "lung": {}, "findings": []}
-    if section == "lung":
-        manifest["lung"] = entry
+    if section in ("lung", "content_check"):
+        manifest[section] = entry
     else:
         entries = manifest.get(section, [])
         names = [e.get("name") for e in entries]
