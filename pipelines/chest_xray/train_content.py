@@ -20,6 +20,7 @@ one frontal chest in 200 is expected to be skipped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -118,7 +119,8 @@ def _scores(network: torch.nn.Module, images: np.ndarray, device: torch.device) 
 def train_content(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_size: int, seed: int) -> dict[str, Any]:
     """Train the view / body-part network; return its manifest entry (weights written to ``out``)."""
     device = pick_device()
-    arrays = cached(cache_dir / f"content_{SIZE}_seed{seed}.npz", lambda: content_arrays(data_dir, seed))
+    folder = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]
+    arrays = cached(cache_dir / f"content_{SIZE}_seed{seed}_{folder}.npz", lambda: content_arrays(data_dir, seed))
     labels = arrays["train_labels"]
     items = [{"image": image[None], "label": label[None]} for image, label in zip(arrays["train_images"], labels)]
     loader = DataLoader(Dataset(items, augmentations(["image"], ["bilinear"], flip=True)), batch_size=batch_size,
