@@ -3,12 +3,12 @@
     python benchmarks/pipeline.py [--repeats 5] [--threads N] [--json]
 
 Reports the median per-image time of decode (read + pixel data), preprocess
-(Modality/VOI LUT, inversion), segmentation, classification and Grad-CAM (all
+(Modality/VOI LUT, inversion), segmentation, the gate's content check, classification and Grad-CAM (all
 findings), the end-to-end time per image, images/s at batch 1 and batch 8 (decode
 included), and the process's peak resident memory. CPU target: ≤ 1.0 s per image.
 
 Reference, measured in the same run: decode plus the networks' forward passes alone
-(segmentation and every classifier, on inputs prepared beforehand), the least any node
+(segmentation, the content check and every classifier, on inputs prepared beforehand), the least any node
 running these models spends per image. The ratio end to end / reference is what
 preprocessing, mask post-processing, lung cropping and Grad-CAM add; it moves less
 with the machine's load than the absolute times do.
@@ -30,6 +30,7 @@ import torch
 from pydicom.data import get_testdata_file
 
 from pipelines.base import ImageInput
+from pipelines.chest_xray.content import content_batch
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
 
 TARGET_S = 1.0
@@ -61,6 +62,7 @@ def measure(pipeline: ChestXrayPipeline, path: str, repeats: int) -> dict[str, A
         "decode": _median_s(lambda: _decode(path), repeats),
         "preprocess": _median_s(lambda: pipeline.load(dataset), repeats),
         "segmentation": _median_s(lambda: pipeline.segmenter.masks([image.display]), repeats),
+        "content_check": _median_s(lambda: pipeline.content_check.verdicts([image.display], masks), repeats),
         "classification": _median_s(
             lambda: [c.probabilities(c.inputs([image.display], masks)[0]) for c in pipeline.classifiers], repeats
         ),
@@ -73,8 +75,10 @@ def measure(pipeline: ChestXrayPipeline, path: str, repeats: int) -> dict[str, A
         return pipeline.run([pipeline.load(_decode(path)) for _ in range(size)])
 
     segmenter_input = pipeline.segmenter.network_inputs([image.display])
+    content_input = content_batch([image.display], pipeline.content_check.size)
     reference = _median_s(
         lambda: (_decode(path), pipeline.segmenter.probabilities(segmenter_input),
+                 torch.sigmoid(pipeline.content_check.network(content_input)),
                  [c.probabilities(batches[c.name][0]) for c in pipeline.classifiers]),
         repeats,
     )

@@ -46,6 +46,7 @@ def test_file_then_environment_then_flags(tmp_path, monkeypatch):
     ({"scp": {"ae_title": "A_TITLE_FAR_TOO_LONG"}}, "scp.ae_title"),
     ({"scheduler": {"study_quiet_seconds": -1}}, "scheduler.study_quiet_seconds"),
     ({"worker": {"pool": "prefork"}}, "worker.pool"),
+    ({"gate": {"unknown_age": "maybe"}}, "gate.unknown_age"),
     ({"nonsense": 1}, "nonsense"),
 ])
 def test_a_wrong_key_or_value_is_named(tmp_path, data, named):

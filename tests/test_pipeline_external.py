@@ -68,6 +68,7 @@ def external_manifest(reference: DenseNet121, tmp_path_factory: pytest.TempPathF
     torch.save(torchvision_names(reference.state_dict()), root / "chexnet.pth")
     manifest = yaml.safe_load(MANIFEST.read_text())
     shutil.copy(MANIFEST.parent / manifest["lung"]["file"], root)
+    shutil.copy(MANIFEST.parent / manifest["content_check"]["file"], root)
     manifest["findings"] = [
         {
             "name": "pneumothorax",
