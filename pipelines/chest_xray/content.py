@@ -34,8 +34,10 @@ MIN_SPREAD = 8.0
 
 def blank_reason(display: np.ndarray) -> str | None:
     """Return why ``display`` (uint8) is blank or near-constant, or None when it has content."""
-    levels = int(np.unique(display).size)
-    spread = float(np.percentile(display, 99) - np.percentile(display, 1))
+    counts = np.bincount(display.ravel(), minlength=256)
+    levels = int(np.count_nonzero(counts))
+    share = np.cumsum(counts) / display.size
+    spread = float(np.searchsorted(share, 0.99) - np.searchsorted(share, 0.01))
     if levels < MIN_GREY_LEVELS or spread < MIN_SPREAD:
         return f"blank or near-constant image ({levels} grey levels, 1-99 % spread {spread:.0f} of 255)"
     return None
