@@ -1,8 +1,10 @@
 """C-ECHO / C-STORE SCU and the classification of what a peer answered.
 
-``classify`` decides what a delivery does next: delivered (success, warnings),
-retry (out of resources, association refused or aborted, timeouts), or give up
-(any other failure: retrying will not change the answer).
+``classify`` decides what a delivery does next, by pynetdicom's status categories:
+delivered (success, and every warning: 0xB000-0xBFFF and the general warnings such
+as 0x0107 and 0x0116 mean the peer stored the object), retry (out of resources,
+resource limitation, association refused or aborted, timeouts), or give up (any
+other failure: retrying will not change the answer).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from dicom_node.config import TlsSettings
 from dicom_node.errors import PeerError
@@ -62,7 +65,7 @@ def classify(status: int | None) -> Disposition:
     """Return what to do after a C-STORE answered ``status`` (None: no answer at all)."""
     if status is None:
         return Disposition.RETRY
-    if status == 0x0000 or 0xB000 <= status <= 0xBFFF:  # success or warning
+    if code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING):
         return Disposition.DELIVERED
     if 0xA700 <= status <= 0xA7FF or status == 0x0213:  # out of resources / resource limitation
         return Disposition.RETRY

@@ -9,6 +9,7 @@ from pathlib import Path
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -29,7 +30,7 @@ class ReceivingSCP:
         self.folder = folder
         self.status = 0x0000
         self.received: Counter[str] = Counter()
-        self.stored: dict[str, str] = {}  # SOP Instance UID -> SOP Class UID, when answered 0
+        self.stored: dict[str, str] = {}  # SOP Instance UID -> SOP Class UID, when answered success or warning
         self._lock = threading.Lock()
         self._server = None
 
@@ -49,7 +50,7 @@ class ReceivingSCP:
         uid = str(dataset.SOPInstanceUID)
         with self._lock:
             self.received[uid] += 1
-            if self.status == 0x0000:
+            if code_to_category(self.status) in (STATUS_SUCCESS, STATUS_WARNING):  # the peer stored it
                 self.stored[uid] = str(dataset.SOPClassUID)
                 if self.folder is not None:
                     self.folder.mkdir(parents=True, exist_ok=True)

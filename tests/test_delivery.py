@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import getpass
+import json
 import time
 
 import pytest
@@ -70,12 +72,24 @@ def run_when_due(deliverer: Deliverer, delivery_id: int) -> DeliveryStatus | Non
 
 
 @pytest.mark.parametrize("status, disposition", [
-    (0x0000, Disposition.DELIVERED), (0xB000, Disposition.DELIVERED),
+    (0x0000, Disposition.DELIVERED), (0xB000, Disposition.DELIVERED), (0xB007, Disposition.DELIVERED),
+    (0x0107, Disposition.DELIVERED), (0x0116, Disposition.DELIVERED), (0x0213, Disposition.RETRY),
     (0xA700, Disposition.RETRY), (0xA7FF, Disposition.RETRY), (None, Disposition.RETRY),
     (0xC000, Disposition.GIVE_UP), (0xA900, Disposition.GIVE_UP), (0x0122, Disposition.GIVE_UP),
 ])
 def test_status_classification(status, disposition):
     assert classify(status) is disposition
+
+
+@pytest.mark.parametrize("warning", [0x0107, 0x0116])
+def test_a_general_warning_is_delivered_once(node, pacs, warning):
+    """0x0107 / 0x0116: the PACS stored the object (with a warning); sending it again would duplicate it."""
+    deliverer, delivery_id, sop_uid, _ = node
+    pacs.status = warning
+    pacs.start()
+    assert deliverer.run(delivery_id) is DeliveryStatus.DELIVERED
+    assert pacs.received[sop_uid] == 1 and sop_uid in pacs.stored
+    assert delivery(deliverer, delivery_id).last_status == warning
 
 
 def test_delivered_once_and_a_second_message_is_a_no_op(node, pacs):
@@ -132,7 +146,24 @@ def test_refused_is_dead_lettered_and_listed(node, pacs):
     pacs.status = 0x0000
     resent = CliRunner().invoke(main, ["--config", str(config), "jobs", "resend", "1"])
     assert resent.exit_code == 0, resent.output
+    row = delivery(deliverer, delivery_id)
+    assert row.status is DeliveryStatus.PENDING and row.last_status is None and row.last_error is None
     assert deliverer.run(delivery_id) is DeliveryStatus.DELIVERED
+
+
+def test_retry_and_resend_are_audited_with_the_os_user(node):
+    _, _, sop_uid, config = node
+    for command in ("retry", "resend"):
+        done = CliRunner().invoke(main, ["--config", str(config), "jobs", command, "1"])
+        assert done.exit_code == 0, done.output
+    listed = CliRunner().invoke(main, ["--config", str(config), "audit", "list", "--study", "1.2.3",
+                                       "--format", "json"])
+    assert listed.exit_code == 0, listed.output
+    events = {e["event"]: e for e in json.loads(listed.output)}
+    assert events["job-queued"]["detail"] == "queued again by an administrator (jobs retry)"
+    assert events["job-queued"]["actor"] == getpass.getuser() and events["job-queued"]["job_id"] == 1
+    assert events["result-queued"]["sop_uid"] == sop_uid
+    assert events["result-queued"]["detail"] == "sc to pacs queued again by an administrator (jobs resend)"
 
 
 def test_transient_failures_stop_at_max_age(node, pacs):

@@ -43,6 +43,7 @@ class AuditEvent(enum.StrEnum):
     JOB_FAILED = "job-failed"
     RESULT_SENT = "result-sent"
     RESULT_FAILED = "result-failed"
+    RESULT_QUEUED = "result-queued"
     DATA_PURGED = "data-purged"
     SUBJECT_EXPORTED = "subject-exported"
     SUBJECT_ERASED = "subject-erased"
@@ -75,6 +76,7 @@ _EVENT_IDS: dict[AuditEvent, DicomCode] = {
     AuditEvent.JOB_FAILED: INSTANCES_ACCESSED,
     AuditEvent.RESULT_SENT: INSTANCES_TRANSFERRED,
     AuditEvent.RESULT_FAILED: INSTANCES_TRANSFERRED,
+    AuditEvent.RESULT_QUEUED: INSTANCES_TRANSFERRED,
     AuditEvent.DATA_PURGED: STUDY_DELETED,
     AuditEvent.SUBJECT_EXPORTED: EXPORT,
     AuditEvent.SUBJECT_ERASED: PATIENT_RECORD,
@@ -89,6 +91,7 @@ _ACTIONS: dict[AuditEvent, str] = {
     AuditEvent.JOB_QUEUED: "R",
     AuditEvent.RESULT_SENT: "R",
     AuditEvent.RESULT_FAILED: "R",
+    AuditEvent.RESULT_QUEUED: "R",
     AuditEvent.DATA_PURGED: "D",
     AuditEvent.SUBJECT_EXPORTED: "R",
     AuditEvent.SUBJECT_ERASED: "D",

@@ -7,9 +7,7 @@ turned into the patient's pseudonym; it is neither stored nor logged.
 from __future__ import annotations
 
 import csv
-import getpass
 import json
-import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +22,7 @@ from dicom_node.audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.audit.chain import verify_chain
 from dicom_node.audit.query import EventFilter, get_event, list_events, plain, summarize
 from dicom_node.audit.trail import audit_secret
-from dicom_node.cli.common import node_errors_as_click, settings_from
+from dicom_node.cli.common import node_errors_as_click, os_user, settings_from
 from dicom_node.db import NodeDatabase
 from dicom_node.retention import purge_audit
 from dicom_node.subjects import erase_subject, export_subject
@@ -76,14 +74,6 @@ class Moment(click.ParamType):
         except ValueError:
             self.fail(f"{value!r} is neither an ISO 8601 time nor an age like 24h", param, ctx)
         return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def os_user() -> str:
-    """Return the OS user running the command, the actor of what it audits."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid:{os.getuid()}"
 
 
 @contextmanager

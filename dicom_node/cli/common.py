@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import getpass
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +29,14 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
         raise click.ClickException(str(exc)) from exc
     logging.getLogger().setLevel(settings.log_level)
     return settings
+
+
+def os_user() -> str:
+    """Return the OS user running the command, the actor of what it audits."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}"
 
 
 def expand_paths(paths: tuple[Path, ...]) -> list[Path]:

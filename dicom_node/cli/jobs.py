@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -11,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select, update
 
-from dicom_node.cli.common import node_errors_as_click, settings_from
+from dicom_node.audit import AuditEvent, AuditTrail
+from dicom_node.cli.common import node_errors_as_click, os_user, settings_from
 from dicom_node.db import (
     Delivery,
     DeliveryStatus,
@@ -26,6 +29,15 @@ from dicom_node.db import (
 
 def _db(ctx: click.Context) -> NodeDatabase:
     return NodeDatabase(settings_from(ctx).node_database_url)
+
+
+@contextmanager
+def _audit(ctx: click.Context) -> Iterator[AuditTrail]:
+    trail = AuditTrail.from_settings(settings_from(ctx))
+    try:
+        yield trail
+    finally:
+        trail.close()
 
 
 def _when(value: datetime | None) -> str | None:
@@ -135,7 +147,7 @@ def show(ctx: click.Context, job_id: int, fmt: str) -> None:
 @click.pass_context
 @node_errors_as_click
 def retry(ctx: click.Context, job_id: int) -> None:
-    """Analyse a finished job again (its outputs keep their UIDs and replace the old ones)."""
+    """Analyse a finished job again (its outputs keep their UIDs and replace the old ones); audited."""
     db = _db(ctx)
     with db.session() as session:
         job = session.get(Job, job_id)
@@ -148,7 +160,11 @@ def retry(ctx: click.Context, job_id: int) -> None:
         session.execute(update(Instance).where(Instance.job_id == job_id).values(
             verdict=None, verdict_reason=None))
         queue_message(session, "analyze", job_id)
+        study = job.study_instance_uid
     db.dispose()
+    with _audit(ctx) as audit:
+        audit.record(AuditEvent.JOB_QUEUED, actor=os_user(), job_id=job_id, study_uid=study,
+                     detail="queued again by an administrator (jobs retry)")
     click.echo(f"job {job_id} queued again")
 
 
@@ -157,7 +173,7 @@ def retry(ctx: click.Context, job_id: int) -> None:
 @click.pass_context
 @node_errors_as_click
 def resend(ctx: click.Context, job_id: int) -> None:
-    """Send every result of a job again, dead-lettered ones included."""
+    """Send every result of a job again, dead-lettered ones included; audited per result."""
     db = _db(ctx)
     with db.session() as session:
         deliveries = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)))
@@ -167,6 +183,14 @@ def resend(ctx: click.Context, job_id: int) -> None:
             delivery.status, delivery.attempts, delivery.created_at = (
                 DeliveryStatus.PENDING, 0, utcnow())
             delivery.next_attempt_at = delivery.delivered_at = None
+            delivery.last_status = delivery.last_error = None
             queue_message(session, "deliver", delivery.id)
+        queued = [(d.sop_instance_uid, d.kind, d.destination) for d in deliveries]
+        study = session.scalar(select(Job.study_instance_uid).where(Job.id == job_id))
     db.dispose()
+    with _audit(ctx) as audit:
+        for sop_uid, kind, destination in queued:
+            audit.record(AuditEvent.RESULT_QUEUED, actor=os_user(), job_id=job_id, study_uid=study,
+                         sop_uid=sop_uid, detail=f"{kind} to {destination} queued again by an administrator "
+                         "(jobs resend)")
     click.echo(f"{len(deliveries)} deliveries of job {job_id} queued again")
