@@ -4,7 +4,8 @@ Each data set below is a copy of pydicom-data's RG1 (a frontal chest CR) or RG3 
 CR) altered the way broken or hostile feeds alter them, in a study of its own. Every one
 but the adult without a birth date must be skipped with its reason, in `jobs show`, the
 audit trail and the "not analysed" note, and nothing of it may reach the destination;
-the adult's SC, SEG and SR must.
+the adult's SC, SEG and SR must, and the library warnings about its names must reach
+the log without the names.
 """
 
 from __future__ import annotations
@@ -61,10 +62,15 @@ def _zero_slope(ds: Dataset) -> None:
     ds.RescaleSlope, ds.RescaleIntercept = 0, 100
 
 
+#: One-component person names, which highdicom warns about quoting them: they must not reach the log.
+PATIENT_NAME, REFERRING_NAME = "Vanderzwaluw", "Drkrabbendam"
+
+
 def _adult_without_birth_date(ds: Dataset) -> None:
     del ds.PatientBirthDate
     ds.PatientAge = "064Y"
     ds.PixelSpacing = [0.171, 0.171]
+    ds.PatientName, ds.ReferringPhysicianName = PATIENT_NAME, REFERRING_NAME
 
 
 #: name → (source file, alteration, expected skip reason or None for "analysed")
@@ -179,3 +185,6 @@ def test_what_cannot_prove_it_is_a_frontal_adult_chest_is_skipped_with_its_reaso
         assert note.SeriesDescription.startswith("AI CXR: not analysed: " + reason[:20]), note.SeriesDescription
     assert received == {}
     assert node.stop() == 0
+    log = node.log.read_text()
+    assert "UserWarning raised in" in log  # highdicom did warn about the names ...
+    assert PATIENT_NAME not in log and REFERRING_NAME not in log  # ... without quoting them

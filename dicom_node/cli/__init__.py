@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
@@ -15,6 +14,7 @@ from dicom_node.cli.jobs import jobs
 from dicom_node.cli.network import echo, send
 from dicom_node.cli.serve import serve, worker
 from dicom_node.cli.status import status
+from dicom_node.logs import configure_logging
 
 
 @click.group()
@@ -23,10 +23,7 @@ from dicom_node.cli.status import status
               help="YAML settings file (default: $DICOM_NODE_CONFIG, else built-in defaults).")
 def main(config: Path | None) -> None:
     """A DICOM node that analyses chest X-rays beside a PACS."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for chatty in ("pynetdicom", "highdicom"):  # per-association and per-module INFO lines
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    configure_logging()
 
 
 for command in (serve, worker, status, jobs, echo, send, config, audit, analyze):
