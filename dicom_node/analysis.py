@@ -25,6 +25,7 @@ from dicom_node.db import (
 from dicom_node.delivery import queue_deliveries
 from dicom_node.metrics import JOBS, STAGE_SECONDS
 from dicom_node.results import findings_summary, result_dir, save_result
+from dicom_node.worker_identity import worker_is_gone
 from dicom_node.writers import AlgorithmIdentity, OutputKind, write_not_analysed, write_results
 from pipelines.base import Pipeline
 from pipelines.chest_xray.gate import is_chest
@@ -75,13 +76,15 @@ class Analyzer:
                    note_skipped=settings.outputs.not_analysed_note)
 
     def requeue_interrupted(self) -> list[int]:
-        """Queue again the jobs a dead worker left: those it was running, and queued ones
-        whose message it had taken (a broker without redelivery loses those). A message
-        that still waits in the broker makes a duplicate, which is a no-op. Returns the ids."""
+        """Queue again the jobs dead workers left: those this worker's name or a worker process
+        of this host that no longer runs was running, and queued ones whose message a dead
+        worker had taken (a broker without redelivery loses those). A message that still
+        waits in the broker makes a duplicate, which is a no-op. Returns the ids."""
         with self.db.session() as session:
-            interrupted = session.scalars(select(Job.id).where(
-                (Job.status == JobStatus.QUEUED)
-                | ((Job.status == JobStatus.RUNNING) & (Job.worker == self.worker)))).all()
+            rows = session.execute(select(Job.id, Job.status, Job.worker).where(
+                Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))).all()
+            interrupted = [job_id for job_id, status, worker in rows if status is JobStatus.QUEUED
+                           or worker == self.worker or worker_is_gone(worker)]
             for job_id in interrupted:
                 session.execute(update(Job).where(Job.id == job_id)
                                 .values(status=JobStatus.QUEUED, started_at=None))

@@ -34,6 +34,14 @@ class SOPClassMismatchError(SpoolError):
     """A data set's SOP Class differs from the one its C-STORE request names."""
 
 
+class StateInUseError(NodeError):
+    """Another ``serve`` holds the state folder."""
+
+
+class PortInUseError(NodeError):
+    """The SCP's address is already taken by another program."""
+
+
 class WeightsCheckError(NodeError):
     """A weights file of the pipeline is missing or differs from its manifest."""
 

@@ -7,6 +7,7 @@ after its file is durable in the spool and its row is committed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import ssl
 import tempfile
@@ -49,6 +50,7 @@ from dicom_node.errors import (
     DatasetTooLargeError,
     DiskFullError,
     InvalidUIDError,
+    PortInUseError,
     SOPClassMismatchError,
     UnreadableDatasetError,
 )
@@ -151,7 +153,10 @@ class StorageSCP:
         return self.server.server_address[1]
 
     def start(self) -> None:
-        """Start listening in background threads; received data sets stream into the spool."""
+        """Start listening in background threads; received data sets stream into the spool.
+
+        Raises :class:`PortInUseError` when the address is taken.
+        """
         _config.STORE_RECV_CHUNKED_DATASET = True
         # pynetdicom streams each data set into a NamedTemporaryFile: put those in
         # the spool's own folder so committing one is a rename on the same disk.
@@ -162,10 +167,16 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
         ]
         tls = _server_tls_context(self.settings.tls) if self.settings.tls else None
-        self.server = self.ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
-            ssl_context=tls,
-        )
+        try:
+            self.server = self.ae.start_server(
+                (self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
+                ssl_context=tls,
+            )
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise PortInUseError(f"port {self.settings.port} on {self.settings.host} is in use "
+                                 "by another program (scp.port)") from None
         logger.info("SCP %s listening on %s:%d", self.settings.ae_title,
                     self.settings.host, self.port)
 

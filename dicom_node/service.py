@@ -28,6 +28,7 @@ from dicom_node.metrics import serve_metrics
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
+from dicom_node.state_lock import StateLock
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def verify_weights(manifest: Path) -> None:
 
     try:
         content = read_manifest(manifest)
-        for entry in [content["lung"], *content["findings"]]:
+        for entry in [content["lung"], content.get("content_check") or {}, *content["findings"]]:
             verified_path(entry, manifest.parent)
     except WeightsError as exc:
         raise WeightsCheckError(str(exc)) from exc
@@ -126,6 +127,8 @@ class Node:
         if run_worker:
             verify_weights(settings.pipeline.manifest_path)
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.lock = StateLock(settings.state_dir)
+        self.lock.acquire()  # before anything touches the state: another node's uploads included
         self.audit = AuditTrail.from_settings(settings)
         self.db = NodeDatabase(settings.node_database_url)
         self.spool = Spool(settings.spool_dir,
@@ -165,6 +168,7 @@ class Node:
         self.audit.record(AuditEvent.NODE_STOPPED, actor=getpass.getuser())
         self.audit.close()
         self.db.dispose()
+        self.lock.release()
 
     def _housekeeping(self) -> None:
         now = time.monotonic()

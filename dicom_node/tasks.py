@@ -9,7 +9,6 @@ torch must never be initialised in a process that forks.
 from __future__ import annotations
 
 import logging
-import socket
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from dicom_node.delivery import Deliverer
 
 from dicom_node.errors import WeightsCheckError
 from dicom_node.metrics import serve_metrics
+from dicom_node.worker_identity import worker_name
 from pipelines.errors import WeightsError
 
 if TYPE_CHECKING:
@@ -118,10 +118,6 @@ class WorkerContext:
 
 
 _context: WorkerContext | None = None
-
-
-def worker_name() -> str:
-    return f"dicom-node@{socket.gethostname()}"
 
 
 def start_worker(settings: Settings, *, name: str | None = None) -> None:
