@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def read_header(path: Path) -> InstanceHeader:
     except UnreadableDatasetError:
         raise
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError,
-            OSError, NotImplementedError) as exc:
+            OSError, NotImplementedError, struct.error) as exc:
         raise UnreadableDatasetError(f"data set cannot be decoded: {type(exc).__name__}") from exc
     return InstanceHeader(
         sop_class_uid=check_uid(values["SOPClassUID"], "SOP Class UID"),
@@ -97,18 +98,27 @@ def read_header(path: Path) -> InstanceHeader:
 
 
 def _check_complete(path: Path, transfer_syntax: UID, size: int) -> None:
-    """Raise :class:`UnreadableDatasetError` when a top-level element runs past the file's end."""
+    """Raise :class:`UnreadableDatasetError` when a top-level element runs past the file's end,
+    or the file ends inside an element's header (after the last complete element)."""
     with path.open("rb") as fp:
         fp.seek(128 + 4 + 8)  # preamble, "DICM", then (0002,0000) UL group length
         group_length = int.from_bytes(fp.read(4), "little")
         fp.seek(group_length, 1)
+        end = fp.tell()
         elements = data_element_generator(fp, transfer_syntax.is_implicit_VR,
                                           transfer_syntax.is_little_endian, defer_size=256)
-        for element in elements:
-            if (isinstance(element, RawDataElement) and element.length != UNDEFINED_LENGTH
-                    and (element.value_tell or 0) + element.length > size):
-                raise UnreadableDatasetError(
-                    f"data set truncated: element {element.tag} runs past the end")
+        try:
+            for element in elements:
+                if (isinstance(element, RawDataElement) and element.length != UNDEFINED_LENGTH
+                        and (element.value_tell or 0) + element.length > size):
+                    raise UnreadableDatasetError(
+                        f"data set truncated: element {element.tag} runs past the end")
+                end = fp.tell()
+        except struct.error as exc:  # an element header cut short
+            raise UnreadableDatasetError("data set truncated inside an element header") from exc
+    if end != size:
+        raise UnreadableDatasetError(
+            f"data set truncated: the file ends {size - end} byte(s) into an element header")
 
 
 def _fsync_path(path: Path) -> None:

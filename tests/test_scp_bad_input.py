@@ -69,6 +69,19 @@ def test_truncated_data_set(start_scp, tmp_path):
     assert still_serving(scp)
 
 
+@pytest.mark.parametrize("into_header", [2, 6, 10])
+def test_data_set_cut_inside_the_pixel_data_header(start_scp, tmp_path, into_header):
+    """Cut 2, 6 or 10 bytes into the (7FE0,0010) element header: no complete element is missing."""
+    scp = start_scp()
+    path = tmp_path / "cut.dcm"
+    write_cr(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rfind(b"\xe0\x7f\x10\x00") + into_header])
+    assert store(scp, path) == 0xC210
+    assert nothing_kept(scp)
+    assert still_serving(scp)
+
+
 def test_missing_sop_instance_uid(start_scp, tmp_path):
     scp = start_scp()
     path = tmp_path / "no-uid.dcm"
