@@ -165,6 +165,7 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         tls = _server_tls_context(self.settings.tls) if self.settings.tls else None
         try:
@@ -227,6 +228,24 @@ class StorageSCP:
             return
         _prefer_requestor_order(assoc.requestor.primitive.presentation_context_definition_list)
         self.audit.record(AuditEvent.ASSOCIATION_ACCEPTED, actor=calling_ae, remote=address)
+
+    def _on_closed(self, event: Event) -> None:
+        """Remove the partial file of a data set still arriving when the connection closed
+        (released, aborted, reset or timed out): it was never acknowledged.
+
+        pynetdicom streams a C-STORE data set into the file of its unfinished DIMSE message
+        and forgets the message only once it is complete.
+        """
+        message = getattr(event.assoc.dimse, "message", None)
+        partial = getattr(message, "_data_set_path", None)
+        if partial is None:
+            return
+        stream = getattr(message, "_data_set_file", None)
+        if stream is not None:
+            stream.close()
+        Path(partial).unlink(missing_ok=True)
+        logger.warning("Removed the partial data set of an unfinished C-STORE from %s",
+                       event.assoc.requestor.address)
 
     def _on_echo(self, event: Event) -> int:
         """Answer C-ECHO. Statuses: 0x0000."""

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 
 from dicom_node.db import Instance
 from dicom_node.scp import StorageSCP
+from tests.conftest import dcmtk_tool, wait_for
 from tests.dicom_factory import write_cr
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -134,4 +138,50 @@ def test_free_disk_below_the_limit(start_scp, tmp_path):
     write_cr(path)
     assert store(scp, path) == 0xA700
     assert nothing_kept(scp)
+    assert still_serving(scp)
+
+
+def _incoming(scp: StorageSCP) -> list[Path]:
+    return [p for p in scp.spool.incoming.iterdir() if p.is_file()]
+
+
+def test_an_aborted_transfer_leaves_no_partial_file(start_scp, tmp_path):
+    scp = start_scp(max_pdu_bytes=16384)
+    path = tmp_path / "large.dcm"
+    write_cr(path, size=2500)  # 12 MB: hundreds of PDUs
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    ae.maximum_pdu_size = 16384
+    slowly = [(evt.EVT_PDU_SENT, lambda _: time.sleep(0.005))]  # about 4 s for the whole data set
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE", evt_handlers=slowly)
+    assert assoc.is_established
+    def send() -> None:
+        try:
+            assoc.send_c_store(path)
+        except Exception:  # the abort below cuts it short: that is the point
+            pass
+
+    sending = threading.Thread(target=send, daemon=True)
+    sending.start()
+    wait_for(lambda: _incoming(scp), 30, "the data set to start arriving", interval=0.01)
+    assoc.abort()
+    sending.join(5)
+    wait_for(lambda: not _incoming(scp), 30, "the partial file to be removed")
+    assert nothing_kept(scp)
+    assert still_serving(scp)
+
+
+def test_a_killed_sender_leaves_no_partial_file(start_scp, tmp_path):
+    scp = start_scp(max_pdu_bytes=16384)
+    path = tmp_path / "large.dcm"
+    write_cr(path, size=2500)
+    sender = subprocess.Popen([dcmtk_tool("storescu"), "-aet", "TESTSCU", "-aec", "DICOM_NODE", "--max-pdu", "16384",
+                               "127.0.0.1", str(scp.port), str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _incoming(scp), 30, "the data set to start arriving", interval=0.01)
+    finally:
+        sender.kill()
+        sender.wait()
+    wait_for(lambda: not _incoming(scp), 30, "the partial file to be removed")
     assert still_serving(scp)
