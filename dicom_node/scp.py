@@ -11,9 +11,10 @@ import errno
 import logging
 import ssl
 import tempfile
+import threading
 import time
 from pathlib import Path
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, WeakSet
 
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -128,6 +129,9 @@ class StorageSCP:
         # Each patient's pseudonym is looked up once per association, not per instance.
         self._pseudonyms: WeakKeyDictionary[Association, dict[tuple[str, str], str | None]] = (
             WeakKeyDictionary())
+        # The associations the policy accepted: the limit counts these, not those still negotiating.
+        self._accepted: WeakSet[Association] = WeakSet()
+        self._accepting = threading.Lock()
         self.ae = self._build_ae()
         self.server: ThreadedAssociationServer | None = None
 
@@ -138,9 +142,10 @@ class StorageSCP:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.maximum_pdu_size = s.max_pdu_bytes
-        # The node's own policy (EVT_REQUESTED) enforces the association limit and
-        # audits it; pynetdicom's check stays as a backstop one above it.
-        ae.maximum_associations = s.max_associations + 1
+        # The node's own policy (EVT_REQUESTED) enforces the association limit on the
+        # associations it accepted, and audits it. pynetdicom's check, which also counts
+        # associations still negotiating or being rejected, stays as a flood backstop.
+        ae.maximum_associations = 2 * s.max_associations + 10
         ae.acse_timeout = s.acse_timeout_s
         ae.dimse_timeout = s.dimse_timeout_s
         ae.network_timeout = s.network_timeout_s
@@ -205,6 +210,15 @@ class StorageSCP:
         return any(p.ae_title == calling_ae and (p.host is None or p.host == address)
                    for p in peers)
 
+    def _take_slot(self, assoc: Association) -> bool:
+        """Count ``assoc`` among the accepted associations if fewer than the limit are open."""
+        with self._accepting:
+            open_ = sum(1 for a in self._accepted if a.is_alive() and not (a.is_released or a.is_aborted))
+            if open_ >= self.settings.max_associations:
+                return False
+            self._accepted.add(assoc)
+            return True
+
     def _on_requested(self, event: Event) -> None:
         """Accept or reject the association request by the node's policy, and audit it."""
         assoc = event.assoc
@@ -217,7 +231,7 @@ class StorageSCP:
             reject, reason = REJECT_CALLING_AE, "calling AE not allowed"
         elif self.settings.check_called_ae and called_ae != self.settings.ae_title:
             reject, reason = REJECT_CALLED_AE, "called AE title does not match"
-        elif self.active_associations() > self.settings.max_associations:
+        elif not self._take_slot(assoc):
             reject, reason = REJECT_BUSY, "association limit reached"
         if reason:
             logger.info("Rejecting association from %s at %s: %s", calling_ae, address, reason)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 
 from click.testing import CliRunner
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicom_node.cli import main
+from tests.conftest import wait_for
 
 
 def associate(port: int, calling_ae: str = "TESTSCU"):
@@ -47,3 +49,20 @@ def test_association_limit(start_scp, tmp_path):
     assert listed.exit_code == 0, listed.output
     [event] = json.loads(listed.output)
     assert event["detail"] == "association limit reached" and event["actor"] == "TESTSCU"
+
+
+def test_the_limit_counts_accepted_associations_not_negotiating_ones(start_scp):
+    """Five peers that connect and say nothing yet (still negotiating) take none of the 10 slots."""
+    scp = start_scp(max_associations=10)
+    silent = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(5)]
+    try:
+        wait_for(lambda: len(scp.ae.active_associations) >= 5, 10, "the silent connections to be counted by pynetdicom")
+        accepted = [associate(scp.port) for _ in range(10)]
+        assert all(a.is_established for a in accepted)
+        busy = associate(scp.port)
+        assert busy.is_rejected and busy.acceptor.primitive.diagnostic == 0x02  # local limit exceeded
+        for assoc in accepted:
+            assoc.release()
+    finally:
+        for connection in silent:
+            connection.close()
