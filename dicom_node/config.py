@@ -66,6 +66,7 @@ class ScpSettings(Section):
     )
     check_called_ae: bool = True
     max_associations: int = Field(10, ge=1)
+    max_associations_per_peer: int = Field(5, ge=1, description="per calling AE and per host")
     max_pdu_bytes: int = Field(1_048_576, ge=0, description="0: no limit")
     max_dataset_mb: float = Field(1024, gt=0)
     min_free_disk_mb: float = Field(1024, ge=0)

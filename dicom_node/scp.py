@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 import ssl
 import tempfile
 import threading
@@ -92,6 +93,7 @@ KEPT_SOP_CLASSES = frozenset({
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_BUSY = (0x02, 0x03, 0x02)
+DEADLINE_POLL_S = 0.5
 
 
 def _server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -117,6 +119,17 @@ def _prefer_requestor_order(proposed: list[PresentationContext]) -> None:
             context.transfer_syntax = supported[:1]
 
 
+def _shut_down(assoc: Association) -> None:
+    """Shut the association's socket down both ways (its reader thread then ends the association)."""
+    raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if raw is None:
+        return
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed by the peer
+        pass
+
+
 class StorageSCP:
     """The node's listening AE; collaborators are passed in, handlers bound to them."""
 
@@ -132,6 +145,11 @@ class StorageSCP:
         # The associations the policy accepted: the limit counts these, not those still negotiating.
         self._accepted: WeakSet[Association] = WeakSet()
         self._accepting = threading.Lock()
+        # When each association's connection opened and its last complete PDU arrived.
+        self._opened: WeakKeyDictionary[Association, float] = WeakKeyDictionary()
+        self._last_pdu: WeakKeyDictionary[Association, float] = WeakKeyDictionary()
+        self._watching = threading.Event()
+        self._cut: WeakSet[Association] = WeakSet()
         self.ae = self._build_ae()
         self.server: ThreadedAssociationServer | None = None
 
@@ -170,6 +188,8 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_OPEN, self._on_opened),
+            (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         tls = _server_tls_context(self.settings.tls) if self.settings.tls else None
@@ -183,6 +203,8 @@ class StorageSCP:
                 raise
             raise PortInUseError(f"port {self.settings.port} on {self.settings.host} is in use "
                                  "by another program (scp.port)") from None
+        self._watching.set()
+        threading.Thread(target=self._watch_deadlines, name="scp-deadlines", daemon=True).start()
         logger.info("SCP %s listening on %s:%d", self.settings.ae_title,
                     self.settings.host, self.port)
 
@@ -190,6 +212,7 @@ class StorageSCP:
         """Stop accepting, let in-flight associations finish, then abort the rest."""
         if self.server is None:
             return
+        self._watching.clear()
         self.server.shutdown()
         deadline = time.monotonic() + grace_seconds
         while self.active_associations() and time.monotonic() < deadline:
@@ -210,14 +233,51 @@ class StorageSCP:
         return any(p.ae_title == calling_ae and (p.host is None or p.host == address)
                    for p in peers)
 
-    def _take_slot(self, assoc: Association) -> bool:
-        """Count ``assoc`` among the accepted associations if fewer than the limit are open."""
+    def _take_slot(self, assoc: Association, calling_ae: str, address: str) -> str:
+        """Count ``assoc`` among the accepted associations unless a limit is reached; return
+        which limit it was ("" when counted)."""
         with self._accepting:
-            open_ = sum(1 for a in self._accepted if a.is_alive() and not (a.is_released or a.is_aborted))
-            if open_ >= self.settings.max_associations:
-                return False
+            open_ = [a for a in self._accepted if a.is_alive() and not (a.is_released or a.is_aborted)]
+            per_peer = self.settings.max_associations_per_peer
+            if len(open_) >= self.settings.max_associations:
+                return "association limit reached"
+            if sum(a.requestor.primitive.calling_ae_title.strip() == calling_ae for a in open_) >= per_peer:
+                return f"limit of {per_peer} associations per calling AE reached"
+            if sum(a.requestor.address == address for a in open_) >= per_peer:
+                return f"limit of {per_peer} associations per host reached"
             self._accepted.add(assoc)
-            return True
+            return ""
+
+    # -- deadlines ----------------------------------------------------------
+
+    def _on_opened(self, event: Event) -> None:
+        self._opened[event.assoc] = time.monotonic()
+
+    def _on_pdu(self, event: Event) -> None:
+        self._last_pdu[event.assoc] = time.monotonic()
+
+    def _watch_deadlines(self) -> None:
+        """Close the connection of associations past a deadline: no complete association request
+        within ``acse_timeout_s`` of the connection opening, or no complete PDU for ``network_timeout_s``.
+        pynetdicom's own timeouts restart with every byte, so a peer trickling bytes would hold
+        its slot; and its abort waits for a read that only the peer can finish, so the socket is
+        shut down instead, which ends that read and the association with it."""
+        while self._watching.is_set():
+            now = time.monotonic()
+            for assoc in [a for a in self.ae.active_associations if a.is_acceptor]:
+                last_pdu = self._last_pdu.get(assoc)
+                if last_pdu is None:  # the association request itself is not complete yet
+                    late = now - self._opened.get(assoc, now) > self.settings.acse_timeout_s
+                    what = "complete association request"
+                else:
+                    late = now - last_pdu > self.settings.network_timeout_s
+                    what = "complete PDU"
+                if late and assoc not in self._cut:
+                    logger.warning("Closing the association from %s: no %s within its deadline",
+                                   assoc.requestor.address, what)
+                    self._cut.add(assoc)
+                    _shut_down(assoc)
+            time.sleep(DEADLINE_POLL_S)
 
     def _on_requested(self, event: Event) -> None:
         """Accept or reject the association request by the node's policy, and audit it."""
@@ -231,8 +291,8 @@ class StorageSCP:
             reject, reason = REJECT_CALLING_AE, "calling AE not allowed"
         elif self.settings.check_called_ae and called_ae != self.settings.ae_title:
             reject, reason = REJECT_CALLED_AE, "called AE title does not match"
-        elif not self._take_slot(assoc):
-            reject, reason = REJECT_BUSY, "association limit reached"
+        elif reason := self._take_slot(assoc, calling_ae, address):
+            reject = REJECT_BUSY
         if reason:
             logger.info("Rejecting association from %s at %s: %s", calling_ae, address, reason)
             assoc.acse.send_reject(*reject)

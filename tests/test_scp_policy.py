@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 from click.testing import CliRunner
 from pynetdicom import AE
@@ -53,7 +54,7 @@ def test_association_limit(start_scp, tmp_path):
 
 def test_the_limit_counts_accepted_associations_not_negotiating_ones(start_scp):
     """Five peers that connect and say nothing yet (still negotiating) take none of the 10 slots."""
-    scp = start_scp(max_associations=10)
+    scp = start_scp(max_associations=10, max_associations_per_peer=10)
     silent = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(5)]
     try:
         wait_for(lambda: len(scp.ae.active_associations) >= 5, 10, "the silent connections to be counted by pynetdicom")
@@ -66,3 +67,50 @@ def test_the_limit_counts_accepted_associations_not_negotiating_ones(start_scp):
     finally:
         for connection in silent:
             connection.close()
+
+
+def _dropped(connection: socket.socket, trickle: bytes, interval: float, limit: float) -> float | None:
+    """Send ``trickle`` one byte per ``interval`` s; return when the node closed the connection, or None."""
+    started = time.monotonic()
+    for byte in trickle:
+        if time.monotonic() - started > limit:
+            return None
+        try:
+            connection.sendall(bytes([byte]))
+            time.sleep(interval)
+        except OSError:  # reset or broken pipe: the node closed it
+            return time.monotonic() - started
+    return None
+
+
+def test_a_trickled_association_request_is_cut_at_the_negotiation_deadline(start_scp):
+    """pynetdicom's timeouts restart with every byte: an A-ASSOCIATE-RQ sent 1 byte per 0.3 s held a slot
+    for as long as it lasted. The node aborts it when the whole negotiation is past acse_timeout_s."""
+    scp = start_scp(acse_timeout_s=2, network_timeout_s=30)
+    request = b"\x01\x00" + (200).to_bytes(4, "big") + b"\x00" * 200  # an A-ASSOCIATE-RQ header and body
+    with socket.create_connection(("127.0.0.1", scp.port)) as connection:
+        closed_after = _dropped(connection, request, 0.3, 20)
+    assert closed_after is not None and closed_after < 6
+    assert associate(scp.port).is_established  # and the node serves the others
+
+
+def test_a_trickled_pdu_is_cut_at_the_pdu_deadline(start_scp):
+    """After negotiating, a peer sends a P-DATA-TF PDU 1 byte per 0.3 s: aborted after network_timeout_s
+    without a complete PDU, though bytes kept arriving."""
+    scp = start_scp(acse_timeout_s=30, network_timeout_s=2)
+    assoc = associate(scp.port)
+    assert assoc.is_established
+    pdu = b"\x04\x00" + (100).to_bytes(4, "big") + b"\x00" * 100
+    closed_after = _dropped(assoc.dul.socket.socket, pdu, 0.3, 20)
+    assert closed_after is not None and closed_after < 6
+    wait_for(lambda: not assoc.is_alive(), 10, "the SCU to see the abort")
+
+
+def test_one_peer_cannot_take_every_slot(start_scp):
+    scp = start_scp(max_associations=4, max_associations_per_peer=2)
+    first, second = associate(scp.port, "PACSONE"), associate(scp.port, "PACSONE")
+    assert first.is_established and second.is_established
+    third = associate(scp.port, "PACSONE")
+    assert third.is_rejected and third.acceptor.primitive.diagnostic == 0x02
+    for assoc in (first, second):
+        assoc.release()
