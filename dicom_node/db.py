@@ -163,11 +163,11 @@ def queue_message(session: Session, task: str, target_id: int, *,
     session.add(OutboxMessage(task=task, target_id=target_id, not_before=not_before))
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, busy_timeout_s: float = 60.0) -> Engine:
     """Return an engine for ``url``; SQLite files get WAL, full sync and a busy timeout."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
@@ -184,9 +184,10 @@ def make_engine(url: str) -> Engine:
 class NodeDatabase:
     """The node state database: schema creation and transactional sessions."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, busy_timeout_s: float = 60.0) -> None:
+        """``busy_timeout_s``: how long a statement waits for an SQLite file another process locked."""
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, busy_timeout_s)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 

@@ -30,6 +30,10 @@ class UnreadableDatasetError(SpoolError):
     """A received data set cannot be decoded."""
 
 
+class DuplicateInstanceError(SpoolError):
+    """A SOP Instance UID the node holds in one study arrives in another."""
+
+
 class SOPClassMismatchError(SpoolError):
     """A data set's SOP Class differs from the one its C-STORE request names."""
 

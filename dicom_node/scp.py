@@ -51,6 +51,7 @@ from dicom_node.db import Instance, Job, NodeDatabase, utcnow
 from dicom_node.errors import (
     DatasetTooLargeError,
     DiskFullError,
+    DuplicateInstanceError,
     InvalidUIDError,
     PortInUseError,
     SOPClassMismatchError,
@@ -66,6 +67,7 @@ PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
 SOP_CLASS_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
+DUPLICATE_SOP_INSTANCE = 0x0111
 
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
@@ -337,14 +339,17 @@ class StorageSCP:
 
         Statuses: 0x0000 stored (or ignored: not an image the node analyses);
         0xA700 out of resources (disk below the minimum, data set too large, state
-        database busy); 0xA900 data set does not match the SOP class; 0xC210 cannot
-        understand (undecodable or truncated data set, missing or invalid UID);
-        0x0110 processing failure (anything unexpected, logged).
+        database busy: the spooled file is removed again); 0xA900 data set does not match
+        the SOP class; 0x0111 duplicate SOP instance (its UID is held in another study:
+        the first stays as it was, see :meth:`_check_same_study`); 0xC210 cannot understand
+        (undecodable or truncated data set, missing or invalid UID); 0x0110 processing
+        failure (anything unexpected, logged).
         """
         calling_ae = event.assoc.requestor.ae_title.strip()
         address = event.assoc.requestor.address
         received = Path(event.dataset_path)
         header: InstanceHeader | None = None
+        committed: Path | None = None  # a spooled file that is new, removed again if its row fails
         try:
             self.spool.check_free_space()
             self.spool.check_size(received.stat().st_size)
@@ -357,10 +362,17 @@ class StorageSCP:
                 self._audit_instance(AuditEvent.INSTANCE_IGNORED, header, calling_ae, address,
                                      pseudonym, detail="not an image the node analyses")
                 return SUCCESS
+            self._check_same_study(header)
+            new = not self.spool.path_for(header).exists()
             final = self.spool.commit(received, header)
+            committed = final if new else None
             self._record_instance(header, final, calling_ae, pseudonym)
         except (DiskFullError, DatasetTooLargeError, OperationalError) as exc:
+            if committed is not None:
+                committed.unlink(missing_ok=True)
             return self._refuse(OUT_OF_RESOURCES, exc, received, header, calling_ae, address)
+        except DuplicateInstanceError as exc:
+            return self._refuse(DUPLICATE_SOP_INSTANCE, exc, received, header, calling_ae, address)
         except (UnreadableDatasetError, InvalidUIDError) as exc:
             return self._refuse(CANNOT_UNDERSTAND, exc, received, header, calling_ae, address)
         except SOPClassMismatchError as exc:
@@ -378,6 +390,16 @@ class StorageSCP:
         if patient not in known:
             known[patient] = self.audit.pseudonym(header.patient_id, header.issuer_of_patient_id)
         return known[patient]
+
+    def _check_same_study(self, header: InstanceHeader) -> None:
+        """Raise :class:`DuplicateInstanceError` when the node holds this SOP Instance UID in
+        another study. One UID names one object: taking the second would give two different
+        sets of results, for two studies, under the same result UIDs."""
+        with self.db.session() as session:
+            held = session.scalar(select(Instance.study_instance_uid).where(
+                Instance.sop_instance_uid == header.sop_instance_uid))
+        if held is not None and held != header.study_instance_uid:
+            raise DuplicateInstanceError("SOP Instance UID already received in another study")
 
     @staticmethod
     def _check_request(event: Event, header: InstanceHeader) -> None:

@@ -207,15 +207,15 @@ def start_scp(tmp_path: Path) -> Iterator[Callable[..., StorageSCP]]:
     """Start an in-process SCP with its real spool, SQLite state and audit trail."""
     started: list[StorageSCP] = []
 
-    def start(**scp_settings: object) -> StorageSCP:
+    def start(*, db_busy_timeout_s: float = 60.0, **scp_settings: object) -> StorageSCP:
         settings = load_settings(None, state_dir=tmp_path / "state", audit={"secret": "s"},
                                  scp={"host": "127.0.0.1", "port": free_port(), **scp_settings})
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         spool = Spool(settings.spool_dir,
                       min_free_bytes=int(settings.scp.min_free_disk_mb * 2**20),
                       max_dataset_bytes=int(settings.scp.max_dataset_mb * 2**20))
-        scp = StorageSCP(settings.scp, NodeDatabase(settings.node_database_url), spool,
-                         AuditTrail.from_settings(settings))
+        scp = StorageSCP(settings.scp, NodeDatabase(settings.node_database_url, busy_timeout_s=db_busy_timeout_s),
+                         spool, AuditTrail.from_settings(settings))
         scp.start()
         started.append(scp)
         return scp

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import threading
 import time
@@ -185,3 +186,32 @@ def test_a_killed_sender_leaves_no_partial_file(start_scp, tmp_path):
         sender.wait()
     wait_for(lambda: not _incoming(scp), 30, "the partial file to be removed")
     assert still_serving(scp)
+
+
+def test_one_sop_instance_uid_in_a_second_study_is_refused(start_scp, tmp_path):
+    scp = start_scp()
+    first = write_cr(tmp_path / "first.dcm")
+    write_cr(tmp_path / "second.dcm", sop_uid=first.SOPInstanceUID, seed=1)  # another study, another image
+    assert store(scp, tmp_path / "first.dcm") == 0x0000
+    assert store(scp, tmp_path / "second.dcm") == 0x0111
+    with scp.db.session() as session:
+        [row] = session.scalars(select(Instance)).all()
+    assert row.study_instance_uid == first.StudyInstanceUID
+    assert [p.parent.parent.name for p in scp.spool.root.rglob("*.dcm")] == [first.StudyInstanceUID]
+    assert store(scp, tmp_path / "first.dcm") == 0x0000  # the same instance again is welcome
+    assert still_serving(scp)
+
+
+def test_a_locked_state_database_leaves_no_spooled_file_without_its_row(start_scp, tmp_path):
+    scp = start_scp(db_busy_timeout_s=1)
+    write_cr(tmp_path / "ok.dcm")
+    locker = sqlite3.connect(scp.db.url.removeprefix("sqlite:///"))
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        assert store(scp, tmp_path / "ok.dcm") == 0xA700
+        assert not [p for p in scp.spool.root.rglob("*.dcm")]
+    finally:
+        locker.rollback()
+        locker.close()
+    assert store(scp, tmp_path / "ok.dcm") == 0x0000
+    assert not nothing_kept(scp)
