@@ -86,6 +86,8 @@ class NodeProcess:
         self.config = root / "config.yaml"
         self.config.write_text(yaml.safe_dump(_merge(base, settings)))
         self.log = root / "serve.log"
+        #: What starts the node; a test may prefix it (``ip netns exec NS``).
+        self.command = [sys.executable, "-m", "dicom_node", "--config", str(self.config), "serve"]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> NodeProcess:
@@ -93,8 +95,7 @@ class NodeProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node", "--config", str(self.config), "serve"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
         wait_for(self._listening, timeout, "the SCP to listen")
         return self
@@ -125,6 +126,13 @@ class NodeProcess:
 
     def db(self) -> NodeDatabase:
         return NodeDatabase(f"sqlite:///{self.state_dir / 'node.db'}")
+
+    def cli(self, *args: str) -> str:
+        """Run ``dicom-node --config … ARGS`` and return its output; fails the test on a non-zero exit."""
+        result = subprocess.run([sys.executable, "-m", "dicom_node", "--config", str(self.config), *args],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
