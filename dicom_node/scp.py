@@ -96,6 +96,11 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_BUSY = (0x02, 0x03, 0x02)
 DEADLINE_POLL_S = 0.5
+#: PDU bytes allowed beyond scp.max_pdu_bytes (the PDV item headers of a P-DATA-TF PDU; an
+#: A-ASSOCIATE-RQ of many presentation contexts).
+PDU_HEADER_ALLOWANCE = 65536
+#: A-ABORT PDU from the service provider, reason "invalid PDU parameter value" (PS3.8 9.3.8).
+A_ABORT_INVALID_PDU = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
 
 
 def _server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -119,6 +124,33 @@ def _prefer_requestor_order(proposed: list[PresentationContext]) -> None:
         supported = [uid for uid in context.transfer_syntax if uid in TRANSFER_SYNTAXES]
         if supported:
             context.transfer_syntax = supported[:1]
+
+
+def _refuse_oversized_pdus(assoc: Association, limit: int) -> None:
+    """Make the association's socket refuse a PDU announced longer than ``limit`` bytes: it sends
+    an A-ABORT and closes the connection instead of buffering the PDU.
+
+    pynetdicom reads a PDU's 6-byte header, then asks its socket for the announced length in
+    one call, holding all of it in memory; that call is where the announced length is seen.
+    """
+    sock = assoc.dul.socket
+    receive = sock.recv
+
+    def bounded_recv(length: int) -> bytearray:
+        if length > limit:
+            logger.warning("Aborting the association from %s: a PDU of %d bytes announced, %d allowed",
+                           assoc.requestor.address, length, limit)
+            raw = sock.socket
+            if raw is not None:
+                try:
+                    raw.sendall(A_ABORT_INVALID_PDU)
+                except OSError:
+                    pass
+                _shut_down(assoc)
+            raise OSError(f"PDU of {length} bytes refused")
+        return receive(length)
+
+    sock.recv = bounded_recv  # type: ignore[method-assign]
 
 
 def _shut_down(assoc: Association) -> None:
@@ -254,6 +286,8 @@ class StorageSCP:
 
     def _on_opened(self, event: Event) -> None:
         self._opened[event.assoc] = time.monotonic()
+        if self.settings.max_pdu_bytes:
+            _refuse_oversized_pdus(event.assoc, self.settings.max_pdu_bytes + PDU_HEADER_ALLOWANCE)
 
     def _on_pdu(self, event: Event) -> None:
         self._last_pdu[event.assoc] = time.monotonic()

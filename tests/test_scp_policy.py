@@ -114,3 +114,18 @@ def test_one_peer_cannot_take_every_slot(start_scp):
     assert third.is_rejected and third.acceptor.primitive.diagnostic == 0x02
     for assoc in (first, second):
         assoc.release()
+
+
+def test_an_oversized_pdu_is_refused_without_being_buffered(start_scp):
+    """A P-DATA-TF PDU announced at 512 MiB (max_pdu_bytes 1 MiB): A-ABORT, connection closed at once."""
+    scp = start_scp(max_pdu_bytes=1_048_576)
+    with socket.create_connection(("127.0.0.1", scp.port), timeout=10) as connection:
+        connection.sendall(b"\x04\x00" + (512 * 2**20).to_bytes(4, "big") + b"\x00" * 4096)
+        answer = connection.recv(64)
+        assert answer[:1] == b"\x07"  # A-ABORT
+        assert connection.recv(64) == b""  # and closed
+    assoc = associate(scp.port)
+    assert assoc.is_established
+    # The same inside an association.
+    assoc.dul.socket.socket.sendall(b"\x04\x00" + (512 * 2**20).to_bytes(4, "big") + b"\x00" * 4096)
+    wait_for(lambda: assoc.is_aborted or not assoc.is_alive(), 10, "the node to abort the association")
