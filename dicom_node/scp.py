@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import ssl
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 from weakref import WeakKeyDictionary, WeakSet
 
 from pydicom.uid import (
@@ -100,6 +102,7 @@ DEADLINE_POLL_S = 0.5
 #: A-ASSOCIATE-RQ of many presentation contexts).
 PDU_HEADER_ALLOWANCE = 65536
 #: A-ABORT PDU from the service provider, reason "invalid PDU parameter value" (PS3.8 9.3.8).
+P_DATA_TF = b"\x04"
 A_ABORT_INVALID_PDU = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
 
 
@@ -126,31 +129,74 @@ def _prefer_requestor_order(proposed: list[PresentationContext]) -> None:
             context.transfer_syntax = supported[:1]
 
 
-def _refuse_oversized_pdus(assoc: Association, limit: int) -> None:
-    """Make the association's socket refuse a PDU announced longer than ``limit`` bytes: it sends
-    an A-ABORT and closes the connection instead of buffering the PDU.
+class _Dropped:
+    """Stands in for the temporary file of a data set arriving while the disk is low: the file
+    is emptied at once (freeing its space) and every later byte is dropped."""
 
-    pynetdicom reads a PDU's 6-byte header, then asks its socket for the announced length in
-    one call, holding all of it in memory; that call is where the announced length is seen.
+    def __init__(self, written: Any) -> None:
+        written.close()
+        self.name = written.name
+        self.file = self
+        os.truncate(self.name, 0)
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _guard_receive(assoc: Association, pdu_limit: int | None, spool: Spool) -> None:
+    """Guard what the association's socket receives:
+
+    - a PDU announced longer than ``pdu_limit`` bytes is refused before it is buffered: an
+      A-ABORT, and the connection closed (its partial data set is removed when the
+      connection closes, :meth:`StorageSCP._on_closed`);
+    - a P-DATA-TF PDU that would take the spool's disk below its free-space minimum stops
+      the data set being written: from then on its bytes are dropped, and the C-STORE
+      handler answers 0xA700 for it.
+
+    pynetdicom reads each PDU as two socket reads, its 6-byte header, then the announced
+    length in one call that holds all of it in memory; that second call is where the
+    announced length is seen. It writes a data set into the temporary file of its
+    unfinished DIMSE message, which is what :class:`_Dropped` replaces.
     """
     sock = assoc.dul.socket
     receive = sock.recv
+    header: list[bytes] = []  # the last PDU header read, while its body is awaited
 
-    def bounded_recv(length: int) -> bytearray:
-        if length > limit:
-            logger.warning("Aborting the association from %s: a PDU of %d bytes announced, %d allowed",
-                           assoc.requestor.address, length, limit)
-            raw = sock.socket
-            if raw is not None:
-                try:
-                    raw.sendall(A_ABORT_INVALID_PDU)
-                except OSError:
-                    pass
-                _shut_down(assoc)
-            raise OSError(f"PDU of {length} bytes refused")
+    def refuse(why: str) -> OSError:
+        logger.warning("Aborting the association from %s: %s", assoc.requestor.address, why)
+        raw = sock.socket
+        if raw is not None:
+            try:
+                raw.sendall(A_ABORT_INVALID_PDU)
+            except OSError:
+                pass
+            _shut_down(assoc)
+        return OSError(why)
+
+    def guarded_recv(length: int) -> bytearray:
+        if not header:
+            data = receive(length)
+            header.append(bytes(data[:1]))
+            return data
+        pdu_type = header.pop()
+        if pdu_limit is not None and length > pdu_limit:
+            raise refuse(f"a PDU of {length} bytes announced, {pdu_limit} allowed")
+        if pdu_type == P_DATA_TF and spool.free_bytes() - length < spool.min_free_bytes:
+            message = getattr(assoc.dimse, "message", None)
+            current = getattr(message, "_data_set_file", None)
+            if current is not None and not isinstance(current, _Dropped):
+                logger.warning("The spool's disk is below its free-space minimum: not writing the data set "
+                               "arriving from %s", assoc.requestor.address)
+                message._data_set_file = _Dropped(current)  # type: ignore[union-attr]
         return receive(length)
 
-    sock.recv = bounded_recv  # type: ignore[method-assign]
+    sock.recv = guarded_recv  # type: ignore[method-assign]
 
 
 def _shut_down(assoc: Association) -> None:
@@ -286,8 +332,8 @@ class StorageSCP:
 
     def _on_opened(self, event: Event) -> None:
         self._opened[event.assoc] = time.monotonic()
-        if self.settings.max_pdu_bytes:
-            _refuse_oversized_pdus(event.assoc, self.settings.max_pdu_bytes + PDU_HEADER_ALLOWANCE)
+        limit = self.settings.max_pdu_bytes + PDU_HEADER_ALLOWANCE if self.settings.max_pdu_bytes else None
+        _guard_receive(event.assoc, limit, self.spool)
 
     def _on_pdu(self, event: Event) -> None:
         self._last_pdu[event.assoc] = time.monotonic()
@@ -385,6 +431,8 @@ class StorageSCP:
         header: InstanceHeader | None = None
         committed: Path | None = None  # a spooled file that is new, removed again if its row fails
         try:
+            if isinstance(getattr(event.request, "_dataset_file", None), _Dropped):
+                raise DiskFullError("the spool's disk fell below its free-space minimum while the data set arrived")
             self.spool.check_free_space()
             self.spool.check_size(received.stat().st_size)
             header = read_header(received)

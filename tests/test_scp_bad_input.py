@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import subprocess
 import threading
@@ -215,3 +216,31 @@ def test_a_locked_state_database_leaves_no_spooled_file_without_its_row(start_sc
         locker.close()
     assert store(scp, tmp_path / "ok.dcm") == 0x0000
     assert not nothing_kept(scp)
+
+
+@pytest.fixture
+def small_state_disk(tmp_path):
+    """A 60 MiB tmpfs mounted where start_scp keeps its state; unmounted at teardown (after the SCP stops)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(state)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield state
+    subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_a_data_set_larger_than_the_free_disk_is_answered_a700_and_the_node_keeps_auditing(
+        small_state_disk, start_scp, tmp_path):
+    scp = start_scp(min_free_disk_mb=10)
+    large = tmp_path / "large.dcm"
+    write_cr(large, size=7200)  # 99 MiB into a 60 MiB disk
+    assert store(scp, large) == 0xA700
+    assert not _incoming(scp) and nothing_kept(scp)
+    assert shutil.disk_usage(small_state_disk).free > 40 * 2**20  # what arrived was not kept
+    write_cr(tmp_path / "small.dcm")
+    assert store(scp, tmp_path / "small.dcm") == 0x0000
+    events = [row[0] for row in sqlite3.connect(small_state_disk / "audit.db").execute(
+        "SELECT event FROM audit_events ORDER BY id")]
+    assert events.count("instance-rejected") == 1 and events[-1] == "instance-received"
