@@ -51,6 +51,7 @@ from dicom_node.audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import ScpSettings, TlsSettings
 from dicom_node.db import Instance, Job, NodeDatabase, utcnow
 from dicom_node.errors import (
+    AuditError,
     DatasetTooLargeError,
     DiskFullError,
     DuplicateInstanceError,
@@ -362,7 +363,11 @@ class StorageSCP:
             time.sleep(DEADLINE_POLL_S)
 
     def _on_requested(self, event: Event) -> None:
-        """Accept or reject the association request by the node's policy, and audit it."""
+        """Accept or reject the association request by the node's policy, and audit it.
+
+        Rejected as transient (busy): over a limit, the spool's disk below its free-space
+        minimum, or an acceptance the audit trail cannot record (no unaudited association).
+        """
         assoc = event.assoc
         request = assoc.requestor.primitive  # requestor.ae_title is set only after this event
         calling_ae = request.calling_ae_title.strip()
@@ -373,17 +378,30 @@ class StorageSCP:
             reject, reason = REJECT_CALLING_AE, "calling AE not allowed"
         elif self.settings.check_called_ae and called_ae != self.settings.ae_title:
             reject, reason = REJECT_CALLED_AE, "called AE title does not match"
+        elif self.spool.free_bytes() < self.spool.min_free_bytes:
+            reject, reason = REJECT_BUSY, "the spool's disk is below its free-space minimum"
         elif reason := self._take_slot(assoc, calling_ae, address):
             reject = REJECT_BUSY
-        if reason:
-            logger.info("Rejecting association from %s at %s: %s", calling_ae, address, reason)
-            assoc.acse.send_reject(*reject)
-            assoc.kill()  # as pynetdicom does after its own rejections: flushes the PDU
+        if not reason:
+            try:
+                self.audit.record(AuditEvent.ASSOCIATION_ACCEPTED, actor=calling_ae, remote=address)
+            except AuditError as exc:
+                logger.error("Rejecting association from %s at %s: it cannot be audited (%s)",
+                             calling_ae, address, exc)
+                self._accepted.discard(assoc)
+                assoc.acse.send_reject(*REJECT_BUSY)
+                assoc.kill()
+                return
+            _prefer_requestor_order(assoc.requestor.primitive.presentation_context_definition_list)
+            return
+        logger.info("Rejecting association from %s at %s: %s", calling_ae, address, reason)
+        assoc.acse.send_reject(*reject)
+        assoc.kill()  # as pynetdicom does after its own rejections: flushes the PDU
+        try:
             self.audit.record(AuditEvent.ASSOCIATION_REJECTED, outcome=Outcome.MINOR_FAILURE,
                               actor=calling_ae, remote=address, detail=reason)
-            return
-        _prefer_requestor_order(assoc.requestor.primitive.presentation_context_definition_list)
-        self.audit.record(AuditEvent.ASSOCIATION_ACCEPTED, actor=calling_ae, remote=address)
+        except AuditError as exc:
+            logger.error("The rejection of an association from %s could not be audited: %s", address, exc)
 
     def _on_closed(self, event: Event) -> None:
         """Remove the partial file of a data set still arriving when the connection closed

@@ -136,10 +136,25 @@ def test_data_set_over_the_size_limit(start_scp, tmp_path):
 
 def test_free_disk_below_the_limit(start_scp, tmp_path):
     scp = start_scp(min_free_disk_mb=2**40)
-    path = tmp_path / "any.dcm"
-    write_cr(path)
-    assert store(scp, path) == 0xA700
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    refused = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE")
+    assert refused.is_rejected
+    assert (refused.acceptor.primitive.result, refused.acceptor.primitive.diagnostic) == (0x02, 0x02)  # transient
+    audit_db = scp.spool.root.parent / "audit.db"
+    events = wait_for(lambda: list(sqlite3.connect(audit_db).execute("SELECT event, detail FROM audit_events")),
+                      10, "the rejection to be audited")
+    assert events == [("association-rejected", "the spool's disk is below its free-space minimum")]
+    # During an association, a store is answered 0xA700 (here: the disk fell below the minimum).
+    scp.spool.min_free_bytes = 0
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    scp.spool.min_free_bytes = 2**60
+    write_cr(tmp_path / "any.dcm")
+    assert int(assoc.send_c_store(tmp_path / "any.dcm").Status) == 0xA700
+    assoc.release()
     assert nothing_kept(scp)
+    scp.spool.min_free_bytes = 0
     assert still_serving(scp)
 
 
@@ -244,3 +259,24 @@ def test_a_data_set_larger_than_the_free_disk_is_answered_a700_and_the_node_keep
     events = [row[0] for row in sqlite3.connect(small_state_disk / "audit.db").execute(
         "SELECT event FROM audit_events ORDER BY id")]
     assert events.count("instance-rejected") == 1 and events[-1] == "instance-received"
+
+
+def test_an_association_that_cannot_be_audited_is_refused(small_state_disk, start_scp, tmp_path):
+    scp = start_scp(min_free_disk_mb=0)
+    assert still_serving(scp)
+    filler = small_state_disk / "filler"
+    with filler.open("wb") as stream:  # fill the disk the audit trail is on
+        try:
+            while True:
+                stream.write(b"\0" * 2**20)
+                stream.flush()
+        except OSError:
+            pass
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        refused = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE")
+        assert refused.is_rejected and refused.acceptor.primitive.diagnostic == 0x02
+    finally:
+        filler.unlink()
+    assert still_serving(scp)  # audited again once there is room
