@@ -7,9 +7,11 @@ left alone, so a message delivered twice does nothing the second time.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,6 +38,12 @@ VERDICT_EVENTS = {Verdict.ANALYSED: AuditEvent.JOB_COMPLETED,
                   Verdict.SKIPPED: AuditEvent.JOB_SKIPPED, Verdict.FAILED: AuditEvent.JOB_FAILED}
 JOB_LEASE = timedelta(minutes=30)
 """A job running longer than this is taken to belong to a dead worker."""
+NO_SPACE_RETRY = timedelta(minutes=1)
+"""A job whose results did not fit on the disk runs again after this long."""
+
+
+class ResultsDiskFull(Exception):
+    """The results of an instance could not be written: its disk is full."""
 
 
 @dataclass
@@ -122,7 +130,10 @@ class Analyzer:
         outcomes = []
         for instance in instances:
             if instance.verdict is None:
-                outcome = self._analyse_instance(job_id, instance)
+                try:
+                    outcome = self._analyse_instance(job_id, instance)
+                except ResultsDiskFull as exc:
+                    return self._defer(job, instance, exc)
                 self._record_verdict(instance, outcome)
             else:  # decided before this job was interrupted: keep it, audited once
                 outcome = InstanceOutcome(instance.verdict, instance.verdict_reason or "")
@@ -136,8 +147,25 @@ class Analyzer:
         logger.info("Job %d %s", job_id, status.value)
         return status
 
+    def _defer(self, job: Job, instance: Instance, error: ResultsDiskFull) -> JobStatus:
+        """Queue the job again for :data:`NO_SPACE_RETRY` from now (its undecided instances are
+        analysed then); audit that it could not finish. Returns QUEUED."""
+        with self.db.session() as session:
+            session.execute(update(Job).where(Job.id == job.id).values(
+                status=JobStatus.QUEUED, started_at=None, reason=str(error)))
+            queue_message(session, "analyze", job.id, not_before=utcnow() + NO_SPACE_RETRY)
+        logger.warning("Job %d: %s; it runs again in %s", job.id, error, NO_SPACE_RETRY)
+        self.audit.record(AuditEvent.JOB_FAILED, outcome=Outcome.MINOR_FAILURE, actor=self.worker,
+                          job_id=job.id, pseudonym=instance.patient_pseudonym,
+                          study_uid=instance.study_instance_uid, sop_uid=instance.sop_instance_uid,
+                          detail=f"{error}; queued to run again")
+        return JobStatus.QUEUED
+
     def _analyse_instance(self, job_id: int, instance: Instance) -> InstanceOutcome:
-        """Gate (tags, then image content), analyse and write the outputs of one instance; return its verdict."""
+        """Gate (tags, then image content), analyse and write the outputs of one instance; return its verdict.
+
+        Raises :class:`ResultsDiskFull` when its results do not fit on the disk (nothing of them is kept).
+        """
         try:
             dataset = dcmread(instance.path)
             verdict = self.pipeline.accepts(dataset)
@@ -152,12 +180,15 @@ class Analyzer:
             if not result.verdict.accepted:
                 return self._skip(job_id, instance, dataset, folder, result.verdict.reason)
             with STAGE_SECONDS.labels("writers").time():
-                save_result(folder, result, self.algorithm.label)
-                self._queue_outputs(job_id, instance, folder, write_results(
-                    dataset, result, image.display, self.algorithm, caveats=verdict.caveats))
+                outputs = write_results(dataset, result, image.display, self.algorithm, caveats=verdict.caveats)
+                with _disk_full_deferred(folder):
+                    save_result(folder, result, self.algorithm.label)
+                self._queue_outputs(job_id, instance, folder, outputs)
             scores = ", ".join(f"{f['name']}={f['probability']:.2f}{' FLAGGED' if f['flagged'] else ''}"
                                for f in findings_summary(result))
             return InstanceOutcome(Verdict.ANALYSED, "; ".join([scores, *verdict.caveats]))
+        except ResultsDiskFull:
+            raise
         except Exception as exc:  # a bad input or model error is a recorded failure, not a retry
             logger.exception("Job %d: instance %s failed", job_id, instance.sop_instance_uid)
             return InstanceOutcome(Verdict.FAILED, f"{type(exc).__name__}: {exc}"[:500])
@@ -195,17 +226,42 @@ class Analyzer:
     def _queue_outputs(self, job_id: int, instance: Instance, folder: Path,
                        outputs: dict[OutputKind, Dataset]) -> None:
         """Write each output object durably, then queue its deliveries in one transaction."""
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         written = []
-        for kind, dataset in outputs.items():
-            path = folder / f"{kind.value}.dcm"
-            partial = path.with_suffix(".partial")
-            dataset.save_as(partial, enforce_file_format=True)
-            os.replace(partial, path)
-            written.append((kind.value, str(dataset.SOPInstanceUID), path))
+        with _disk_full_deferred(folder):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for kind, dataset in outputs.items():
+                path = folder / f"{kind.value}.dcm"
+                partial = path.with_suffix(".partial")
+                dataset.save_as(partial, enforce_file_format=True)
+                os.replace(partial, path)
+                written.append((kind.value, str(dataset.SOPInstanceUID), path))
         with self.db.session() as session:
             queue_deliveries(session, job_id=job_id, source_sop_uid=instance.sop_instance_uid,
                              outputs=written, destinations=self.destinations)
+
+
+@contextmanager
+def _disk_full_deferred(folder: Path) -> Iterator[None]:
+    """Turn a full disk while writing into ``folder`` into :class:`ResultsDiskFull`, removing the
+    partial files (other write errors pass through)."""
+    try:
+        yield
+    except OSError as exc:
+        if not _disk_full(exc):
+            raise
+        for leftover in folder.glob("*.partial"):
+            leftover.unlink(missing_ok=True)
+        raise ResultsDiskFull("the results disk is full") from exc
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Return whether ``error`` or an error it was raised from is ENOSPC / EDQUOT (pydicom
+    re-raises a write error as an OSError of its own, naming the element)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _job_status(outcomes: list[InstanceOutcome]) -> tuple[JobStatus, str]:

@@ -1,0 +1,78 @@
+"""A job whose results do not fit on the disk fails cleanly and runs again when there is room."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from dicom_node.analysis import Analyzer
+from dicom_node.audit import AuditTrail
+from dicom_node.db import Delivery, Instance, Job, JobStatus, NodeDatabase, OutboxMessage, utcnow
+from dicom_node.config import Destination
+from pipelines.chest_xray.pipeline import ChestXrayPipeline
+from tests.conftest import sample_file
+from tests.test_pipeline import MANIFEST
+
+
+@pytest.fixture
+def small_results_disk(tmp_path):
+    """A 4 MiB tmpfs as the results folder (an SC of RG1 alone is 10 MiB); unmounted at teardown."""
+    results = tmp_path / "results"
+    results.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(results)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield results
+    subprocess.run(["umount", "-l", str(results)], check=False)
+
+
+def test_a_full_results_disk_defers_the_job_until_there_is_room(small_results_disk, tmp_path):
+    source = tmp_path / "rg1.dcm"
+    shutil.copy(sample_file("RG1_UNCR.dcm"), source)
+    ds = dcmread(source, stop_before_pixels=True)
+    db = NodeDatabase(f"sqlite:///{tmp_path / 'node.db'}")
+    audit = AuditTrail(f"sqlite:///{tmp_path / 'audit.db'}", b"secret")
+    with db.session() as session:
+        job = Job(study_instance_uid=ds.StudyInstanceUID, status=JobStatus.QUEUED)
+        session.add(job)
+        session.flush()
+        session.add(Instance(sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+                             study_instance_uid=ds.StudyInstanceUID, series_instance_uid=ds.SeriesInstanceUID,
+                             transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, path=str(source),
+                             size_bytes=source.stat().st_size, calling_ae="TESTSCU", job_id=job.id))
+        job_id = job.id
+    pipeline = ChestXrayPipeline.from_manifest(MANIFEST, device="cpu")
+    destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=11113)
+    analyzer = Analyzer(db, audit, pipeline, small_results_disk, worker="test-worker", destinations=[destination])
+
+    assert analyzer.run(job_id) is JobStatus.QUEUED
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        [instance] = session.scalars(select(Instance)).all()
+        [message] = session.scalars(select(OutboxMessage).where(OutboxMessage.task == "analyze")).all()
+        assert job.status is JobStatus.QUEUED and job.reason == "the results disk is full"
+        assert instance.verdict is None  # decided when it runs again
+        assert message.target_id == job_id and message.not_before > utcnow()
+        assert session.scalars(select(Delivery)).all() == []
+    assert not list(small_results_disk.rglob("*.partial"))
+    events = [(e["event"], e["outcome"], e["detail"]) for e in audit_events(audit)]
+    assert ("job-failed", "minor-failure", "the results disk is full; queued to run again") in events
+
+    # Room again (the results folder back on the big disk): the same job completes.
+    subprocess.run(["umount", "-l", str(small_results_disk)], check=True)
+    assert analyzer.run(job_id) is JobStatus.DONE
+    with db.session() as session:
+        assert {d.kind for d in session.scalars(select(Delivery))} == {"sc", "seg", "sr"}
+    audit.close()
+    db.dispose()
+
+
+def audit_events(audit: AuditTrail) -> list[dict[str, str]]:
+    with audit.connect() as connection:
+        rows = connection.exec_driver_sql("SELECT event, outcome, detail FROM audit_events ORDER BY id").all()
+    return [{"event": e, "outcome": o, "detail": d} for e, o, d in rows]
