@@ -102,6 +102,7 @@ class DeliverySettings(Section):
     max_failures: int = Field(3, ge=1, description="other failures tried this often")
     jitter: float = Field(0.2, ge=0, le=1, description="random fraction added to each wait")
     timeout_s: float = Field(60, gt=0)
+    threads: int = Field(4, ge=1, description="sends at once in the delivery lane")
 
 
 class OutputSettings(Section):
@@ -135,7 +136,7 @@ class BrokerSettings(Section):
 
 
 class WorkerSettings(Section):
-    embedded: bool = Field(True, description="serve starts and supervises one worker")
+    embedded: bool = Field(True, description="serve starts and supervises an analysis and a delivery worker")
     pool: Literal["solo", "threads"] = "solo"
     concurrency: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"

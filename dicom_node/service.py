@@ -49,25 +49,26 @@ def overrides_as_environment(overrides: Mapping[str, Any], prefix: str = ENV_PRE
 
 
 class WorkerSupervisor:
-    """Runs ``dicom-node worker`` as a child process and restarts it when it dies."""
+    """Runs ``dicom-node worker --lane LANE`` as a child process and restarts it when it dies."""
 
-    def __init__(self, config_file: str | None, overrides: Mapping[str, Any]) -> None:
+    def __init__(self, config_file: str | None, overrides: Mapping[str, Any], lane: str) -> None:
+        self.lane = lane
         self.env = {**os.environ, **overrides_as_environment(overrides)}
         if config_file:
             self.env[CONFIG_FILE_ENV] = str(config_file)
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name=f"{lane}-supervisor", daemon=True)
 
     def start(self) -> None:
         self._spawn()
         self._thread.start()
 
     def _spawn(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "dicom_node", "worker"],
+        self.process = subprocess.Popen([sys.executable, "-m", "dicom_node", "worker", "--lane", self.lane],
                                         env=self.env)
-        logger.info("Started worker process %d", self.process.pid)
+        logger.info("Started the %s worker, process %d", self.lane, self.process.pid)
 
     def _watch(self) -> None:
         backoff = 1.0
@@ -77,8 +78,8 @@ class WorkerSupervisor:
             if code is None:
                 backoff = 1.0
                 continue
-            logger.error("Worker process %d exited with %d; restarting in %.0f s",
-                         self.process.pid, code, backoff)
+            logger.error("The %s worker, process %d, exited with %d; restarting in %.0f s",
+                         self.lane, self.process.pid, code, backoff)
             if self._stop.wait(backoff):
                 return
             backoff = min(backoff * 2, 30.0)
@@ -141,7 +142,8 @@ class Node:
             quiet_seconds=settings.scheduler.study_quiet_seconds,
             poll_seconds=settings.scheduler.poll_seconds, housekeeping=self._housekeeping,
         )
-        self.worker = WorkerSupervisor(config_file, overrides or {}) if run_worker else None
+        self.workers = [WorkerSupervisor(config_file, overrides or {}, lane) for lane in ("analysis", "delivery")
+                        ] if run_worker else []
         self._last_housekeeping = time.monotonic()
         self._last_retention = time.monotonic() - RETENTION_INTERVAL_S + HOUSEKEEPING_INTERVAL_S
 
@@ -154,8 +156,8 @@ class Node:
         serve_metrics(self.settings.metrics.host, self.settings.metrics.serve_port)
         self.scp.start()
         self.scheduler.start()
-        if self.worker is not None:
-            self.worker.start()
+        for worker in self.workers:
+            worker.start()
         self.audit.record(AuditEvent.NODE_STARTED, actor=getpass.getuser(),
                           detail=f"AE {self.settings.scp.ae_title} port {self.scp.port}")
 
@@ -163,8 +165,8 @@ class Node:
         logger.info("Stopping: no new associations; finishing those in flight")
         self.scp.stop()
         self.scheduler.stop()
-        if self.worker is not None:
-            self.worker.stop()
+        for worker in self.workers:
+            worker.stop()
         self.audit.record(AuditEvent.NODE_STOPPED, actor=getpass.getuser())
         self.audit.close()
         self.db.dispose()

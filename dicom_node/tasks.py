@@ -38,6 +38,10 @@ ANALYZE = "dicom_node.analyze"
 DELIVER = "dicom_node.deliver"
 TASKS = {"analyze": (ANALYZE, "job_id"), "deliver": (DELIVER, "delivery_id")}
 """Outbox task name → (Celery task name, keyword argument that carries the id)."""
+QUEUES = {ANALYZE: "analyze", DELIVER: "deliver"}
+"""Each task has its own queue, so that a slow destination never holds up analysis."""
+LANES = {"analysis": (QUEUES[ANALYZE],), "delivery": (QUEUES[DELIVER],), "both": (QUEUES[ANALYZE], QUEUES[DELIVER])}
+"""The queues a worker process consumes, by ``dicom-node worker --lane``."""
 
 
 def configure(settings: Settings) -> Celery:
@@ -68,6 +72,7 @@ def configure(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         task_serializer="json",
         accept_content=["json"],
+        task_routes={name: {"queue": queue} for name, queue in QUEUES.items()},
     )
     return app
 
@@ -91,7 +96,7 @@ def broker_reachable() -> bool:
 def publish(message: OutboxMessage) -> None:
     """Send one outbox message as a task; raises when the broker cannot take it."""
     name, argument = TASKS[message.task]
-    app.send_task(name, kwargs={argument: message.target_id})
+    app.send_task(name, kwargs={argument: message.target_id}, queue=QUEUES[name])
 
 
 def sweep_consumed_messages(settings: Settings) -> int:
@@ -111,43 +116,52 @@ def sweep_consumed_messages(settings: Settings) -> int:
 
 @dataclass
 class WorkerContext:
-    """What a worker process holds for its whole life."""
+    """What a worker process holds for its whole life: the parts of its lane."""
 
-    analyzer: Analyzer
-    deliverer: Deliverer
+    analyzer: Analyzer | None
+    deliverer: Deliverer | None
 
 
 _context: WorkerContext | None = None
 
 
-def start_worker(settings: Settings, *, name: str | None = None) -> None:
-    """Build the worker context (weights checked now, not on the first study) and run.
+def start_worker(settings: Settings, *, lane: str = "both", name: str | None = None) -> None:
+    """Build the worker context of ``lane`` (see :data:`LANES`) and run it.
 
-    Work a dead predecessor left half done (running jobs, deliveries whose lease
-    ran out) is queued again first.
+    The analysis lane loads the models now (weights checked, not on the first study)
+    and runs the configured pool; the delivery lane loads no model and sends with a
+    pool of ``delivery.threads`` threads. Work a dead predecessor left half done
+    (running jobs, deliveries whose lease ran out) is queued again first.
     """
     global _context
-    from dicom_node.analysis import Analyzer  # pulls in torch: only in worker processes
-
     configure(settings)
     name = name or worker_name()
     db = NodeDatabase(settings.node_database_url)
     audit = AuditTrail.from_settings(settings)
-    try:
-        analyzer = Analyzer.from_settings(settings, db, audit, worker=name)
-    except WeightsError as exc:
-        raise WeightsCheckError(str(exc)) from exc
-    deliverer = Deliverer.from_settings(settings, db, audit, worker=name)
-    analyzer.requeue_interrupted()
-    deliverer.requeue_abandoned()
+    queues = LANES[lane]
+    analyzer = deliverer = None
+    if QUEUES[ANALYZE] in queues:
+        from dicom_node.analysis import Analyzer  # pulls in torch: only in analysis workers
+
+        try:
+            analyzer = Analyzer.from_settings(settings, db, audit, worker=name)
+        except WeightsError as exc:
+            raise WeightsCheckError(str(exc)) from exc
+        analyzer.requeue_interrupted()
+    if QUEUES[DELIVER] in queues:
+        deliverer = Deliverer.from_settings(settings, db, audit, worker=name)
+        deliverer.requeue_abandoned()
     _context = WorkerContext(analyzer=analyzer, deliverer=deliverer)
-    serve_metrics(settings.metrics.host, settings.metrics.worker_port)
-    queue_name = "celery"
+    if lane == "delivery":
+        pool, concurrency = "threads", settings.delivery.threads
+    else:
+        pool, concurrency = settings.worker.pool, settings.worker.concurrency
+        serve_metrics(settings.metrics.host, settings.metrics.worker_port)
     app.worker_main([
-        "--quiet", "worker", f"--pool={settings.worker.pool}",
-        f"--concurrency={settings.worker.concurrency}", "--prefetch-multiplier=1",
+        "--quiet", "worker", f"--pool={pool}", f"--concurrency={concurrency}", "--prefetch-multiplier=1",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
-        f"--hostname={name}", "-Q", queue_name, "--loglevel", settings.log_level,
+        f"--hostname={lane}-{name}", "-Q", ",".join(queues),
+        "--loglevel", settings.log_level,
     ])
 
 
@@ -160,10 +174,16 @@ def _require_context() -> WorkerContext:
 @app.task(name=ANALYZE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def analyze(*, job_id: int) -> None:
     """Analyse one job's instances; a job that is not queued any more is a no-op."""
-    _require_context().analyzer.run(job_id)
+    analyzer = _require_context().analyzer
+    if analyzer is None:
+        raise RuntimeError("an analyze task reached a worker without the analysis lane")
+    analyzer.run(job_id)
 
 
 @app.task(name=DELIVER, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def deliver(*, delivery_id: int) -> None:
     """Send one result object; a delivery finished or not yet due is a no-op."""
-    _require_context().deliverer.run(delivery_id)
+    deliverer = _require_context().deliverer
+    if deliverer is None:
+        raise RuntimeError("a deliver task reached a worker without the delivery lane")
+    deliverer.run(delivery_id)

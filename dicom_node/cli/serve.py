@@ -50,10 +50,13 @@ def serve(ctx: click.Context, host: str | None, port: int | None, ae_title: str 
 
 @click.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), help="state_dir")
+@click.option("--lane", type=click.Choice(["both", "analysis", "delivery"]), default="both", show_default=True,
+              help="analysis: analyse jobs (the models loaded once, now); delivery: send results "
+                   "(no model, delivery.threads threads); both: one process for both queues.")
 @click.pass_context
 @node_errors_as_click
-def worker(ctx: click.Context, state_dir: Path | None) -> None:
-    """Run one analysis worker (solo or threads pool; the model is loaded once, now)."""
+def worker(ctx: click.Context, state_dir: Path | None, lane: str) -> None:
+    """Run one worker: analysis, delivery or both."""
     from dicom_node.tasks import start_worker
 
-    start_worker(settings_from(ctx, state_dir=state_dir))
+    start_worker(settings_from(ctx, state_dir=state_dir), lane=lane)
