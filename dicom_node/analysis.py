@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
 
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
@@ -30,6 +31,7 @@ from dicom_node.results import findings_summary, result_dir, save_result
 from dicom_node.worker_identity import worker_is_gone
 from dicom_node.writers import AlgorithmIdentity, OutputKind, write_not_analysed, write_results
 from pipelines.base import Pipeline
+from pipelines.errors import PipelineError
 from pipelines.chest_xray.gate import is_chest
 
 logger = logging.getLogger(__name__)
@@ -189,7 +191,10 @@ class Analyzer:
             return InstanceOutcome(Verdict.ANALYSED, "; ".join([scores, *verdict.caveats]))
         except ResultsDiskFull:
             raise
-        except Exception as exc:  # a bad input or model error is a recorded failure, not a retry
+        except (PipelineError, InvalidDicomError) as exc:  # bad input: one line, the reason
+            logger.warning("Job %d: instance %s failed: %s", job_id, instance.sop_instance_uid, exc)
+            return InstanceOutcome(Verdict.FAILED, f"{type(exc).__name__}: {exc}"[:500])
+        except Exception as exc:  # a model or node bug: a recorded failure (not a retry), with its traceback
             logger.exception("Job %d: instance %s failed", job_id, instance.sop_instance_uid)
             return InstanceOutcome(Verdict.FAILED, f"{type(exc).__name__}: {exc}"[:500])
 

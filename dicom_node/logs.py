@@ -16,6 +16,8 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Per-association and per-module INFO lines.
 CHATTY = ("pynetdicom", "highdicom")
+#: Loggers of a peer's bad input, handled by the library: one line each, no traceback.
+ONE_LINE = ("pynetdicom.dul", "pynetdicom.acse", "pynetdicom.association", "pynetdicom.dimse", "pynetdicom.utils")
 #: Loggers whose warnings quote data-set values.
 QUOTING = ("pydicom",)
 WITHHELD = "text withheld: library warnings may quote patient data"
@@ -35,11 +37,24 @@ class WithholdWarningText(logging.Filter):
         return True
 
 
+class OneLine(logging.Filter):
+    """Drop the traceback of a record: for libraries' handled errors (pynetdicom logs a peer's
+    undecodable PDU with a full traceback), whose message already says what happened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """Configure the root logger, capture warnings into ``py.warnings`` and withhold their text there."""
     logging.basicConfig(level=level, format=FORMAT)
     for name in CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ONE_LINE:
+        handled = logging.getLogger(name)
+        if not any(isinstance(f, OneLine) for f in handled.filters):
+            handled.addFilter(OneLine())
     for name in QUOTING:
         logging.getLogger(name).setLevel(logging.ERROR)
     captured = logging.getLogger("py.warnings")

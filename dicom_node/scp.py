@@ -231,6 +231,8 @@ class StorageSCP:
         self._last_pdu: WeakKeyDictionary[Association, float] = WeakKeyDictionary()
         self._watching = threading.Event()
         self._cut: WeakSet[Association] = WeakSet()
+        # Connections whose association request reached the policy (accepted or rejected, audited).
+        self._decided: WeakSet[Association] = WeakSet()
         self.ae = self._build_ae()
         self.server: ThreadedAssociationServer | None = None
 
@@ -373,6 +375,7 @@ class StorageSCP:
         calling_ae = request.calling_ae_title.strip()
         called_ae = request.called_ae_title.strip()
         address = assoc.requestor.address
+        self._decided.add(assoc)
         reason = ""
         if not self._peer_allowed(calling_ae, address):
             reject, reason = REJECT_CALLING_AE, "calling AE not allowed"
@@ -403,6 +406,18 @@ class StorageSCP:
         except AuditError as exc:
             logger.error("The rejection of an association from %s could not be audited: %s", address, exc)
 
+    def _audit_undecided(self, assoc: Association) -> None:
+        """Audit a connection that closed before its association request reached the policy: the
+        request could not be decoded (a non-ASCII AE title), was not an association request (an
+        unknown PDU type), or did not arrive in time."""
+        try:
+            self.audit.record(AuditEvent.ASSOCIATION_REJECTED, outcome=Outcome.MINOR_FAILURE,
+                              remote=assoc.requestor.address,
+                              detail="connection closed before an association request could be decided "
+                                     "(undecodable, not an association request, or too slow)")
+        except AuditError as exc:
+            logger.error("A connection from %s could not be audited: %s", assoc.requestor.address, exc)
+
     def _on_closed(self, event: Event) -> None:
         """Remove the partial file of a data set still arriving when the connection closed
         (released, aborted, reset or timed out): it was never acknowledged.
@@ -410,6 +425,8 @@ class StorageSCP:
         pynetdicom streams a C-STORE data set into the file of its unfinished DIMSE message
         and forgets the message only once it is complete.
         """
+        if event.assoc not in self._decided:
+            self._audit_undecided(event.assoc)
         message = getattr(event.assoc.dimse, "message", None)
         partial = getattr(message, "_data_set_path", None)
         if partial is None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
+import pytest
 from click.testing import CliRunner
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -129,3 +131,52 @@ def test_an_oversized_pdu_is_refused_without_being_buffered(start_scp):
     # The same inside an association.
     assoc.dul.socket.socket.sendall(b"\x04\x00" + (512 * 2**20).to_bytes(4, "big") + b"\x00" * 4096)
     wait_for(lambda: assoc.is_aborted or not assoc.is_alive(), 10, "the node to abort the association")
+
+
+def _association_request(calling_ae: bytes) -> bytes:
+    """Return the A-ASSOCIATE-RQ PDU pynetdicom sends for TESTSCU → DICOM_NODE, with ``calling_ae`` in it."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        received: list[bytes] = []
+
+        def capture() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.settimeout(1)
+                try:
+                    while chunk := connection.recv(65536):
+                        received.append(chunk)
+                except OSError:
+                    pass
+
+        catcher = threading.Thread(target=capture)
+        catcher.start()
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = 0.5
+        ae.associate("127.0.0.1", listener.getsockname()[1], ae_title="DICOM_NODE")
+        catcher.join()
+    return b"".join(received).replace(b"TESTSCU         ", calling_ae.ljust(16))
+
+
+def _audited_rejections(scp) -> list[tuple[str, str]]:
+    with scp.audit.connect() as connection:
+        return connection.exec_driver_sql(
+            "SELECT event, detail FROM audit_events WHERE event = 'association-rejected'").all()
+
+
+@pytest.mark.parametrize("kind", ["non-ascii-calling-ae", "unknown-pdu-type"])
+def test_a_request_that_cannot_be_decided_is_closed_and_audited(start_scp, kind):
+    scp = start_scp(acse_timeout_s=2)
+    opening = (_association_request("TÉSTSCU".encode("latin-1")) if kind == "non-ascii-calling-ae"
+               else b"\x09\x00\x00\x00\x00\x04abcd")
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", scp.port), timeout=10) as connection:
+        connection.sendall(opening)
+        while connection.recv(64):  # an A-ABORT, perhaps, then the close
+            pass
+    assert time.monotonic() - started < 6
+    [(event, detail)] = wait_for(lambda: _audited_rejections(scp), 10, "the connection to be audited")
+    assert detail.startswith("connection closed before an association request could be decided")
+    assert associate(scp.port).is_established
