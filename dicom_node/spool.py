@@ -82,6 +82,8 @@ def read_header(path: Path) -> InstanceHeader:
             _check_complete(path, transfer_syntax, size)
     except UnreadableDatasetError:
         raise
+    except RecursionError as exc:
+        raise UnreadableDatasetError("data set cannot be decoded: sequences nested too deeply") from exc
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError,
             OSError, NotImplementedError, struct.error) as exc:
         raise UnreadableDatasetError(f"data set cannot be decoded: {type(exc).__name__}") from exc
