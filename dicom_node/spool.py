@@ -84,8 +84,10 @@ def read_header(path: Path) -> InstanceHeader:
         raise
     except RecursionError as exc:
         raise UnreadableDatasetError("data set cannot be decoded: sequences nested too deeply") from exc
+    except struct.error as exc:
+        raise UnreadableDatasetError("data set truncated inside an element header") from exc
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError,
-            OSError, NotImplementedError, struct.error) as exc:
+            OSError, NotImplementedError) as exc:
         raise UnreadableDatasetError(f"data set cannot be decoded: {type(exc).__name__}") from exc
     return InstanceHeader(
         sop_class_uid=check_uid(values["SOPClassUID"], "SOP Class UID"),

@@ -67,10 +67,9 @@ def test_every_hostile_case_gets_a_status_then_a_verdict_and_the_node_keeps_serv
         verdicts = {row.sop_instance_uid: (row.verdict.value, row.verdict_reason)
                     for row in session.scalars(select(Instance))}
 
-    rejections = {sop_uid: detail for event, sop_uid, detail in audited if event == "instance-rejected"}
     rows = []
-    for case in corpus:
-        verdict, reason = verdicts.get(sop_uids[case.name], ("-", rejections.get(sop_uids[case.name], "")))
+    for case, (event, _, detail) in zip(corpus, audited, strict=True):  # one event per case, in order
+        verdict, reason = verdicts.get(sop_uids[case.name], ("-", detail if event == "instance-rejected" else ""))
         rows.append(f"| {case.name} | 0x{statuses[case.name]:04X} | {verdict} | {reason or ''} |")
         if statuses[case.name] == 0x0000:
             assert verdict == ("analysed" if case.analysed else verdict) and reason, case.name
