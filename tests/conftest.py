@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 import yaml
 from pydicom.data import get_testdata_file
+from sqlalchemy import select
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import load_settings
-from dicom_node.db import NodeDatabase
+from dicom_node.db import Delivery, Job, NodeDatabase
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 
@@ -127,6 +128,30 @@ class NodeProcess:
     def db(self) -> NodeDatabase:
         return NodeDatabase(f"sqlite:///{self.state_dir / 'node.db'}")
 
+    def jobs(self, study: str | None = None) -> list[Job]:
+        """Return the node's jobs (of ``study`` when given), oldest first."""
+        db = self.db()
+        try:
+            with db.session() as session:
+                query = select(Job).order_by(Job.id)
+                if study is not None:
+                    query = query.where(Job.study_instance_uid == study)
+                return list(session.scalars(query))
+        finally:
+            db.dispose()
+
+    def deliveries(self, job_id: int | None = None) -> list[Delivery]:
+        """Return the node's deliveries (of ``job_id`` when given)."""
+        db = self.db()
+        try:
+            with db.session() as session:
+                query = select(Delivery).order_by(Delivery.id)
+                if job_id is not None:
+                    query = query.where(Delivery.job_id == job_id)
+                return list(session.scalars(query))
+        finally:
+            db.dispose()
+
     def cli(self, *args: str) -> str:
         """Run ``dicom-node --config … ARGS`` and return its output; fails the test on a non-zero exit."""
         result = subprocess.run([sys.executable, "-m", "dicom_node", "--config", str(self.config), *args],
@@ -231,6 +256,26 @@ def start_scp(tmp_path: Path) -> Iterator[Callable[..., StorageSCP]]:
     yield start
     for scp in started:
         scp.stop(grace_seconds=1)
+
+
+@pytest.fixture
+def mount_tmpfs() -> Iterator[Callable[[Path, str], Path]]:
+    """Mount a tmpfs of a given size (``"60m"``) on a folder; unmounted at teardown. Skips the test
+    where mounting is not allowed."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 @pytest.fixture(scope="session")

@@ -8,30 +8,15 @@ import time
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import select
 
-from dicom_node.db import Delivery, DeliveryStatus, Job
+from dicom_node.db import DeliveryStatus
 from tests.conftest import dcmtk_tool, run_tool, sample_file, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-def _jobs(node) -> list[Job]:
-    db = node.db()
-    try:
-        with db.session() as session:
-            return list(session.scalars(select(Job).order_by(Job.id)))
-    finally:
-        db.dispose()
 
 
-def _deliveries(node) -> list[Delivery]:
-    db = node.db()
-    try:
-        with db.session() as session:
-            return list(session.scalars(select(Delivery)))
-    finally:
-        db.dispose()
 
 
 def test_a_destination_that_never_answers_does_not_hold_up_analysis(node_factory, tmp_path):
@@ -53,15 +38,15 @@ def test_a_destination_that_never_answers_does_not_hold_up_analysis(node_factory
         store = lambda path: run_tool(dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", "DICOM_NODE",  # noqa: E731
                                       "127.0.0.1", str(node.port), str(path))
         assert store(files[0]).returncode == 0
-        wait_for(lambda: (jobs := _jobs(node)) and jobs[0].status.finished, 90, "the first job to be analysed")
-        wait_for(lambda: len(_deliveries(node)) == 3, 30, "its three deliveries to be queued")
+        wait_for(lambda: (jobs := node.jobs()) and jobs[0].status.finished, 90, "the first job to be analysed")
+        wait_for(lambda: len(node.deliveries()) == 3, 30, "its three deliveries to be queued")
         # Its three objects now go to a destination that holds each association for 30 s. In a
         # lane shared with analysis, the next image would wait behind them for a minute and more.
         started = time.monotonic()
         assert store(files[1]).returncode == 0
-        wait_for(lambda: (jobs := _jobs(node)) and len(jobs) == 2 and jobs[1].status.finished, 60,
+        wait_for(lambda: (jobs := node.jobs()) and len(jobs) == 2 and jobs[1].status.finished, 60,
                  "the second job to be analysed")
         assert time.monotonic() - started < 25
-        assert [j.status.value for j in _jobs(node)] == ["done", "done"]
-        assert not any(d.status is DeliveryStatus.DELIVERED for d in _deliveries(node))
+        assert [j.status.value for j in node.jobs()] == ["done", "done"]
+        assert not any(d.status is DeliveryStatus.DELIVERED for d in node.deliveries())
         assert node.stop(timeout=120) == 0

@@ -11,17 +11,14 @@ the log without the names.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import select
 
-from dicom_node.db import Delivery, DeliveryStatus, Job
+from dicom_node.db import DeliveryStatus, Job
 from tests.conftest import dcmtk_tool, run_tool, sample_file, wait_for
 from tests.receiving_scp import ReceivingSCP
 
@@ -98,30 +95,9 @@ def _write_cases(folder: Path) -> dict[str, Dataset]:
     return written
 
 
-def _cli(node, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "dicom_node", "--config", str(node.config), *args],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 def _finished_job(node, study: str) -> Job | None:
-    db = node.db()
-    try:
-        with db.session() as session:
-            job = session.scalars(select(Job).where(Job.study_instance_uid == study)).first()
-            return job if job is not None and job.status.finished else None
-    finally:
-        db.dispose()
-
-
-def _deliveries(node, job_id: int) -> list[Delivery]:
-    db = node.db()
-    try:
-        with db.session() as session:
-            return list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)))
-    finally:
-        db.dispose()
+    jobs = node.jobs(study)
+    return jobs[0] if jobs and jobs[0].status.finished else None
 
 
 @pytest.fixture
@@ -144,9 +120,9 @@ def test_what_cannot_prove_it_is_a_frontal_adult_chest_is_skipped_with_its_reaso
     for name, (_, _, reason) in CASES.items():
         ds = cases[name]
         job = wait_for(lambda: _finished_job(node, ds.StudyInstanceUID), 300, f"the job of {name}")
-        shown = json.loads(_cli(node, "jobs", "show", str(job.id), "--format", "json"))
+        shown = json.loads(node.cli("jobs", "show", str(job.id), "--format", "json"))
         [instance] = shown["instances"]
-        events = json.loads(_cli(node, "audit", "list", "--study", ds.StudyInstanceUID, "--format", "json"))
+        events = json.loads(node.cli("audit", "list", "--study", ds.StudyInstanceUID, "--format", "json"))
         if reason is None:
             assert job.status.value == "done", (name, job.reason)
             assert instance["verdict"] == "analysed" and "covid19=" in instance["reason"]
@@ -159,14 +135,14 @@ def test_what_cannot_prove_it_is_a_frontal_adult_chest_is_skipped_with_its_reaso
         skipped = [e for e in events if e["event"] == "job-skipped"]
         assert len(skipped) == 1 and reason in skipped[0]["detail"], (name, events)
         # A "not analysed" note is the one thing a skipped image may yield, and only where it says chest.
-        kinds = {d.kind for d in _deliveries(node, job.id)}
+        kinds = {d.kind for d in node.deliveries(job.id)}
         assert kinds == ({"not-analysed"} if "BodyPartExamined" in ds else set()), (name, kinds)
 
     adult = cases["adult-without-birth-date"]
     adult_job = _finished_job(node, adult.StudyInstanceUID)
     expected = 3 + sum("BodyPartExamined" in cases[name] for name, case in CASES.items() if case[2])
     wait_for(lambda: len(pacs.stored) == expected, 120, "the adult's SC, SEG and SR and the notes")
-    assert all(d.status is DeliveryStatus.DELIVERED for d in _deliveries(node, adult_job.id))
+    assert all(d.status is DeliveryStatus.DELIVERED for d in node.deliveries(adult_job.id))
     received: dict[str, list[Dataset]] = {}
     for uid in pacs.stored:
         ds = dcmread(pacs.folder / f"{uid}.dcm")

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 from pydicom import dcmread
-from sqlalchemy import select
 
-from dicom_node.db import Delivery, DeliveryStatus, Job, JobStatus
+from dicom_node.db import DeliveryStatus, Job, JobStatus
 from tests.conftest import dcmtk_tool, run_tool, sample_file, wait_for
 from tests.receiving_scp import ReceivingSCP
 
@@ -41,33 +40,12 @@ def study_uid(name: str) -> str:
 
 
 def job_of(node, study: str) -> Job | None:
-    db = node.db()
-    try:
-        with db.session() as session:
-            return session.scalars(select(Job).where(Job.study_instance_uid == study)
-                                   .order_by(Job.id.desc())).first()
-    finally:
-        db.dispose()
-
-
-def deliveries(node, job_id: int) -> list[Delivery]:
-    db = node.db()
-    try:
-        with db.session() as session:
-            return list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)))
-    finally:
-        db.dispose()
-
-
-def cli(node, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "dicom_node", "--config", str(node.config),
-                             *args], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    jobs = node.jobs(study)
+    return jobs[-1] if jobs else None
 
 
 def all_delivered(node, job_id: int) -> bool:
-    rows = deliveries(node, job_id)
+    rows = node.deliveries(job_id)
     return len(rows) == 3 and all(d.status is DeliveryStatus.DELIVERED for d in rows)
 
 
@@ -99,16 +77,16 @@ def test_rg1_is_analysed_and_delivered_rg3_is_skipped(node_factory, pacs):
         assert received.SeriesDescription.startswith("AI CXR: ")
 
     # The audit trail tells the story of each study, in order.
-    events = [e["event"] for e in json.loads(cli(node, "audit", "list", "--study", rg1,
+    events = [e["event"] for e in json.loads(node.cli("audit", "list", "--study", rg1,
                                                  "--format", "json"))]
     assert events[:4] == ["instance-received", "job-queued", "job-started", "job-completed"]
     assert events[4:] == ["result-sent"] * 3
-    events = [e["event"] for e in json.loads(cli(node, "audit", "list", "--study", rg3,
+    events = [e["event"] for e in json.loads(node.cli("audit", "list", "--study", rg3,
                                                  "--format", "json"))]
     assert events == ["instance-received", "job-queued", "job-started", "job-skipped"]
 
     # Running the job again delivers the same three objects, replacing the first ones.
-    cli(node, "jobs", "retry", str(job.id))
+    node.cli("jobs", "retry", str(job.id))
     wait_for(lambda: sum(pacs.received.values()) == 6, 300, "the re-run's deliveries")
     assert set(pacs.received) == first_uids
     assert all(count == 2 for count in pacs.received.values())
@@ -122,7 +100,7 @@ def test_rg1_is_analysed_and_delivered_rg3_is_skipped(node_factory, pacs):
 
 def test_status_shows_the_node(node_factory):
     node = node_factory({"worker": {"embedded": False}}).start()
-    report = json.loads(cli(node, "status", "--format", "json"))
+    report = json.loads(node.cli("status", "--format", "json"))
     assert report["broker_reachable"] is True
     assert report["free_disk_bytes"] > 0
     assert node.stop() == 0

@@ -19,16 +19,9 @@ from tests.test_pipeline import MANIFEST
 
 
 @pytest.fixture
-def small_results_disk(tmp_path):
-    """A 4 MiB tmpfs as the results folder (an SC of RG1 alone is 10 MiB); unmounted at teardown."""
-    results = tmp_path / "results"
-    results.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(results)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    yield results
-    subprocess.run(["umount", "-l", str(results)], check=False)
+def small_results_disk(tmp_path, mount_tmpfs):
+    """A 4 MiB tmpfs as the results folder (an SC of RG1 alone is 10 MiB)."""
+    return mount_tmpfs(tmp_path / "results", "4m")
 
 
 def test_a_full_results_disk_defers_the_job_until_there_is_room(small_results_disk, tmp_path):

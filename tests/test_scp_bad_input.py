@@ -234,16 +234,9 @@ def test_a_locked_state_database_leaves_no_spooled_file_without_its_row(start_sc
 
 
 @pytest.fixture
-def small_state_disk(tmp_path):
-    """A 60 MiB tmpfs mounted where start_scp keeps its state; unmounted at teardown (after the SCP stops)."""
-    state = tmp_path / "state"
-    state.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(state)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    yield state
-    subprocess.run(["umount", "-l", str(state)], check=False)
+def small_state_disk(tmp_path, mount_tmpfs):
+    """A 60 MiB tmpfs where start_scp keeps its state (set up first: unmounted after the SCP stops)."""
+    return mount_tmpfs(tmp_path / "state", "60m")
 
 
 def test_a_data_set_larger_than_the_free_disk_is_answered_a700_and_the_node_keeps_auditing(

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import select
 
-from dicom_node.db import Job, JobStatus
+from dicom_node.db import JobStatus
 from tests.conftest import dcmtk_tool, run_tool, sample_file, wait_for
 
 pytestmark = pytest.mark.slow
@@ -37,13 +36,6 @@ def _analysis_worker(serve_pid: int) -> int | None:
     return None
 
 
-def _jobs(node) -> list[Job]:
-    db = node.db()
-    try:
-        with db.session() as session:
-            return list(session.scalars(select(Job).order_by(Job.id)))
-    finally:
-        db.dispose()
 
 
 def test_a_killed_analysis_worker_is_replaced_and_its_job_taken_over(node_factory, tmp_path):
@@ -58,13 +50,13 @@ def test_a_killed_analysis_worker_is_replaced_and_its_job_taken_over(node_factor
     sent = run_tool(dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", "DICOM_NODE", "127.0.0.1",
                     str(node.port), *map(str, files))
     assert sent.returncode == 0, sent.stderr
-    running = wait_for(lambda: next((j for j in _jobs(node) if j.status is JobStatus.RUNNING), None), 120,
+    running = wait_for(lambda: next((j for j in node.jobs() if j.status is JobStatus.RUNNING), None), 120,
                        "a job to be running")
     victim = _analysis_worker(node.process.pid)
     assert victim is not None and running.worker == f"dicom-node-{victim}@{os.uname().nodename}"
     os.kill(victim, signal.SIGKILL)
 
-    jobs = wait_for(lambda: (jobs := _jobs(node)) and len(jobs) == STUDIES and all(j.status.finished for j in jobs)
+    jobs = wait_for(lambda: (jobs := node.jobs()) and len(jobs) == STUDIES and all(j.status.finished for j in jobs)
                     and jobs, 300, "every job to finish after the kill")
     assert all(j.status is JobStatus.DONE for j in jobs), [(j.id, j.status, j.reason) for j in jobs]
     replacement = _analysis_worker(node.process.pid)
