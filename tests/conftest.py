@@ -128,29 +128,22 @@ class NodeProcess:
     def db(self) -> NodeDatabase:
         return NodeDatabase(f"sqlite:///{self.state_dir / 'node.db'}")
 
-    def jobs(self, study: str | None = None) -> list[Job]:
-        """Return the node's jobs (of ``study`` when given), oldest first."""
+    def rows(self, model: type[Any], *where: Any) -> list[Any]:
+        """Return the node's rows of ``model`` (a table of :mod:`dicom_node.db`) matching ``where``, by id."""
         db = self.db()
         try:
             with db.session() as session:
-                query = select(Job).order_by(Job.id)
-                if study is not None:
-                    query = query.where(Job.study_instance_uid == study)
-                return list(session.scalars(query))
+                return list(session.scalars(select(model).where(*where).order_by(model.id)))
         finally:
             db.dispose()
 
+    def jobs(self, study: str | None = None) -> list[Job]:
+        """Return the node's jobs (of ``study`` when given), oldest first."""
+        return self.rows(Job, *([Job.study_instance_uid == study] if study else []))
+
     def deliveries(self, job_id: int | None = None) -> list[Delivery]:
         """Return the node's deliveries (of ``job_id`` when given)."""
-        db = self.db()
-        try:
-            with db.session() as session:
-                query = select(Delivery).order_by(Delivery.id)
-                if job_id is not None:
-                    query = query.where(Delivery.job_id == job_id)
-                return list(session.scalars(query))
-        finally:
-            db.dispose()
+        return self.rows(Delivery, *([Delivery.job_id == job_id] if job_id is not None else []))
 
     def cli(self, *args: str) -> str:
         """Run ``dicom-node --config … ARGS`` and return its output; fails the test on a non-zero exit."""
