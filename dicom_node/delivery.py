@@ -1,4 +1,8 @@
-"""What the ``deliver`` task does: send one result object to one destination, or plan its retry.
+"""What the ``deliver`` task does: send a job's result objects to one destination, or plan their retry.
+
+A job's objects for one destination travel together, over one association: a
+message names one delivery, and every due delivery of the same job and
+destination goes with it.
 
 Transient failures (out of resources, association refused or aborted, timeouts)
 are retried with exponential back-off and jitter until ``max_age_s``; other
@@ -37,10 +41,12 @@ def queue_deliveries(session: Session, *, job_id: int, source_sop_uid: str,
                      destinations: Iterable[Destination]) -> list[int]:
     """Create (or reset, for a re-run) one delivery per output and destination, each with
     its outbox message, in the caller's transaction. ``outputs`` are (kind, SOP Instance
-    UID, file). Returns the delivery ids."""
+    UID, file). One message per destination carries all of its deliveries. Returns the
+    delivery ids."""
     ids = []
     outputs = list(outputs)
     for destination in destinations:
+        lead = None
         for kind, sop_uid, path in outputs:
             if kind not in destination.outputs:
                 continue
@@ -54,8 +60,10 @@ def queue_deliveries(session: Session, *, job_id: int, source_sop_uid: str,
             row.status, row.attempts, row.created_at = DeliveryStatus.PENDING, 0, utcnow()
             row.next_attempt_at = row.delivered_at = row.last_status = row.last_error = None
             session.flush()
-            queue_message(session, "deliver", row.id)
+            lead = lead or row.id
             ids.append(row.id)
+        if lead is not None:
+            queue_message(session, "deliver", lead)
     return ids
 
 
@@ -93,40 +101,58 @@ class Deliverer:
             ).rowcount
             return session.get(Delivery, delivery_id) if claimed else None
 
+    def _claim_group(self, delivery_id: int) -> list[Delivery]:
+        """Claim the named delivery's due siblings (same job and destination), itself included."""
+        with self.db.session() as session:
+            named = session.get(Delivery, delivery_id)
+            if named is None:
+                return []
+            siblings = session.scalars(select(Delivery.id).where(
+                Delivery.job_id == named.job_id, Delivery.destination == named.destination,
+                Delivery.status.in_(UNFINISHED)).order_by(Delivery.id)).all()
+        return [claimed for sibling in siblings if (claimed := self._claim(sibling)) is not None]
+
     def run(self, delivery_id: int) -> DeliveryStatus | None:
-        """Send one delivery now; return its new status, or None when there was nothing to do."""
-        delivery = self._claim(delivery_id)
-        if delivery is None:
+        """Send the named delivery and its due siblings now, over one association; return
+        the named delivery's new status, or None when it had nothing to do."""
+        group = self._claim_group(delivery_id)
+        if not group:
             logger.info("Delivery %d is finished, not due or being sent: nothing to do",
                         delivery_id)
             return None
-        destination = self.destinations.get(delivery.destination)
+        destination = self.destinations.get(group[0].destination)
         peer = (Peer(destination.ae_title, destination.host, destination.port, destination.tls)
                 if destination else None)
-        if peer is None:
-            outcome = StoreOutcome(Path(delivery.path), delivery.sop_instance_uid, None,
-                                   Disposition.GIVE_UP, "destination no longer configured")
-        elif not Path(delivery.path).exists():
-            outcome = StoreOutcome(Path(delivery.path), delivery.sop_instance_uid, None,
-                                   Disposition.GIVE_UP, "result file missing (purged?)")
-        else:
+        outcomes = {d.id: self._unsendable(d, peer) for d in group}
+        sendable = [d for d in group if outcomes[d.id] is None]
+        if sendable:
             with STAGE_SECONDS.labels("deliver").time():
-                [outcome] = store_files([Path(delivery.path)], peer,
-                                        calling_ae=destination.calling_ae or self.calling_ae,
-                                        timeout_s=self.policy.timeout_s)
-        return self._record(delivery, outcome, peer)
+                sent = store_files([Path(d.path) for d in sendable], peer,
+                                   calling_ae=destination.calling_ae or self.calling_ae,
+                                   timeout_s=self.policy.timeout_s)
+            outcomes.update((d.id, outcome) for d, outcome in zip(sendable, sent, strict=True))
+        now, jitter = utcnow(), self.jitter()
+        steps = {d.id: self._record(d, outcomes[d.id], peer, now, jitter) for d in group}
+        self._queue_retries(steps)
+        return steps[delivery_id][0] if delivery_id in steps else None
 
-    def _record(self, delivery: Delivery, outcome: StoreOutcome, peer: Peer | None) -> DeliveryStatus:
-        now = utcnow()
+    @staticmethod
+    def _unsendable(delivery: Delivery, peer: Peer | None) -> StoreOutcome | None:
+        reason = ("destination no longer configured" if peer is None
+                  else "result file missing (purged?)" if not Path(delivery.path).exists()
+                  else None)
+        return (StoreOutcome(Path(delivery.path), delivery.sop_instance_uid, None,
+                             Disposition.GIVE_UP, reason) if reason else None)
+
+    def _record(self, delivery: Delivery, outcome: StoreOutcome, peer: Peer | None,
+                now: datetime, jitter: float) -> tuple[DeliveryStatus, datetime | None]:
         attempts = delivery.attempts + 1
-        status, next_attempt = self._next_step(delivery, outcome.disposition, attempts, now)
+        status, next_attempt = self._next_step(delivery, outcome.disposition, attempts, now, jitter)
         with self.db.session() as session:
             session.execute(update(Delivery).where(Delivery.id == delivery.id).values(
                 status=status, attempts=attempts, next_attempt_at=next_attempt,
                 last_status=outcome.status, last_error=outcome.detail or None,
                 delivered_at=now if status is DeliveryStatus.DELIVERED else None))
-            if next_attempt is not None:
-                queue_message(session, "deliver", delivery.id, not_before=next_attempt)
         answered = "no answer" if outcome.status is None else f"status 0x{outcome.status:04X}"
         detail = (f"{delivery.kind} to {delivery.destination}: {answered}"
                   + (f" ({outcome.detail})" if outcome.detail else "")
@@ -142,14 +168,24 @@ class Deliverer:
             remote=str(peer) if peer else None, sop_uid=delivery.sop_instance_uid,
             study_uid=source.study_instance_uid if source else None,
             pseudonym=source.patient_pseudonym if source else None, detail=detail)
-        return status
+        return status, next_attempt
+
+    def _queue_retries(self, steps: dict[int, tuple[DeliveryStatus, datetime | None]]) -> None:
+        """One outbox message per distinct retry time: deliveries due together go together."""
+        leads: dict[datetime, int] = {}
+        for delivery_id, (_, retry_at) in sorted(steps.items()):
+            if retry_at is not None:
+                leads.setdefault(retry_at, delivery_id)
+        with self.db.session() as session:
+            for retry_at, lead in leads.items():
+                queue_message(session, "deliver", lead, not_before=retry_at)
 
     def _next_step(self, delivery: Delivery, disposition: Disposition, attempts: int,
-                   now: datetime) -> tuple[DeliveryStatus, datetime | None]:
+                   now: datetime, jitter: float) -> tuple[DeliveryStatus, datetime | None]:
         if disposition is Disposition.DELIVERED:
             return DeliveryStatus.DELIVERED, None
         wait = min(self.policy.first_retry_s * 2 ** (attempts - 1), self.policy.max_retry_interval_s)
-        retry_at = now + timedelta(seconds=wait * (1 + self.policy.jitter * self.jitter()))
+        retry_at = now + timedelta(seconds=wait * (1 + self.policy.jitter * jitter))
         if disposition is Disposition.RETRY:
             if retry_at - delivery.created_at <= timedelta(seconds=self.policy.max_age_s):
                 return DeliveryStatus.RETRYING, retry_at

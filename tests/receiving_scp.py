@@ -31,6 +31,7 @@ class ReceivingSCP:
         self.status = 0x0000
         self.received: Counter[str] = Counter()
         self.stored: dict[str, str] = {}  # SOP Instance UID -> SOP Class UID, when answered success or warning
+        self.associations = 0  # accepted so far
         self._lock = threading.Lock()
         self._server = None
 
@@ -41,8 +42,13 @@ class ReceivingSCP:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, syntaxes)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+                                                     (evt.EVT_ACCEPTED, self._on_accepted)])
         return self
+
+    def _on_accepted(self, event: Event) -> None:
+        with self._lock:
+            self.associations += 1
 
     def _on_store(self, event: Event) -> int:
         dataset = event.dataset

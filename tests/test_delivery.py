@@ -176,3 +176,35 @@ def test_transient_failures_stop_at_max_age(node, pacs):
             break
     assert states[-1] is DeliveryStatus.DEAD
     assert delivery(deliverer, delivery_id).last_error.startswith("no association")
+
+
+def test_a_jobs_objects_travel_over_one_association(tmp_path, node, pacs):
+    """SC, SEG and SR of one job: one message, one association, also when retried after an outage."""
+    deliverer, _, _, config = node
+    settings = load_settings(config)
+    outputs = [(kind, str(write_cr(tmp_path / f"{kind}.dcm").SOPInstanceUID), tmp_path / f"{kind}.dcm")
+               for kind in ("sc", "seg", "sr")]
+    with deliverer.db.session() as session:
+        job = Job(study_instance_uid="1.2.3", status=JobStatus.DONE)
+        session.add(job)
+        session.flush()
+        ids = queue_deliveries(session, job_id=job.id, source_sop_uid="1.2.3.5", outputs=outputs,
+                               destinations=settings.destinations)
+    with deliverer.db.session() as session:
+        messages = session.scalars(select(OutboxMessage.target_id).where(
+            OutboxMessage.task == "deliver", OutboxMessage.target_id.in_(ids))).all()
+    assert messages == [ids[0]]
+    assert deliverer.run(ids[0]) is DeliveryStatus.RETRYING  # destination down
+    rows = [delivery(deliverer, i) for i in ids]
+    assert {r.status for r in rows} == {DeliveryStatus.RETRYING}
+    assert len({r.next_attempt_at for r in rows}) == 1  # due together
+    with deliverer.db.session() as session:
+        retries = session.scalars(select(OutboxMessage.target_id).where(
+            OutboxMessage.task == "deliver", OutboxMessage.not_before.is_not(None),
+            OutboxMessage.target_id.in_(ids))).all()
+    assert retries == [ids[0]]
+    pacs.start()
+    assert run_when_due(deliverer, ids[0]) is DeliveryStatus.DELIVERED
+    assert {delivery(deliverer, i).status for i in ids} == {DeliveryStatus.DELIVERED}
+    assert pacs.associations == 1 and sorted(pacs.received) == sorted(uid for _, uid, _ in outputs)
+    assert all(deliverer.run(i) is None for i in ids)

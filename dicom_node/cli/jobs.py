@@ -179,12 +179,15 @@ def resend(ctx: click.Context, job_id: int) -> None:
         deliveries = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)))
         if not deliveries:
             raise click.ClickException(f"job {job_id} has no deliveries")
+        leads: dict[str, int] = {}  # one message per destination sends all of its results
         for delivery in deliveries:
             delivery.status, delivery.attempts, delivery.created_at = (
                 DeliveryStatus.PENDING, 0, utcnow())
             delivery.next_attempt_at = delivery.delivered_at = None
             delivery.last_status = delivery.last_error = None
-            queue_message(session, "deliver", delivery.id)
+            leads.setdefault(delivery.destination, delivery.id)
+        for lead in leads.values():
+            queue_message(session, "deliver", lead)
         queued = [(d.sop_instance_uid, d.kind, d.destination) for d in deliveries]
         study = session.scalar(select(Job.study_instance_uid).where(Job.id == job_id))
     db.dispose()
