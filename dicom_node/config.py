@@ -113,6 +113,8 @@ class OutputSettings(Section):
 class SchedulerSettings(Section):
     study_quiet_seconds: float = Field(5, ge=0)
     poll_seconds: float = Field(0.5, gt=0)
+    lost_message_after_s: float = Field(
+        120, gt=0, description="work queued this long while the broker holds none of its messages is queued again")
 
 
 class GateSettings(Section):

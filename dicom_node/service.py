@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.config import CONFIG_FILE_ENV, ENV_PREFIX, Settings
 from dicom_node.db import NodeDatabase
 from dicom_node.errors import WeightsCheckError
+from dicom_node.lost_messages import requeue_lost
 from dicom_node.metrics import serve_metrics
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import StorageSCP
@@ -146,6 +148,7 @@ class Node:
                         ] if run_worker else []
         self._last_housekeeping = time.monotonic()
         self._last_retention = time.monotonic() - RETENTION_INTERVAL_S + HOUSEKEEPING_INTERVAL_S
+        self._last_lost_check = time.monotonic()
 
     def start(self) -> None:
         self.audit.record(AuditEvent.CONFIG_LOADED, actor=getpass.getuser(),
@@ -174,6 +177,10 @@ class Node:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        lost_after = self.settings.scheduler.lost_message_after_s
+        if now - self._last_lost_check >= lost_after:
+            self._last_lost_check = now
+            requeue_lost(self.db, tasks.waiting_messages, timedelta(seconds=lost_after))
         if now - self._last_housekeeping < HOUSEKEEPING_INTERVAL_S:
             return
         self._last_housekeeping = now

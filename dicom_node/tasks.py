@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import Settings
 from dicom_node.db import NodeDatabase, OutboxMessage
 from dicom_node.delivery import Deliverer
-
 from dicom_node.errors import WeightsCheckError
 from dicom_node.metrics import serve_metrics
 from dicom_node.worker_identity import worker_name
@@ -91,6 +91,20 @@ def broker_reachable() -> bool:
         return True
     except Exception:
         return False
+
+
+def waiting_messages(task: str) -> int | None:
+    """Return how many messages of an outbox task wait in the broker; None when it cannot tell."""
+    queue = QUEUES[TASKS[task][0]]
+    try:
+        with app.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1, timeout=3)
+            try:
+                return connection.default_channel.queue_declare(queue=queue, passive=True).message_count
+            except ChannelError:  # an empty Redis queue does not exist
+                return 0
+    except Exception:
+        return None
 
 
 def publish(message: OutboxMessage) -> None:
