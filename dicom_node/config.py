@@ -73,9 +73,17 @@ class ScpSettings(Section):
     acse_timeout_s: float = Field(30, gt=0)
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(60, gt=0)
+    state_wait_s: float = Field(
+        20, gt=0, description="longest wait for a locked state database before a C-STORE is answered "
+        "0xA700; at most half the shorter of the network and DIMSE timeouts")
     tls: TlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @property
+    def state_wait_limit_s(self) -> float:
+        """``state_wait_s``, cut so that a C-STORE is answered before a timeout aborts it."""
+        return min(self.state_wait_s, min(self.network_timeout_s, self.dimse_timeout_s) / 2)
 
 
 class Destination(Section):

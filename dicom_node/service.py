@@ -138,7 +138,9 @@ class Node:
                            min_free_bytes=int(settings.scp.min_free_disk_mb * 2**20),
                            max_dataset_bytes=int(settings.scp.max_dataset_mb * 2**20))
         tasks.configure(settings)
-        self.scp = StorageSCP(settings.scp, self.db, self.spool, self.audit)
+        # The SCP's own connections wait less for a lock than a peer waits for an answer.
+        self.scp_db = NodeDatabase(settings.node_database_url, busy_timeout_s=settings.scp.state_wait_limit_s)
+        self.scp = StorageSCP(settings.scp, self.scp_db, self.spool, self.audit)
         self.scheduler = Scheduler(
             self.db, self.audit, tasks.publish,
             quiet_seconds=settings.scheduler.study_quiet_seconds,
@@ -173,6 +175,7 @@ class Node:
         self.audit.record(AuditEvent.NODE_STOPPED, actor=getpass.getuser())
         self.audit.close()
         self.db.dispose()
+        self.scp_db.dispose()
         self.lock.release()
 
     def _housekeeping(self) -> None:
