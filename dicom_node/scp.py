@@ -274,6 +274,7 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, self._on_opened),
             (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_DIMSE_RECV, self._on_message),
         ]
         tls = _server_tls_context(self.settings.tls) if self.settings.tls else None
         try:
@@ -437,6 +438,22 @@ class StorageSCP:
         Path(partial).unlink(missing_ok=True)
         logger.warning("Removed the partial data set of an unfinished C-STORE from %s",
                        event.assoc.requestor.address)
+
+    def _on_message(self, event: Event) -> None:
+        """Audit a request that cannot become a DIMSE primitive (a UID over 64 characters, a
+        wrong VR): pynetdicom aborts the association on it, before any handler could answer."""
+        message = event.message
+        try:
+            message.message_to_primitive()
+        except Exception as exc:
+            kind = type(message).__name__.replace("_", "-")
+            calling_ae = event.assoc.requestor.ae_title.strip()
+            logger.warning("Aborting the association from %s: an invalid %s (%s)",
+                           calling_ae, kind, str(exc)[:200])
+            self.audit.record(
+                AuditEvent.INSTANCE_REJECTED if kind == "C-STORE-RQ" else AuditEvent.ASSOCIATION_REJECTED,
+                outcome=Outcome.MINOR_FAILURE, actor=calling_ae, remote=event.assoc.requestor.address,
+                detail=f"invalid {kind}, association aborted: {str(exc)[:200]}")
 
     def _on_echo(self, event: Event) -> int:
         """Answer C-ECHO. Statuses: 0x0000."""

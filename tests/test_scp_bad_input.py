@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import struct
 import subprocess
 import threading
 import time
@@ -17,7 +18,7 @@ from sqlalchemy import select
 
 from dicom_node.db import Instance
 from dicom_node.scp import StorageSCP
-from tests.conftest import dcmtk_tool, wait_for
+from tests.conftest import dataset_bytes, dcmtk_tool, wait_for
 from tests.dicom_factory import write_cr
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -273,3 +274,47 @@ def test_an_association_that_cannot_be_audited_is_refused(small_state_disk, star
     finally:
         filler.unlink()
     assert still_serving(scp)  # audited again once there is room
+
+
+def _element(tag: int, value: bytes) -> bytes:
+    """One implicit-VR little-endian element, as a command set is encoded."""
+    if len(value) % 2:
+        value += b"\0"
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _raw_c_store_request(context_id: int, sop_class: str, sop_instance: str, dataset: bytes) -> bytes:
+    """One P-DATA-TF PDU holding a C-STORE-RQ command and its data set, encoded by hand: no
+    encoder in a library would write a UID over 64 characters."""
+    elements = (_element(0x00000002, sop_class.encode()) + _element(0x00000100, struct.pack("<H", 0x0001))
+                + _element(0x00000110, struct.pack("<H", 1)) + _element(0x00000700, struct.pack("<H", 0))
+                + _element(0x00000800, struct.pack("<H", 0x0001)) + _element(0x00001000, sop_instance.encode()))
+    command = _element(0x00000000, struct.pack("<I", len(elements))) + elements
+    pdvs = b"".join(struct.pack(">IBB", len(body) + 2, context_id, header) + body
+                    for header, body in ((0x03, command), (0x02, dataset)))
+    return struct.pack(">BBI", 0x04, 0, len(pdvs)) + pdvs
+
+
+@pytest.mark.filterwarnings("ignore:The value length")
+def test_a_request_with_a_65_character_sop_uid_is_aborted_audited_and_leaves_nothing(start_scp, tmp_path):
+    scp = start_scp()
+    path = tmp_path / "long-uid.dcm"
+    sop_uid = "1." + "2" * 63  # 65 characters
+    write_cr(path, sop_uid=sop_uid)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    context = assoc.accepted_contexts[0].context_id
+    assoc.dul.socket.socket.sendall(_raw_c_store_request(
+        context, ComputedRadiographyImageStorage, sop_uid, dataset_bytes(path)))
+    wait_for(lambda: assoc.is_aborted or not assoc.is_alive(), 30, "the node to abort the association")
+    with scp.audit.connect() as connection:
+        rejected = wait_for(lambda: connection.exec_driver_sql(
+            "SELECT actor, detail FROM audit_events WHERE event = 'instance-rejected'").all(), 10,
+            "the request to be audited")
+    [(actor, detail)] = rejected
+    assert actor == "TESTSCU" and detail.startswith("invalid C-STORE-RQ, association aborted"), detail
+    wait_for(lambda: not _incoming(scp), 10, "no partial file left")
+    assert nothing_kept(scp)
+    assert still_serving(scp)
