@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import socket
 import ssl
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 from weakref import WeakKeyDictionary, WeakSet
 
 from pydicom.uid import (
@@ -61,6 +58,7 @@ from dicom_node.errors import (
     UnreadableDatasetError,
 )
 from dicom_node.metrics import INSTANCES, STAGE_SECONDS
+from dicom_node.scp_connection import PDU_HEADER_ALLOWANCE, DeadlineWatch, Dropped, guard_receive
 from dicom_node.spool import InstanceHeader, Spool, read_header
 
 logger = logging.getLogger(__name__)
@@ -98,13 +96,6 @@ KEPT_SOP_CLASSES = frozenset({
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_BUSY = (0x02, 0x03, 0x02)
-DEADLINE_POLL_S = 0.5
-#: PDU bytes allowed beyond scp.max_pdu_bytes (the PDV item headers of a P-DATA-TF PDU; an
-#: A-ASSOCIATE-RQ of many presentation contexts).
-PDU_HEADER_ALLOWANCE = 65536
-#: A-ABORT PDU from the service provider, reason "invalid PDU parameter value" (PS3.8 9.3.8).
-P_DATA_TF = b"\x04"
-A_ABORT_INVALID_PDU = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
 
 
 def _server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -130,87 +121,6 @@ def _prefer_requestor_order(proposed: list[PresentationContext]) -> None:
             context.transfer_syntax = supported[:1]
 
 
-class _Dropped:
-    """Stands in for the temporary file of a data set arriving while the disk is low: the file
-    is emptied at once (freeing its space) and every later byte is dropped."""
-
-    def __init__(self, written: Any) -> None:
-        written.close()
-        self.name = written.name
-        self.file = self
-        os.truncate(self.name, 0)
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _guard_receive(assoc: Association, pdu_limit: int | None, spool: Spool) -> None:
-    """Guard what the association's socket receives:
-
-    - a PDU announced longer than ``pdu_limit`` bytes is refused before it is buffered: an
-      A-ABORT, and the connection closed (its partial data set is removed when the
-      connection closes, :meth:`StorageSCP._on_closed`);
-    - a P-DATA-TF PDU that would take the spool's disk below its free-space minimum stops
-      the data set being written: from then on its bytes are dropped, and the C-STORE
-      handler answers 0xA700 for it.
-
-    pynetdicom reads each PDU as two socket reads, its 6-byte header, then the announced
-    length in one call that holds all of it in memory; that second call is where the
-    announced length is seen. It writes a data set into the temporary file of its
-    unfinished DIMSE message, which is what :class:`_Dropped` replaces.
-    """
-    sock = assoc.dul.socket
-    receive = sock.recv
-    header: list[bytes] = []  # the last PDU header read, while its body is awaited
-
-    def refuse(why: str) -> OSError:
-        logger.warning("Aborting the association from %s: %s", assoc.requestor.address, why)
-        raw = sock.socket
-        if raw is not None:
-            try:
-                raw.sendall(A_ABORT_INVALID_PDU)
-            except OSError:
-                pass
-            _shut_down(assoc)
-        return OSError(why)
-
-    def guarded_recv(length: int) -> bytearray:
-        if not header:
-            data = receive(length)
-            header.append(bytes(data[:1]))
-            return data
-        pdu_type = header.pop()
-        if pdu_limit is not None and length > pdu_limit:
-            raise refuse(f"a PDU of {length} bytes announced, {pdu_limit} allowed")
-        if pdu_type == P_DATA_TF and spool.free_bytes() - length < spool.min_free_bytes:
-            message = getattr(assoc.dimse, "message", None)
-            current = getattr(message, "_data_set_file", None)
-            if current is not None and not isinstance(current, _Dropped):
-                logger.warning("The spool's disk is below its free-space minimum: not writing the data set "
-                               "arriving from %s", assoc.requestor.address)
-                message._data_set_file = _Dropped(current)  # type: ignore[union-attr]
-        return receive(length)
-
-    sock.recv = guarded_recv  # type: ignore[method-assign]
-
-
-def _shut_down(assoc: Association) -> None:
-    """Shut the association's socket down both ways (its reader thread then ends the association)."""
-    raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if raw is None:
-        return
-    try:
-        raw.shutdown(socket.SHUT_RDWR)
-    except OSError:  # already closed by the peer
-        pass
-
-
 class StorageSCP:
     """The node's listening AE; collaborators are passed in, handlers bound to them."""
 
@@ -226,11 +136,7 @@ class StorageSCP:
         # The associations the policy accepted: the limit counts these, not those still negotiating.
         self._accepted: WeakSet[Association] = WeakSet()
         self._accepting = threading.Lock()
-        # When each association's connection opened and its last complete PDU arrived.
-        self._opened: WeakKeyDictionary[Association, float] = WeakKeyDictionary()
-        self._last_pdu: WeakKeyDictionary[Association, float] = WeakKeyDictionary()
-        self._watching = threading.Event()
-        self._cut: WeakSet[Association] = WeakSet()
+        self.deadlines = DeadlineWatch(settings)
         # Connections whose association request reached the policy (accepted or rejected, audited).
         self._decided: WeakSet[Association] = WeakSet()
         self.ae = self._build_ae()
@@ -287,8 +193,7 @@ class StorageSCP:
                 raise
             raise PortInUseError(f"port {self.settings.port} on {self.settings.host} is in use "
                                  "by another program (scp.port)") from None
-        self._watching.set()
-        threading.Thread(target=self._watch_deadlines, name="scp-deadlines", daemon=True).start()
+        self.deadlines.start(lambda: [a for a in self.ae.active_associations if a.is_acceptor])
         logger.info("SCP %s listening on %s:%d", self.settings.ae_title,
                     self.settings.host, self.port)
 
@@ -296,7 +201,7 @@ class StorageSCP:
         """Stop accepting, let in-flight associations finish, then abort the rest."""
         if self.server is None:
             return
-        self._watching.clear()
+        self.deadlines.stop()
         self.server.shutdown()
         deadline = time.monotonic() + grace_seconds
         while self.active_associations() and time.monotonic() < deadline:
@@ -332,38 +237,15 @@ class StorageSCP:
             self._accepted.add(assoc)
             return ""
 
-    # -- deadlines ----------------------------------------------------------
+    # -- connections ----------------------------------------------------------
 
     def _on_opened(self, event: Event) -> None:
-        self._opened[event.assoc] = time.monotonic()
+        self.deadlines.opened(event.assoc)
         limit = self.settings.max_pdu_bytes + PDU_HEADER_ALLOWANCE if self.settings.max_pdu_bytes else None
-        _guard_receive(event.assoc, limit, self.spool)
+        guard_receive(event.assoc, limit, self.spool)
 
     def _on_pdu(self, event: Event) -> None:
-        self._last_pdu[event.assoc] = time.monotonic()
-
-    def _watch_deadlines(self) -> None:
-        """Close the connection of associations past a deadline: no complete association request
-        within ``acse_timeout_s`` of the connection opening, or no complete PDU for ``network_timeout_s``.
-        pynetdicom's own timeouts restart with every byte, so a peer trickling bytes would hold
-        its slot; and its abort waits for a read that only the peer can finish, so the socket is
-        shut down instead, which ends that read and the association with it."""
-        while self._watching.is_set():
-            now = time.monotonic()
-            for assoc in [a for a in self.ae.active_associations if a.is_acceptor]:
-                last_pdu = self._last_pdu.get(assoc)
-                if last_pdu is None:  # the association request itself is not complete yet
-                    late = now - self._opened.get(assoc, now) > self.settings.acse_timeout_s
-                    what = "complete association request"
-                else:
-                    late = now - last_pdu > self.settings.network_timeout_s
-                    what = "complete PDU"
-                if late and assoc not in self._cut:
-                    logger.warning("Closing the association from %s: no %s within its deadline",
-                                   assoc.requestor.address, what)
-                    self._cut.add(assoc)
-                    _shut_down(assoc)
-            time.sleep(DEADLINE_POLL_S)
+        self.deadlines.received_pdu(event.assoc)
 
     def _on_requested(self, event: Event) -> None:
         """Accept or reject the association request by the node's policy, and audit it.
@@ -483,7 +365,7 @@ class StorageSCP:
         header: InstanceHeader | None = None
         committed: Path | None = None  # a spooled file that is new, removed again if its row fails
         try:
-            if isinstance(getattr(event.request, "_dataset_file", None), _Dropped):
+            if isinstance(getattr(event.request, "_dataset_file", None), Dropped):
                 raise DiskFullError("the spool's disk fell below its free-space minimum while the data set arrived")
             self.spool.check_free_space()
             self.spool.check_size(received.stat().st_size)
