@@ -153,7 +153,8 @@ def test_sc_is_an_rgb_overlay_at_source_geometry(case: Case) -> None:
 def test_seg_reads_back_with_segments_and_masks(case: Case) -> None:
     seg = hd.seg.segread(case.paths[OutputKind.SEG])
     findings = [f for f in case.result.findings if f.flagged]
-    assert seg.SegmentationType == "BINARY"
+    assert (seg.SegmentationType, seg.SegmentationFractionalType) == ("FRACTIONAL", "OCCUPANCY")
+    assert seg.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
     assert [seg.get_segment_description(n).segment_label for n in seg.segment_numbers] == (
         ["Lungs"] + [f.display_name for f in findings])
     lung = seg.get_segment_description(1)
@@ -163,18 +164,38 @@ def test_seg_reads_back_with_segments_and_masks(case: Case) -> None:
     assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("chest-xray", "1.0")
     assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
     masks = seg.get_pixels_by_source_instance([case.source.SOPInstanceUID], combine_segments=False)[0]
-    np.testing.assert_array_equal(masks[..., 0].astype(bool), case.result.lung_mask)
+    np.testing.assert_array_equal(masks[..., 0] > 0.5, case.result.lung_mask)
     for n, finding in enumerate(findings, start=1):
         assert seg.get_segment_description(n + 1).segmented_property_type.value == "840539006"
-        np.testing.assert_array_equal(masks[..., n].astype(bool), finding.region)
-    assert "PixelMeasuresSequence" not in seg.SharedFunctionalGroupsSequence[0]
+        np.testing.assert_array_equal(masks[..., n] > 0.5, finding.region)
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert "PixelMeasuresSequence" not in shared  # RG1's Pixel Spacing is 0\0: no valid spacing to give
+    assert list(shared.PlaneOrientationSequence[0].ImageOrientationPatient) == [1, 0, 0, 0, 1, 0]
     assert seg.PatientOrientation == case.source.PatientOrientation
+
+
+def test_seg_of_a_calibrated_image_carries_its_pixel_measures(tmp_path: Path) -> None:
+    source = read_source("RG1_UNCI.dcm")
+    source.PixelSpacing = [0.168, 0.171]
+    seg = write_results(source, synthetic_result(source), display_of(source), ALGORITHM)[OutputKind.SEG]
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    assert dciodvfy(path)[0] == []
+    measures = hd.seg.segread(path).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == [0.168, 0.171]
 
 
 # --- SR --------------------------------------------------------------------------------------------
 
 def _yes_no(flag: bool) -> str:
     return "Yes" if flag else "No"
+
+
+def _box(mask: np.ndarray) -> np.ndarray:
+    """The closed box around ``mask`` as the SR writes it: pixel edges, (column, row)."""
+    rows, cols = np.nonzero(mask)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    return np.array([(left, top), (right, top), (right, bottom), (left, bottom), (left, top)], np.float32)
 
 
 def test_sr_reads_back_with_scores_flags_and_references(case: Case) -> None:
@@ -187,28 +208,33 @@ def test_sr_reads_back_with_scores_flags_and_references(case: Case) -> None:
                 for series in study.ReferencedSeriesSequence for sop in series.ReferencedSOPSequence}
     assert evidence == {case.source.SOPInstanceUID, seg_uid}
 
-    roi_groups = {g.tracking_identifier: g for g in sr.content.get_planar_roi_measurement_groups()}
-    image_groups = {g.tracking_identifier: g for g in sr.content.get_image_measurement_groups()}
-    segment_refs = {
-        name: g.referenced_segmentation_frame[0].ReferencedSOPSequence[0] for name, g in roi_groups.items()
-    }
-    assert segment_refs["lungs"].ReferencedSOPInstanceUID == seg_uid
-    assert segment_refs["lungs"].ReferencedSegmentNumber == 1
+    assert not sr.content.get_image_measurement_groups()  # one template for every group: TID 1410
+    groups = {g.tracking_identifier: g for g in sr.content.get_planar_roi_measurement_groups()}
+    assert list(groups) == ["lungs", *(f.name for f in case.result.findings)]
+    seg_tracking = {d.tracking_id: d.tracking_uid for d in hd.seg.segread(case.paths[OutputKind.SEG]).SegmentSequence}
+    for name, group in groups.items():
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == case.source.SOPInstanceUID
+        if name in seg_tracking:  # the SEG segment of the same object shares its tracking UID
+            assert group.tracking_uid == seg_tracking[name]
+    np.testing.assert_array_equal(groups["lungs"].roi.value, _box(case.result.lung_mask))
 
     for finding in case.result.findings:
-        group = roi_groups.get(finding.name) or image_groups[finding.name]
-        assert (finding.name in roi_groups) == finding.flagged
+        group = groups[finding.name]
         assert group.finding_type.value == ("840539006" if finding.name == "covid19" else "36118008")
         values = {m.name.meaning: m.value for m in group.get_measurements()}
-        assert values == {"Probability": pytest.approx(finding.probability),
-                          "Threshold Value": pytest.approx(finding.threshold)}
+        assert values == {"Probability": pytest.approx(finding.probability, abs=5e-5),
+                          "Threshold Value": pytest.approx(finding.threshold, abs=5e-5)}
         evaluations = {q.name.meaning: q.value.meaning for q in group.get_qualitative_evaluations()}
         assert evaluations["AI flag"] == _yes_no(finding.flagged)
         assert evaluations["Experimental model"] == _yes_no(finding.experimental)
-        if finding.flagged:
-            assert segment_refs[finding.name].ReferencedSegmentNumber == 2
-        else:
-            assert group.source_images[0].referenced_sop_instance_uid == case.source.SOPInstanceUID
+        outlined = finding.region if finding.flagged else case.result.lung_mask
+        np.testing.assert_array_equal(group.roi.value, _box(outlined))
+
+    library = next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "111028")
+    [image] = library.ContentSequence[0].ContentSequence
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == case.source.SOPInstanceUID
 
     texts = [item.TextValue for item in sr.ContentSequence[-1].ContentSequence]
     assert texts == [AI_DISCLAIMER]
@@ -234,6 +260,29 @@ def test_uids_and_series_numbers_differ_by_source_kind_and_version(flagged: Case
     newer = replace(ALGORITHM, version="1.1")
     sc = write_results(flagged.source, flagged.result, flagged.display, newer)[OutputKind.SC]
     assert _identity(sc)[:2] != _identity(flagged.outputs[OutputKind.SC])[:2]
+
+
+def _uids(outputs) -> set[str]:
+    return {uid for ds in outputs.values() for uid in (ds.SOPInstanceUID, ds.SeriesInstanceUID)}
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda c: (replace(c.result, findings=[replace(c.result.findings[0], threshold=0.6),
+                                                        *c.result.findings[1:]]), ALGORITHM, ()), id="threshold"),
+    pytest.param(lambda c: (c.result, replace(ALGORITHM, model_versions="lung-unet 1.0; covid19-densenet 1.1"), ()),
+                 id="weights"),
+    pytest.param(lambda c: (c.result, ALGORITHM, ("age unknown",)), id="caveat"),
+])
+def test_any_content_input_changed_gives_new_uids_for_every_object_it_changes(flagged: Case, change) -> None:
+    """What decides the content decides the UIDs: a PACS that keeps the first object under a
+    known UID must never be handed different content under it."""
+    result, algorithm, caveats = change(flagged)
+    changed = write_results(flagged.source, result, flagged.display, algorithm, caveats)
+    affected = {k for k in KINDS if not (k is OutputKind.SEG and caveats)}  # the SEG shows no caveat
+    for kind in KINDS:
+        same = _identity(changed[kind])[:2] == _identity(flagged.outputs[kind])[:2]
+        assert same == (kind not in affected), kind
+    assert _uids(write_results(flagged.source, result, flagged.display, algorithm, caveats)) == _uids(changed)
 
 
 # --- argument checks -------------------------------------------------------------------------------

@@ -2,9 +2,12 @@
 series numbers, the flag in SeriesDescription, Contributing Equipment, codes,
 and the checks of a writer's arguments.
 
-UIDs and series numbers are derived from the source SOP Instance UID, the
-pipeline name and version and the output kind, so that a re-run replaces the
-objects in the PACS instead of adding a second series.
+UIDs are derived from everything that decides an object's content: the source
+SOP Instance UID, the pipeline's name, version and weights digests, the writers'
+version, each finding's threshold, the gate's caveats and the output kind. A
+re-run on the same inputs gives the same UIDs, and replaces the objects in the
+PACS; any change gives new ones, never a different object under a known UID.
+Series numbers depend on the source and pipeline only, so they stay put.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -23,6 +27,7 @@ from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
+from dicom_node import __version__ as WRITERS_VERSION
 from pipelines.base import Finding, ImageResult
 
 logger = logging.getLogger(__name__)
@@ -37,6 +42,8 @@ CAVEAT_NOTICES = {"age unknown": "Patient age unknown: the models were validated
 DESCRIPTION_PREFIX = "AI CXR: "
 #: Private coding scheme for the concepts no public terminology has (flag, experimental head).
 LOCAL_SCHEME = "99DCMNODE"
+#: Device Serial Number (type 1 in the SEG's Enhanced General Equipment): software has none.
+DEVICE_SERIAL_NUMBER = "NONE (SOFTWARE)"
 
 #: Colours shared by the overlay and the SEG's recommended display colours.
 
@@ -102,12 +109,22 @@ _KIND_DIGIT = {OutputKind.SC: 1, OutputKind.SEG: 2, OutputKind.SR: 3, OutputKind
 _KIND_LABEL = {OutputKind.SC: "overlay", OutputKind.SEG: "SEG", OutputKind.SR: "SR", OutputKind.NOT_ANALYSED: "note"}
 
 
-def derive_uid(source_uid: str, algorithm: AlgorithmIdentity, kind: OutputKind, role: str) -> str:
-    """Return the UID for ``role`` ("series", "instance", or an item name) of one output.
+def content_inputs(result: ImageResult, caveats: Sequence[str] = ()) -> tuple[str, ...]:
+    """Return what, beside the source and the algorithm, decides the content of a result's objects:
+    each finding's threshold (and whether its head is experimental) and the gate's caveats."""
+    findings = (f"{f.name}={f.threshold!r}{' experimental' if f.experimental else ''}" for f in result.findings)
+    return (*findings, *(f"caveat={c}" for c in caveats))
+
+
+def derive_uid(source_uid: str, algorithm: AlgorithmIdentity, kind: OutputKind, role: str,
+               content: Sequence[str] = ()) -> str:
+    """Return the UID for ``role`` ("series", "instance") of one output whose ``content`` inputs
+    are those of :func:`content_inputs` (or, for a note, its reason).
 
     The same arguments always give the same UID; any change gives another.
     """
-    sources = [source_uid, algorithm.name, algorithm.version, kind.value, role]
+    sources = [source_uid, algorithm.name, algorithm.version, algorithm.model_versions, WRITERS_VERSION,
+               kind.value, role, *content]
     return str(generate_uid(UID_PREFIX, entropy_srcs=sources))
 
 
@@ -188,13 +205,14 @@ def contributing_equipment(algorithm: AlgorithmIdentity) -> hd.ContributingEquip
 
 
 def instance_kwargs(source: Dataset, algorithm: AlgorithmIdentity, kind: OutputKind,
-                    headline: str) -> dict[str, Any]:
-    """Return the highdicom constructor arguments every output shares: identity, UIDs, series, equipment."""
+                    headline: str, content: Sequence[str]) -> dict[str, Any]:
+    """Return the highdicom constructor arguments every output shares: identity, UIDs (from
+    ``content``, see :func:`derive_uid`), series, equipment."""
     source_uid = source.SOPInstanceUID
     return {
-        "series_instance_uid": derive_uid(source_uid, algorithm, kind, "series"),
+        "series_instance_uid": derive_uid(source_uid, algorithm, kind, "series", content),
         "series_number": series_number(source_uid, algorithm, kind),
-        "sop_instance_uid": derive_uid(source_uid, algorithm, kind, "instance"),
+        "sop_instance_uid": derive_uid(source_uid, algorithm, kind, "instance", content),
         "instance_number": 1,
         "manufacturer": algorithm.manufacturer,
         "manufacturer_model_name": algorithm.name,
@@ -202,6 +220,15 @@ def instance_kwargs(source: Dataset, algorithm: AlgorithmIdentity, kind: OutputK
         "series_description": series_description(headline, kind),
         "contributing_equipment": [contributing_equipment(algorithm)],
     }
+
+
+def pixel_spacing(source: Dataset) -> tuple[float, float] | None:
+    """Return the source's Pixel Spacing, or else its Imager Pixel Spacing, when valid (both > 0)."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        spacing = source.get(keyword)
+        if spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing):
+            return float(spacing[0]), float(spacing[1])
+    return None
 
 
 def copy_patient_orientation(source: Dataset, target: Dataset) -> None:

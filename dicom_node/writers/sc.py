@@ -22,9 +22,11 @@ from dicom_node.writers.common import (
     check_result,
     caveat_notice,
     check_source,
+    content_inputs,
     copy_patient_orientation,
     flag_headline,
     instance_kwargs,
+    pixel_spacing,
     segmented_findings,
     reference_of,
 )
@@ -78,13 +80,6 @@ def _shown_heat(result: ImageResult) -> tuple[np.ndarray | None, str]:
     return np.asarray(top.heatmap, np.float32), f"Colour: Grad-CAM of {top.display_name} (not flagged)"
 
 
-def _valid_pixel_spacing(source: Dataset) -> tuple[float, float] | None:
-    spacing = source.get("PixelSpacing")
-    if spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing):
-        return float(spacing[0]), float(spacing[1])
-    return None
-
-
 def _source_image_item(source: Dataset) -> Dataset:
     """Return the Source Image Sequence item referencing ``source`` as the image processed."""
     item = Dataset()
@@ -96,7 +91,7 @@ def _source_image_item(source: Dataset) -> Dataset:
 
 
 def _sc_image(source: Dataset, rgb: np.ndarray, algorithm: AlgorithmIdentity, kind: OutputKind, headline: str,
-              same_geometry: bool) -> hd.sc.SCImage:
+              content: Sequence[str], same_geometry: bool) -> hd.sc.SCImage:
     """Return an RGB SC image in the source's study; with ``same_geometry`` it also carries the
     source's orientation and pixel spacing and references it as its source image."""
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -107,9 +102,9 @@ def _sc_image(source: Dataset, rgb: np.ndarray, algorithm: AlgorithmIdentity, ki
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         # highdicom accepts single letters only; replaced below by the source's value (or empty)
         patient_orientation=("L", "F"),
-        pixel_spacing=_valid_pixel_spacing(source) if same_geometry else None,
+        pixel_spacing=pixel_spacing(source) if same_geometry else None,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        **instance_kwargs(source, algorithm, kind, headline),
+        **instance_kwargs(source, algorithm, kind, headline, content),
     )
     if same_geometry:
         copy_patient_orientation(source, sc)
@@ -138,7 +133,8 @@ def build_sc(source: Dataset, result: ImageResult, display: np.ndarray, algorith
         display, result.lung_mask, _shown_heat(result)[0], [f.region for f in segmented_findings(result)],
         banner_text(result, algorithm, caveats),
     )
-    sc = _sc_image(source, rgb, algorithm, OutputKind.SC, flag_headline(result), same_geometry=True)
+    sc = _sc_image(source, rgb, algorithm, OutputKind.SC, flag_headline(result), content_inputs(result, caveats),
+                   same_geometry=True)
     logger.debug("SC %s for %s", sc.SOPInstanceUID, source.SOPInstanceUID)
     return sc
 
@@ -158,6 +154,7 @@ def build_not_analysed(source: Dataset, reason: str, algorithm: AlgorithmIdentit
         items=[f"Reason: {reason.strip()}"],
         notices=[AI_DISCLAIMER, f"Model: {algorithm.label}"],
     ))
-    sc = _sc_image(source, card, algorithm, OutputKind.NOT_ANALYSED, headline, same_geometry=False)
+    sc = _sc_image(source, card, algorithm, OutputKind.NOT_ANALYSED, headline, (f"reason={reason.strip()}",),
+                   same_geometry=False)
     logger.debug("not-analysed note %s for %s", sc.SOPInstanceUID, source.SOPInstanceUID)
     return sc

@@ -1,19 +1,22 @@
-"""The DICOM Segmentation (BINARY) of one analysed image: the lungs, then the
-localized region of each flagged finding.
+"""The DICOM Segmentation of one analysed image: the lungs, then the localized
+region of each flagged finding.
 
 Projection radiographs (CR, DX) have no Image Position/Orientation (Patient), so
 highdicom writes the SEG without a patient coordinate system: one frame per
 segment, mapped pixel for pixel onto the source through the Derivation Image
-Sequence. Two consequences handled here:
+Sequence. What viewers need beyond that, and how it is met:
 
-- Patient Orientation becomes a type 2C attribute of the SEG; it is copied from
-  the source.
-- Pixel Measures: highdicom would copy the source's Pixel Spacing, even an
-  invalid ``0\\0`` (as in RG1), and its own reader then rejects the file, as it
-  does any Pixel Measures item without Slice Thickness, which a projection image
-  does not have. The standard does not require Pixel Measures in a SEG without a
-  frame of reference, and the source image keeps the calibrated spacing, so the
-  SEG carries none: the source is handed to highdicom without Pixel Spacing.
+- FRACTIONAL (occupancy 0 or 255), RLE Lossless: OHIF's reader (dcmjs) rejects the
+  pad byte of 1-bit BINARY frames, and Orthanc refuses to cut 1-bit frames whose
+  width is not a multiple of 8. RLE keeps a frame of 3.6 MB to some 20 kB.
+- Pixel Measures, from the source's Pixel Spacing or else its Imager Pixel Spacing
+  (never an invalid ``0\\0``, which highdicom would copy), with a nominal Slice
+  Thickness: OHIF destructures the item and highdicom's reader requires the
+  thickness; without a frame of reference neither has spatial meaning beyond the
+  pixel size. A source with no valid spacing gives a SEG without Pixel Measures.
+- Plane Orientation ``1\\0\\0\\0\\1\\0`` (rows along x, columns along y): the
+  frames lie in the image plane, which OHIF checks before drawing them.
+- Patient Orientation, a type 2C attribute of such a SEG, copied from the source.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.sr.coding import Code
+from pydicom.uid import RLELossless
 
 from dicom_node.writers.common import (
     ABNORMAL_STRUCTURE,
@@ -31,14 +35,17 @@ from dicom_node.writers.common import (
     ANATOMICAL_STRUCTURE,
     LUNG,
     LUNGS,
+    DEVICE_SERIAL_NUMBER,
     AlgorithmIdentity,
     OutputKind,
     algorithm_sequence,
     check_result,
+    content_inputs,
     copy_patient_orientation,
     finding_code,
     flag_headline,
     instance_kwargs,
+    pixel_spacing,
     segmented_findings,
     tracking_uid,
     reference_of,
@@ -50,6 +57,14 @@ logger = logging.getLogger(__name__)
 
 #: Segment number of the lungs; flagged findings follow from 2.
 LUNG_SEGMENT = 1
+#: Slice Thickness of the Pixel Measures of a projection image (see the module docstring).
+NOMINAL_THICKNESS_MM = 1.0
+
+
+def _image_plane() -> Dataset:
+    item = Dataset()
+    item.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    return item
 
 
 def _segment(number: int, name: str, label: str, category: Code, prop_type: Code, algorithm: AlgorithmIdentity,
@@ -88,22 +103,29 @@ def build_seg(source: Dataset, result: ImageResult, algorithm: AlgorithmIdentity
     masks = np.stack([result.lung_mask, *(f.region for f in findings)], axis=-1).astype(bool)
 
     reference = reference_of(source)
-    if "ImagePositionPatient" not in reference and "PixelSpacing" in reference:
-        del reference.PixelSpacing  # see the module docstring: no Pixel Measures for projection images
+    projection = "ImagePositionPatient" not in reference
+    spacing = pixel_spacing(source)
+    if projection and "PixelSpacing" in reference:
+        del reference.PixelSpacing  # given explicitly below, or not at all
 
     seg = hd.seg.Segmentation(
         source_images=[reference],
-        pixel_array=masks[np.newaxis],
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        pixel_array=masks[np.newaxis].astype(np.float32),
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.OCCUPANCY,
         segment_descriptions=descriptions,
-        device_serial_number=algorithm.version,  # software has no serial number; its version stands in
+        device_serial_number=DEVICE_SERIAL_NUMBER,
         content_label="AI_CXR",
         content_description=AI_DISCLAIMER,
         omit_empty_frames=False,
-        **instance_kwargs(source, algorithm, OutputKind.SEG, flag_headline(result)),
+        transfer_syntax_uid=RLELossless,
+        pixel_measures=(hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=NOMINAL_THICKNESS_MM)
+                        if projection and spacing else None),
+        **instance_kwargs(source, algorithm, OutputKind.SEG, flag_headline(result), content_inputs(result)),
     )
-    if "ImagePositionPatient" not in source:
+    if projection:
         copy_patient_orientation(source, seg)
+        seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [_image_plane()]
     seg.ImageComments = AI_DISCLAIMER
     logger.debug("SEG %s for %s: %d segments", seg.SOPInstanceUID, uid, len(descriptions))
     return seg

@@ -1,16 +1,22 @@
 """The structured report of one analysed image: a TID 1500 Measurement Report in
 a Comprehensive 3D SR.
 
-The observer is the pipeline, as a device. One measurement group per object:
+The observer is the pipeline, as a device. The Image Library lists the source.
+One TID 1410 planar ROI group per object, each outlined on the source image by
+a closed POLYLINE box (an image-region SCOORD, which is what viewers such as
+OHIF draw and list):
 
-- the lungs: a TID 1410 planar ROI group referencing SEG segment 1;
-- each finding: its probability and threshold (TID 300 numeric, no units) and two
-  qualitative evaluations from the node's local scheme, "AI flag" and
-  "Experimental model" (Yes/No); a finding with a SEG segment is a TID 1410 group
-  referencing that segment, any other a TID 1501 group referencing the source image.
+- the lungs: the box around the lung mask;
+- each finding, whether flagged or not (one template for both): its probability
+  and threshold (TID 300 numeric, no units, 4 decimals) and two qualitative
+  evaluations from the node's local scheme, "AI flag" and "Experimental model"
+  (Yes/No), for which no public code exists; outlined by the box around its
+  localized region when flagged, else around the lungs it assessed.
 
-The document is complete but unverified and preliminary, and ends with a
-Qualitative Evaluations container holding the "not for diagnosis" marking.
+The SEG's segments carry the Tracking UIDs of these groups (a group can reference
+an image region or a segment, not both); the SEG is in the evidence. The document
+is complete but unverified and preliminary, and ends with a Qualitative
+Evaluations container holding the "not for diagnosis" marking.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
@@ -35,14 +42,13 @@ from dicom_node.writers.common import (
     check_result,
     finding_code,
     flag_headline,
+    content_inputs,
     instance_kwargs,
     local_code,
     local_scheme_item,
-    segmented_findings,
     tracking_uid,
     reference_of,
 )
-from dicom_node.writers.seg import LUNG_SEGMENT
 from pipelines.base import Finding, ImageResult
 
 logger = logging.getLogger(__name__)
@@ -51,9 +57,11 @@ FLAG = local_code("FLAGGED", "AI flag")
 EXPERIMENTAL = local_code("EXPERIMENTAL", "Experimental model")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+SOURCE = Code("260753009", "SCT", "Source")
 NO_UNITS = codes.UCUM.NoUnits
 
-Group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+#: Decimals of the probabilities and thresholds written.
+DECIMALS = 4
 
 
 def _yes_no(value: bool) -> Code:
@@ -73,63 +81,75 @@ def _observation_context(algorithm: AlgorithmIdentity) -> hd.sr.ObservationConte
     )
 
 
-def _segment_reference(source: Dataset, seg: Dataset, segment: int) -> hd.sr.ReferencedSegmentationFrame:
-    """Return the reference to ``segment`` of ``seg`` by segment number only.
-
-    The Image SOP Instance Reference macro forbids a Referenced Frame Number beside
-    a Referenced Segment Number, and highdicom's ``from_segmentation`` would also
-    give the single-frame source image a frame number.
-    """
-    reference = hd.sr.ReferencedSegmentationFrame(
-        sop_class_uid=seg.SOPClassUID,
-        sop_instance_uid=seg.SOPInstanceUID,
-        frame_number=segment,  # one frame per segment; removed below
-        segment_number=segment,
-        source_image=hd.sr.SourceImageForSegmentation.from_source_image(source),
+def _outline(source: Dataset, mask: np.ndarray) -> hd.sr.ImageRegion:
+    """Return the closed POLYLINE box around ``mask`` on ``source`` (pixel edges, column then row)."""
+    rows, cols = np.nonzero(mask)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    corners = [(left, top), (right, top), (right, bottom), (left, bottom), (left, top)]
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.array(corners, dtype=np.float32),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
     )
-    del reference[0].ReferencedSOPSequence[0].ReferencedFrameNumber
-    return reference
 
 
-def _finding_group(source: Dataset, seg: Dataset, finding: Finding, segment: int | None,
-                   algorithm: AlgorithmIdentity) -> Group:
-    """Return the measurement group of ``finding``: planar ROI on SEG ``segment``, image-level without one."""
-    common = {
-        "tracking_identifier": hd.sr.TrackingIdentifier(
+def _finding_group(source: Dataset, finding: Finding, lungs: np.ndarray,
+                   algorithm: AlgorithmIdentity) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """Return the measurement group of ``finding``, outlined around its region when it has one, else the lungs."""
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(source.SOPInstanceUID, algorithm, finding.name), identifier=finding.name,
         ),
-        "finding_type": finding_code(finding),
-        "algorithm_id": _algorithm_id(algorithm),
-        "finding_sites": [hd.sr.FindingSite(LUNG)],
-        "measurements": [
-            hd.sr.Measurement(name=codes.DCM.Probability, value=finding.probability, unit=NO_UNITS),
-            hd.sr.Measurement(name=codes.DCM.ThresholdValue, value=finding.threshold, unit=NO_UNITS),
+        referenced_region=_outline(source, finding.region if finding.region is not None and finding.flagged
+                                   else lungs),
+        finding_type=finding_code(finding),
+        algorithm_id=_algorithm_id(algorithm),
+        finding_sites=[hd.sr.FindingSite(LUNG)],
+        measurements=[
+            hd.sr.Measurement(name=codes.DCM.Probability, value=round(finding.probability, DECIMALS), unit=NO_UNITS),
+            hd.sr.Measurement(name=codes.DCM.ThresholdValue, value=round(finding.threshold, DECIMALS), unit=NO_UNITS),
         ],
-        "qualitative_evaluations": [
+        qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(FLAG, _yes_no(finding.flagged)),
             hd.sr.QualitativeEvaluation(EXPERIMENTAL, _yes_no(finding.experimental)),
         ],
-    }
-    if segment is not None:
-        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            referenced_segment=_segment_reference(source, seg, segment), **common,
-        )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)], **common,
     )
+
+
+def _insert_image_library(content: hd.sr.ContainerContentItem, source: Dataset) -> None:
+    """Insert the TID 1600 Image Library listing ``source`` before the Imaging Measurements.
+
+    highdicom's entry descriptors of a projection image need its Patient Orientation (two
+    values) and Imager Pixel Spacing; a source without them is listed without descriptors.
+    """
+    reference = reference_of(source)
+    if "ImagerPixelSpacing" in reference and len(reference.get("PatientOrientation") or []) == 2:
+        library = hd.sr.ImageLibrary([reference])[0]
+    else:
+        image = hd.sr.ImageContentItem(
+            name=SOURCE, referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID, relationship_type="CONTAINS")
+        group = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type="CONTAINS")
+        group.ContentSequence = [image]
+        library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type="CONTAINS")
+        library.ContentSequence = [group]
+    items = content.ContentSequence
+    measurements = next(i for i, item in enumerate(items)
+                        if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value)
+    items.insert(measurements, library)
 
 
 def _algorithm_id(algorithm: AlgorithmIdentity) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
 
 
-def _lung_group(source: Dataset, seg: Dataset, algorithm: AlgorithmIdentity,
+def _lung_group(source: Dataset, lungs: np.ndarray, algorithm: AlgorithmIdentity,
                 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(source.SOPInstanceUID, algorithm, LUNGS), identifier=LUNGS,
         ),
-        referenced_segment=_segment_reference(source, seg, LUNG_SEGMENT),
+        referenced_region=_outline(source, lungs),
         finding_type=LUNG,
         finding_category=ANATOMICAL_STRUCTURE,
         algorithm_id=_algorithm_id(algorithm),
@@ -162,14 +182,14 @@ def build_sr(source: Dataset, result: ImageResult, seg: Dataset, algorithm: Algo
     if source.SOPInstanceUID not in referenced:
         raise ValueError(f"seg {seg.SOPInstanceUID} does not reference the source {source.SOPInstanceUID}.")
 
-    segments = {f.name: n for n, f in enumerate(segmented_findings(result), start=LUNG_SEGMENT + 1)}
-    groups = [_lung_group(source, seg, algorithm)]
-    groups += [_finding_group(source, seg, f, segments.get(f.name), algorithm) for f in result.findings]
+    groups = [_lung_group(source, result.lung_mask, algorithm)]
+    groups += [_finding_group(source, f, result.lung_mask, algorithm) for f in result.findings]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm),
         procedure_reported=PLAIN_CHEST_XRAY,
         imaging_measurements=groups,
     )
+    _insert_image_library(report[0], source)
     report[0].ContentSequence.append(_marking(caveats))
 
     sr = hd.sr.Comprehensive3DSR(
@@ -179,7 +199,7 @@ def build_sr(source: Dataset, result: ImageResult, seg: Dataset, algorithm: Algo
         is_final=False,
         is_verified=False,
         coding_schemes=[local_scheme_item()],
-        **instance_kwargs(source, algorithm, OutputKind.SR, flag_headline(result)),
+        **instance_kwargs(source, algorithm, OutputKind.SR, flag_headline(result), content_inputs(result, caveats)),
     )
     logger.debug("SR %s for %s: %d groups", sr.SOPInstanceUID, source.SOPInstanceUID, len(groups))
     return sr
