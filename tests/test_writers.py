@@ -347,3 +347,19 @@ def test_an_unknown_age_is_said_in_the_sc_banner_and_the_sr(tmp_path: Path) -> N
     assert texts == [AI_DISCLAIMER, "age unknown"]
     errors, _ = dciodvfy(tmp_path / "sr.dcm")
     assert errors == []
+
+
+def test_series_dates_study_description_timezone_and_contribution_time(tmp_path: Path) -> None:
+    source = read_source("RG1_UNCI.dcm")
+    source.StudyDescription, source.TimezoneOffsetFromUTC = "THORAX PA", "+0100"
+    for kind, dataset in write_results(source, synthetic_result(source), display_of(source), ALGORITHM).items():
+        path = tmp_path / f"{kind}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        assert dciodvfy(path)[0] == [], kind
+        read = pydicom.dcmread(path)
+        assert (read.StudyDescription, read.TimezoneOffsetFromUTC) == ("THORAX PA", "+0100"), kind
+        assert (read.SeriesDate, read.SeriesTime) == (read.ContentDate, read.ContentTime), kind
+        [ours] = [e for e in read.ContributingEquipmentSequence if e.Manufacturer == "dicom-node"]
+        assert ours.ContributionDateTime, kind
+        if kind is OutputKind.SEG:
+            assert read.DeviceSerialNumber != ALGORITHM.version

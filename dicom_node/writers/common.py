@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
@@ -201,6 +202,7 @@ def contributing_equipment(algorithm: AlgorithmIdentity) -> hd.ContributingEquip
         manufacturer_model_name=algorithm.name,
         software_versions=list(algorithm.software_versions),
         contribution_description=f"AI analysis: {AI_DISCLAIMER}",
+        contribution_datetime=datetime.now().astimezone(),
     )
 
 
@@ -229,6 +231,15 @@ def pixel_spacing(source: Dataset) -> tuple[float, float] | None:
         if spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing):
             return float(spacing[0]), float(spacing[1])
     return None
+
+
+def complete_series(source: Dataset, output: Dataset) -> None:
+    """Set what highdicom leaves out of an output: Series Date and Time (its content's), and the
+    source's Study Description and Timezone Offset From UTC, when it has them."""
+    output.SeriesDate, output.SeriesTime = output.ContentDate, output.ContentTime
+    for keyword in ("StudyDescription", "TimezoneOffsetFromUTC"):
+        if source.get(keyword):
+            output[keyword] = source[keyword]
 
 
 def copy_patient_orientation(source: Dataset, target: Dataset) -> None:

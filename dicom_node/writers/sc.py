@@ -20,6 +20,7 @@ from dicom_node.writers.common import (
     AlgorithmIdentity,
     OutputKind,
     check_result,
+    complete_series,
     caveat_notice,
     check_source,
     content_inputs,
@@ -117,6 +118,7 @@ def _sc_image(source: Dataset, rgb: np.ndarray, algorithm: AlgorithmIdentity, ki
             sc[keyword] = source[keyword]
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
+    complete_series(source, sc)
     sc.ImageComments = AI_DISCLAIMER
     return sc
 

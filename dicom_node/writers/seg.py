@@ -40,6 +40,7 @@ from dicom_node.writers.common import (
     OutputKind,
     algorithm_sequence,
     check_result,
+    complete_series,
     content_inputs,
     copy_patient_orientation,
     finding_code,
@@ -126,6 +127,7 @@ def build_seg(source: Dataset, result: ImageResult, algorithm: AlgorithmIdentity
     if projection:
         copy_patient_orientation(source, seg)
         seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [_image_plane()]
+    complete_series(source, seg)
     seg.ImageComments = AI_DISCLAIMER
     logger.debug("SEG %s for %s: %d segments", seg.SOPInstanceUID, uid, len(descriptions))
     return seg

@@ -40,6 +40,7 @@ from dicom_node.writers.common import (
     AlgorithmIdentity,
     OutputKind,
     check_result,
+    complete_series,
     finding_code,
     flag_headline,
     content_inputs,
@@ -201,5 +202,6 @@ def build_sr(source: Dataset, result: ImageResult, seg: Dataset, algorithm: Algo
         coding_schemes=[local_scheme_item()],
         **instance_kwargs(source, algorithm, OutputKind.SR, flag_headline(result), content_inputs(result, caveats)),
     )
+    complete_series(source, sr)
     logger.debug("SR %s for %s: %d groups", sr.SOPInstanceUID, source.SOPInstanceUID, len(groups))
     return sr
