@@ -67,9 +67,7 @@ class Analyzer:
         self.worker = worker
         self.destinations = list(destinations)
         self.note_skipped = note_skipped
-        self.algorithm = AlgorithmIdentity(
-            name=pipeline.name, version=pipeline.version,
-            model_versions=pipeline.model_versions)
+        self.algorithm = AlgorithmIdentity.of(pipeline)
 
     @classmethod
     def from_settings(cls, settings: Settings, db: NodeDatabase, audit: AuditTrail, *,

@@ -22,6 +22,9 @@ from pydicom.data import get_testdata_file
 from dicom_node.writers import AI_DISCLAIMER, OutputKind, write_not_analysed, write_results
 from dicom_node.writers.common import PATIENT_STUDY_TYPE2, series_description
 from pipelines.base import Verdict
+from dicom_node.writers.render import viewing_contrast
+from dicom_node.writers.sc import _shown_heat
+from pipelines.chest_xray.overlay import render_overlay
 from tests.writers_fixtures import ALGORITHM, HOT_SPOT, LUNGS, dciodvfy, display_of, read_source, synthetic_result
 
 #: dciodvfy warnings left, and why:
@@ -127,25 +130,51 @@ def test_series_description_keeps_kind_within_64_characters() -> None:
 
 # --- Secondary Capture -----------------------------------------------------------------------------
 
-def test_sc_is_an_rgb_overlay_at_source_geometry(case: Case) -> None:
+def _image_rows(pixels: np.ndarray, image: np.ndarray) -> int:
+    """Return the row at which ``image`` lies, whole and unchanged, inside ``pixels``; fail if nowhere."""
+    for top in range(pixels.shape[0] - image.shape[0] + 1):
+        if np.array_equal(pixels[top], image[0]) and np.array_equal(pixels[top:top + image.shape[0]], image):
+            return top
+    pytest.fail("the overlay image is not found whole in the SC: text covers part of it")
+
+
+def test_sc_shows_every_source_pixel_between_text_bands(case: Case) -> None:
     sc = case.read(OutputKind.SC)
     pixels = sc.pixel_array
-    assert pixels.shape == (case.source.Rows, case.source.Columns, 3)
-    assert (sc.PhotometricInterpretation, sc.BurnedInAnnotation, sc.Modality) == ("RGB", "YES", "OT")
+    assert (sc.PhotometricInterpretation, sc.BurnedInAnnotation, sc.Modality) == ("RGB", "YES", "CR")
     assert sc.ImageComments == AI_DISCLAIMER
     assert sc.PatientOrientation == case.source.PatientOrientation
     assert "PixelSpacing" not in sc  # the source's 0\0 is not a spacing
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == case.source.SOPInstanceUID
 
+    findings = case.result.flagged
+    heat = _shown_heat(case.result)[0]
+    image = render_overlay(viewing_contrast(case.display), case.result.lung_mask, heat,
+                           [f.region for f in findings if f.region is not None])
+    top = _image_rows(pixels, image)
+    assert top > 0 and pixels.shape[0] > top + image.shape[0]  # bands above and below, none over the image
+    assert pixels.shape[1] == case.source.Columns
+    assert (pixels[:4] == 0).all()  # the top band is opaque black
+    # Text keeps to the middle of the width: the corners, where viewers write, stay black.
+    corner = int(0.18 * pixels.shape[1]) - 1
+    assert (pixels[:top, :corner] == 0).all() and (pixels[:top, -corner:] == 0).all()
+
     r, c, _ = HOT_SPOT
-    red, green, blue = (int(v) for v in pixels[r, c])
+    red, green, blue = (int(v) for v in pixels[top + r, c])
     # The heat-map's hot end: of the flagged findings, or else of the top-scoring
     # non-experimental one, so a reader always sees where the model looked.
     assert red > green + 60 and red > blue + 60
     row, col, _, b = LUNGS[0]
-    edge = pixels[row, col - b: col - b + 8]
+    edge = pixels[top + row, col - b: col - b + 8]
     assert any(px[1] > 200 and px[0] < 50 for px in edge)  # green lung contour
-    assert (pixels[:5] == 0).all()  # the banner's black band at the top
+
+
+def test_a_flat_full_range_window_is_stretched_for_viewing() -> None:
+    flat = np.linspace(60, 140, 256 * 256).reshape(256, 256).astype(np.uint8)  # 80 grey levels in use
+    stretched = viewing_contrast(flat)
+    assert stretched.min() == 0 and stretched.max() == 255
+    full = np.linspace(0, 255, 256 * 256).reshape(256, 256).astype(np.uint8)
+    assert viewing_contrast(full) is full
 
 
 # --- SEG -------------------------------------------------------------------------------------------

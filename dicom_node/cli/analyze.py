@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from PIL import Image
 
 from dicom_node.cli.common import expand_paths, settings_from
 from pipelines.base import ImageInput, ImageResult
-from pipelines.chest_xray.overlay import render_overlay
+from dicom_node.writers.common import AlgorithmIdentity
+from dicom_node.writers.sc import overlay_pixels
 from pipelines.errors import PipelineError, SkippedByGate, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -21,12 +23,12 @@ logger = logging.getLogger(__name__)
 NOTICE = "AI result, not for diagnosis; research model, not for clinical use"
 
 
-def _write(image: ImageInput, result: ImageResult, out: Path, stem: str) -> dict[str, Any]:
-    """Write the overlay, lung mask, heat-maps and flagged regions of one image; return its JSON record."""
+def _write(image: ImageInput, result: ImageResult, algorithm: AlgorithmIdentity, caveats: Sequence[str],
+           out: Path, stem: str) -> dict[str, Any]:
+    """Write the overlay (as the SC shows it, banner and notices included), lung mask, heat-maps and
+    flagged regions of one image; return its JSON record."""
     flagged = result.flagged
-    heat = np.max([f.heatmap for f in flagged], axis=0) if flagged else None
-    regions = [f.region for f in flagged if f.region is not None]
-    Image.fromarray(render_overlay(image.display, result.lung_mask, heat, regions)).save(out / f"{stem}.overlay.png")
+    Image.fromarray(overlay_pixels(result, image.display, algorithm, caveats)).save(out / f"{stem}.overlay.png")
     Image.fromarray(result.lung_mask.astype(np.uint8) * 255).save(out / f"{stem}.lung-mask.png")
     findings = []
     for finding in result.findings:
@@ -93,7 +95,8 @@ def analyze(ctx: click.Context, paths: tuple[Path, ...], out: Path, fmt: str, we
             image, verdict = load_path(path, gate=pipeline.accepts)
             result = pipeline.run([image])[0]
             if result.verdict.accepted:
-                record.update(_write(image, result, out, stem), caveats=list(verdict.caveats))
+                record.update(_write(image, result, AlgorithmIdentity.of(pipeline), verdict.caveats, out, stem),
+                              caveats=list(verdict.caveats))
             else:
                 record["skipped"] = result.verdict.reason
         except SkippedByGate as exc:

@@ -29,7 +29,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
 from dicom_node import __version__ as WRITERS_VERSION
-from pipelines.base import Finding, ImageResult
+from pipelines.base import Finding, ImageResult, Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,11 @@ class AlgorithmIdentity:
             value = getattr(self, field)
             if not value or len(value) > 64:
                 raise ValueError(f"AlgorithmIdentity.{field} must be 1 to 64 characters, got {value!r}")
+
+    @classmethod
+    def of(cls, pipeline: Pipeline) -> AlgorithmIdentity:
+        """Return the identity of ``pipeline``: its name, version and model versions."""
+        return cls(name=pipeline.name, version=pipeline.version, model_versions=pipeline.model_versions)
 
     @property
     def software_versions(self) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
 """Drawing for the Secondary Capture: the heat-map blended over the windowed image,
-contours, and a text banner sized to the image so that it reads on a 1 MP screen.
+contours, and text bands above and below the image (never over it), sized to the
+image so that they read on a 1 MP screen.
 
 Text uses Pillow's built-in scalable font (no font files, works offline), which
 has no em dash: the marking uses a hyphen.
@@ -21,6 +22,10 @@ MIN_TEXT_PX = 12
 #: Text height of the "not analysed" card, relative to its rows.
 CARD_TEXT_HEIGHT = 0.06
 HEADLINE_SCALE = 1.25
+#: Share of the width the banner's lines may take, centred.
+TEXT_WIDTH = 0.64
+#: Fewer grey levels than this between a display's 0.5 and 99.5 % points: stretched for viewing.
+FLAT_SPREAD = 160
 #: Space between lines as a fraction of the text height.
 LINE_GAP = 0.35
 ALERT = (255, 80, 60)
@@ -68,52 +73,66 @@ def _text_size(rows: int, usable: int, text: BannerText, text_height: float) -> 
     return size
 
 
-def _band(draw: ImageDraw.ImageDraw, lines: list[tuple[str, ImageFont.FreeTypeFont, tuple[int, int, int]]],
-          top: int | None, cols: int, rows: int, margin: int) -> None:
-    """Draw ``lines`` on an opaque band across the image: from ``top``, or up from the bottom when None."""
+def _band(lines: list[tuple[str, ImageFont.FreeTypeFont, tuple[int, int, int]]], cols: int, margin: int) -> np.ndarray:
+    """Return an opaque band ``cols`` wide holding ``lines``, each centred."""
     heights = [round(font.size * (1 + LINE_GAP)) for _, font, _ in lines]
-    height = 2 * margin + sum(heights)
-    y = top if top is not None else rows - height
-    draw.rectangle((0, y, cols, y + height), fill=BANNER_BG)
-    y += margin
+    image = Image.new("RGB", (cols, 2 * margin + sum(heights)), BANNER_BG)
+    draw = ImageDraw.Draw(image)
+    y = margin
     for (line, font, colour), step in zip(lines, heights, strict=True):
-        draw.text((margin, y), line, font=font, fill=colour)
+        draw.text(((cols - font.getlength(line)) / 2, y), line, font=font, fill=colour)
         y += step
+    return np.asarray(image)
 
 
-def draw_banner(rgb: np.ndarray, text: BannerText, text_height: float = TEXT_HEIGHT) -> np.ndarray:
-    """Return ``rgb`` with ``text`` burned in: headline, items and notices in a band across the top,
-    the footer in a band across the bottom.
-
-    Text height is ``text_height`` of the rows (headline :data:`HEADLINE_SCALE` times that),
-    reduced only where a single line would not fit the width.
-    """
-    rows, cols = rgb.shape[:2]
-    margin = max(4, cols // 60)
-    usable = cols - 2 * margin
+def _lines(text: BannerText, rows: int, usable: int, text_height: float) -> tuple[list, list]:
+    """Return the (top, bottom) lines of ``text``, sized for an image of ``rows`` rows."""
     size = _text_size(rows, usable, text, text_height)
     head_font, body_font = _font(round(size * HEADLINE_SCALE)), _font(size)
     top = [(text.headline, head_font, ALERT if text.alert else CALM)]
     top += [(line, body_font, TEXT) for line in _pack(text.items, body_font, usable)]
     top += [(line, body_font, NOTICE) for line in _pack(text.notices, body_font, usable)]
     bottom = [(line, body_font, TEXT) for line in _pack(text.footer, body_font, usable)]
+    return top, bottom
 
-    image = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(image)
-    _band(draw, top, 0, cols, rows, margin)
-    if bottom:
-        _band(draw, bottom, None, cols, rows, margin)
-    return np.asarray(image)
+
+def framed(rgb: np.ndarray, text: BannerText) -> np.ndarray:
+    """Return ``rgb`` between two opaque bands, headline, items and notices above and the footer
+    below: no image pixel is covered.
+
+    Text height is :data:`TEXT_HEIGHT` of the image rows (headline :data:`HEADLINE_SCALE`
+    times that), reduced only where a line would not fit; lines keep to the middle
+    :data:`TEXT_WIDTH` of the width, clear of the corners where viewers draw their own text.
+    """
+    rows, cols = rgb.shape[:2]
+    margin = max(4, cols // 60)
+    top, bottom = _lines(text, rows, int(cols * TEXT_WIDTH), TEXT_HEIGHT)
+    return np.concatenate([_band(top, cols, margin), rgb, *([_band(bottom, cols, margin)] if bottom else [])])
+
+
+def viewing_contrast(display: np.ndarray) -> np.ndarray:
+    """Return ``display`` stretched to its 0.5-99.5 % grey levels when they span fewer than
+    :data:`FLAT_SPREAD`: the source's window then covered a range the image does not use (a
+    full-range window), which looks flat; otherwise ``display`` unchanged."""
+    low, high = (float(v) for v in np.percentile(display, [0.5, 99.5]))
+    if high - low >= FLAT_SPREAD or high <= low:
+        return display
+    return np.clip(np.round((display.astype(np.float32) - low) * 255 / (high - low)), 0, 255).astype(np.uint8)
 
 
 def overlay(display: np.ndarray, lung_mask: np.ndarray, heat: np.ndarray | None,
             regions: Sequence[np.ndarray], text: BannerText) -> np.ndarray:
-    """Return the RGB overlay (uint8, H x W x 3): ``display`` in grey, ``heat`` blended within the lungs,
-    the lung and region contours, and the banner."""
-    return draw_banner(render_overlay(display, lung_mask, heat, regions), text)
+    """Return the RGB overlay (uint8, H' x W x 3): ``display`` in grey at viewing contrast, ``heat``
+    blended within the lungs, the lung and region contours, framed by the banner."""
+    return framed(render_overlay(viewing_contrast(display), lung_mask, heat, regions), text)
 
 
 def text_card(text: BannerText, shape: tuple[int, int] = (480, 640)) -> np.ndarray:
-    """Return a dark RGB card (uint8, ``shape`` x 3) holding only ``text``, large enough to read when
-    a viewer fits the card to its window."""
-    return draw_banner(np.zeros((*shape, 3), np.uint8), text, text_height=CARD_TEXT_HEIGHT)
+    """Return a dark RGB card (uint8, ``shape`` x 3) holding only ``text`` from its top, large enough to
+    read when a viewer fits the card to its window."""
+    rows, cols = shape
+    top, bottom = _lines(text, rows, cols - 2 * max(4, cols // 60), CARD_TEXT_HEIGHT)
+    card = np.zeros((rows, cols, 3), np.uint8)
+    band = _band(top + bottom, cols, max(4, cols // 60))[:rows]
+    card[: band.shape[0]] = band
+    return card

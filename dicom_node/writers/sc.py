@@ -1,6 +1,10 @@
-"""The Secondary Capture overlay any viewer can show: the windowed image at the
-source geometry with the Grad-CAM heat-map of the flagged findings, the lung and
-region contours and a burned-in banner; and the short "not analysed" note.
+"""The Secondary Capture overlay any viewer can show: every source pixel, at the
+source's pixel spacing and viewing contrast, with the Grad-CAM heat-map of the
+flagged findings and the lung and region contours, between burned-in text bands
+above and below; and the short "not analysed" note.
+
+Modality is the source's (CR, DX): OHIF starts its cine player over the top of any
+OT or US image.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from dicom_node.writers.render import BannerText, overlay, text_card
 from pipelines.base import Finding, ImageResult
 
 logger = logging.getLogger(__name__)
+
+#: Source modalities the SC takes over (any other leaves highdicom's OT).
+SOURCE_MODALITIES = ("CR", "DX")
 
 
 def _finding_item(finding: Finding) -> str:
@@ -92,8 +99,8 @@ def _source_image_item(source: Dataset) -> Dataset:
 
 
 def _sc_image(source: Dataset, rgb: np.ndarray, algorithm: AlgorithmIdentity, kind: OutputKind, headline: str,
-              content: Sequence[str], same_geometry: bool) -> hd.sc.SCImage:
-    """Return an RGB SC image in the source's study; with ``same_geometry`` it also carries the
+              content: Sequence[str], shows_source: bool) -> hd.sc.SCImage:
+    """Return an RGB SC image in the source's study; with ``shows_source`` it also carries the
     source's orientation and pixel spacing and references it as its source image."""
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=reference_of(source),
@@ -103,11 +110,13 @@ def _sc_image(source: Dataset, rgb: np.ndarray, algorithm: AlgorithmIdentity, ki
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         # highdicom accepts single letters only; replaced below by the source's value (or empty)
         patient_orientation=("L", "F"),
-        pixel_spacing=pixel_spacing(source) if same_geometry else None,
+        pixel_spacing=pixel_spacing(source) if shows_source else None,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         **instance_kwargs(source, algorithm, kind, headline, content),
     )
-    if same_geometry:
+    if source.get("Modality") in SOURCE_MODALITIES:
+        sc.Modality = source.Modality
+    if shows_source:
         copy_patient_orientation(source, sc)
         sc.SourceImageSequence = [_source_image_item(source)]
     else:
@@ -123,20 +132,24 @@ def _sc_image(source: Dataset, rgb: np.ndarray, algorithm: AlgorithmIdentity, ki
     return sc
 
 
+def overlay_pixels(result: ImageResult, display: np.ndarray, algorithm: AlgorithmIdentity,
+                   caveats: Sequence[str] = ()) -> np.ndarray:
+    """Return the SC's RGB pixels: ``display`` with heat-map and contours, framed by the banner."""
+    return overlay(display, result.lung_mask, _shown_heat(result)[0],
+                   [f.region for f in segmented_findings(result)], banner_text(result, algorithm, caveats))
+
+
 def build_sc(source: Dataset, result: ImageResult, display: np.ndarray, algorithm: AlgorithmIdentity,
              caveats: Sequence[str] = ()) -> hd.sc.SCImage:
-    """Return the RGB overlay SC of ``result`` at the source geometry, the gate's ``caveats`` in its banner.
+    """Return the RGB overlay SC of ``result`` at the source's pixel spacing, the gate's ``caveats`` in its banner.
 
     ``display`` is the windowed uint8 image (``ImageInput.display``). Raises ValueError
     if it or a mask does not match the source's Rows/Columns.
     """
     check_result(source, result, display)
-    rgb = overlay(
-        display, result.lung_mask, _shown_heat(result)[0], [f.region for f in segmented_findings(result)],
-        banner_text(result, algorithm, caveats),
-    )
+    rgb = overlay_pixels(result, display, algorithm, caveats)
     sc = _sc_image(source, rgb, algorithm, OutputKind.SC, flag_headline(result), content_inputs(result, caveats),
-                   same_geometry=True)
+                   shows_source=True)
     logger.debug("SC %s for %s", sc.SOPInstanceUID, source.SOPInstanceUID)
     return sc
 
@@ -157,6 +170,6 @@ def build_not_analysed(source: Dataset, reason: str, algorithm: AlgorithmIdentit
         notices=[AI_DISCLAIMER, f"Model: {algorithm.label}"],
     ))
     sc = _sc_image(source, card, algorithm, OutputKind.NOT_ANALYSED, headline, (f"reason={reason.strip()}",),
-                   same_geometry=False)
+                   shows_source=False)
     logger.debug("not-analysed note %s for %s", sc.SOPInstanceUID, source.SOPInstanceUID)
     return sc
