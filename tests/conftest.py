@@ -1,7 +1,9 @@
-"""Shared fixtures: real DICOM test files, DCMTK tools, free ports, a `serve` subprocess."""
+"""Shared fixtures: real DICOM test files, DCMTK tools, free ports, a `serve` subprocess, Orthanc in a
+network namespace."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -9,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 
 DCMTK_DIRS = ("/usr/bin", "/usr/local/bin")
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 
 def sample_file(name: str) -> Path:
@@ -277,3 +281,71 @@ def dciodvfy() -> str:
     if path is None:
         pytest.skip("dicom3tools' dciodvfy is not installed (apt-get install dicom3tools)")
     return path
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    """A fresh network namespace with only its loopback up; removed at teardown. Skips the test where
+    namespaces cannot be made (Orthanc 1.10 cannot bind to loopback only: it runs in one)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2's ip")
+    name = f"dn-{uuid.uuid4().hex[:8]}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make a network namespace here: {made.stderr.strip()}")
+    subprocess.run(in_namespace(name, "ip", "link", "set", "lo", "up"), check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def in_namespace(namespace: str, *command: str) -> list[str]:
+    """Return ``command`` run inside the network namespace ``namespace``."""
+    return ["ip", "netns", "exec", namespace, *command]
+
+
+class OrthancInNamespace:
+    """Debian's Orthanc inside ``namespace``, on free ports, storing under ``root``, without
+    authentication; ``config`` holds the rest of its configuration. Skips the test without Orthanc."""
+
+    def __init__(self, namespace: str, root: Path, config: dict[str, Any]) -> None:
+        if not Path(ORTHANC).exists():
+            pytest.skip("Orthanc is not installed (apt-get install orthanc)")
+        self.namespace = namespace
+        self.http_port, self.dicom_port = free_port(), free_port()
+        storage = root / "orthanc-db"
+        self.config = root / "orthanc.json"
+        self.config.write_text(json.dumps({
+            **config, "HttpPort": self.http_port, "DicomPort": self.dicom_port,
+            "StorageDirectory": str(storage), "IndexDirectory": str(storage),
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        }))
+        self.log = root / "orthanc.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OrthancInNamespace:
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(in_namespace(self.namespace, ORTHANC, str(self.config)),
+                                            stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.get("/system") is not None, 60, "Orthanc to answer")
+        return self
+
+    def _rest(self, method: str, path: str, body: bytes | None = None) -> Any:
+        """Call Orthanc's REST API from inside the namespace; None when it does not answer."""
+        script = ("import sys, urllib.request; r = urllib.request.Request("
+                  f"'http://127.0.0.1:{self.http_port}{path}', data=sys.stdin.buffer.read() or None, "
+                  f"method='{method}'); sys.stdout.write(urllib.request.urlopen(r, timeout=20).read().decode())")
+        run = subprocess.run(in_namespace(self.namespace, sys.executable, "-c", script),
+                             input=body or b"", capture_output=True, timeout=60)
+        return json.loads(run.stdout) if run.returncode == 0 else None
+
+    def get(self, path: str) -> Any:
+        return self._rest("GET", path)
+
+    def post(self, path: str, body: bytes) -> Any:
+        return self._rest("POST", path, body)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+            self.process = None
