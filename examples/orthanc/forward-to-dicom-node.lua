@@ -1,7 +1,8 @@
 -- Orthanc → dicom-node: forward every stable CR/DX series to the node, once.
 --
--- The node's results come back into the same study as new series (Modality OT, SEG
--- and SR, Manufacturer "dicom-node"), so they never match the filter below: no loop.
+-- The node's results come back into the same study as new series (Secondary Capture
+-- with the source's Modality, SEG and SR; Manufacturer "dicom-node"), which the
+-- Manufacturer test below keeps from being forwarded: no loop.
 -- A series is forwarded when it has been stable for Orthanc's "StableAge" seconds;
 -- a late image of a series makes it stable again and is forwarded with it (the node
 -- answers instances it already holds with success and analyses each image once per
