@@ -14,7 +14,7 @@ from dicom_node.audit import AuditTrail
 from dicom_node.db import Delivery, Instance, Job, JobStatus, NodeDatabase, OutboxMessage, utcnow
 from dicom_node.config import Destination
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
-from tests.conftest import sample_file
+from tests.conftest import dcmtk_tool, run_tool, sample_file, wait_for
 from tests.test_pipeline import MANIFEST
 
 
@@ -69,3 +69,22 @@ def audit_events(audit: AuditTrail) -> list[dict[str, str]]:
     with audit.connect() as connection:
         rows = connection.exec_driver_sql("SELECT event, outcome, detail FROM audit_events ORDER BY id").all()
     return [{"event": e, "outcome": o, "detail": d} for e, o, d in rows]
+
+
+@pytest.mark.slow
+def test_serve_stops_cleanly_with_a_job_deferred_for_space_and_finishes_it_later(node_factory, mount_tmpfs, tmp_path):
+    """Through ``serve``: the job deferred for a full results disk leaves no job running, SIGTERM
+    exits 0, and once there is room the next ``serve`` finishes it without help."""
+    node = node_factory()
+    results = mount_tmpfs(node.state_dir / "results", "4m")
+    node.start()
+    sent = run_tool(dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", "DICOM_NODE", "127.0.0.1",
+                    str(node.port), str(sample_file("RG1_UNCR.dcm")))
+    assert sent.returncode == 0, sent.stderr
+    wait_for(lambda: (jobs := node.jobs()) and jobs[0].reason == "the results disk is full"
+             and jobs[0].status is JobStatus.QUEUED, 180, "the job to be deferred for space")
+    assert node.stop() == 0
+    subprocess.run(["umount", "-l", str(results)], check=True)
+    node.start()
+    wait_for(lambda: node.jobs()[0].status is JobStatus.DONE, 240, "the deferred job to finish")
+    assert node.stop() == 0
