@@ -22,7 +22,7 @@ from tests.dicom_factory import write_cr
 
 pytestmark = pytest.mark.slow
 
-BURST = 120
+BURST = 200
 
 
 def send_burst(port: int, files: list[Path], acknowledged: list[Path], stop: threading.Event) -> None:
@@ -58,7 +58,7 @@ def test_acknowledged_instances_survive_sigkill_and_are_processed_once(node_fact
     stop = threading.Event()
     sender = threading.Thread(target=send_burst, args=(node.port, files, acknowledged, stop))
     sender.start()
-    wait_for(lambda: len(acknowledged) >= BURST // 3, 120, "a third of the burst")
+    wait_for(lambda: len(acknowledged) >= BURST // 3, 180, "a third of the burst")
     node.kill()
     stop.set()
     sender.join(60)
