@@ -33,8 +33,15 @@ def example_orthanc(namespace: str, root: Path, node_port: int) -> OrthancInName
 
 
 def _series_of(orthanc: OrthancInNamespace, study_id: str) -> dict[str, str]:
+    """Return the study's series ids by kind: "source", or the label our series descriptions end with
+    ("overlay", "SEG", "SR"; the SC has the source's Modality)."""
     series = orthanc.get(f"/studies/{study_id}/series") or []
-    return {s["MainDicomTags"].get("Modality", ""): s["ID"] for s in series}
+    kinds = {}
+    for item in series:
+        description = item["MainDicomTags"].get("SeriesDescription", "")
+        kind = description.rsplit("[", 1)[-1].rstrip("]") if description.startswith("AI CXR: ") else "source"
+        kinds[kind] = item["ID"]
+    return kinds
 
 
 def test_an_image_sent_to_orthanc_comes_back_into_its_study(node_factory, namespace, tmp_path):
@@ -58,10 +65,10 @@ def test_an_image_sent_to_orthanc_comes_back_into_its_study(node_factory, namesp
         assert stored is not None and stored["Status"] == "Success", stored
         study_id = stored["ParentStudy"]
 
-        series = wait_for(lambda: (s := _series_of(orthanc, study_id)) and {"CR", "OT", "SEG", "SR"} <= set(s) and s,
-                          300, "SC, SEG and SR in the Orthanc study")
-        for modality in ("OT", "SEG", "SR"):
-            [instance] = orthanc.get(f"/series/{series[modality]}/instances")
+        series = wait_for(lambda: (s := _series_of(orthanc, study_id)) and {"source", "overlay", "SEG", "SR"} <= set(s)
+                          and s, 300, "SC, SEG and SR in the Orthanc study")
+        for kind in ("overlay", "SEG", "SR"):
+            [instance] = orthanc.get(f"/series/{series[kind]}/instances")
             tags = orthanc.get(f"/instances/{instance['ID']}/simplified-tags")
             assert tags["StudyInstanceUID"] == source.StudyInstanceUID
             assert tags["SeriesDescription"].startswith("AI CXR: ")

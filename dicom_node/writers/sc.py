@@ -55,18 +55,16 @@ def banner_text(result: ImageResult, algorithm: AlgorithmIdentity, caveats: Sequ
     """Return the banner of ``result``: the flag, each finding (flagged first, then by score), model, marking
     and the gate's caveats."""
     findings = sorted(result.findings, key=lambda f: (not f.flagged, f.experimental, -f.probability))
-    legend = "Green: lungs"
     _, heat_legend = _shown_heat(result)
-    if heat_legend:
-        legend = f"{heat_legend}   |   {legend}"
-    if result.flagged:
-        legend += "   |   Magenta: localized region"
+    legend = [*([heat_legend] if heat_legend else []), "Green: lungs",
+              *(["Magenta: localized region"] if result.flagged else [])]
     return BannerText(
         headline=flag_headline(result),
         alert=bool(result.flagged),
         items=[_finding_item(f) for f in findings],
         notices=[AI_DISCLAIMER, *(caveat_notice(c) for c in caveats)],
-        footer=[f"Model: {algorithm.label}", legend],
+        # one item per model, so that lines wrap between them rather than the text shrinking
+        footer=[f"Model: {algorithm.software_versions[0]}", *algorithm.software_versions[1:], *legend],
     )
 
 

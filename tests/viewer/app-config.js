@@ -1,0 +1,35 @@
+/** OHIF configuration of the viewer test: one DICOMweb data source, Orthanc's, at this origin. */
+window.config = {
+  routerBasename: '/',
+  extensions: [],
+  modes: [],
+  showStudyList: true,
+  maxNumberOfWebWorkers: 2,
+  showWarningMessageForCrossOrigin: false,
+  showCPUFallbackMessage: false,
+  showLoadingIndicator: false,
+  showErrorDetails: 'always',
+  investigationalUseDialog: { option: 'never' },
+  defaultDataSourceName: 'orthanc',
+  dataSources: [
+    {
+      namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+      sourceName: 'orthanc',
+      configuration: {
+        friendlyName: 'Orthanc DICOMweb',
+        name: 'orthanc',
+        wadoUriRoot: `${window.location.origin}/dicom-web`,
+        qidoRoot: `${window.location.origin}/dicom-web`,
+        wadoRoot: `${window.location.origin}/dicom-web`,
+        qidoSupportsIncludeField: false,
+        imageRendering: 'wadors',
+        thumbnailRendering: 'wadors',
+        enableStudyLazyLoad: true,
+        supportsFuzzyMatching: false,
+        supportsWildcard: true,
+        omitQuotationForMultipartRequest: true,
+        bulkDataURI: { enabled: true },
+      },
+    },
+  ],
+};
