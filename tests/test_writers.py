@@ -195,7 +195,10 @@ def test_seg_reads_back_with_segments_and_masks(case: Case) -> None:
     masks = seg.get_pixels_by_source_instance([case.source.SOPInstanceUID], combine_segments=False)[0]
     np.testing.assert_array_equal(masks[..., 0] > 0.5, case.result.lung_mask)
     for n, finding in enumerate(findings, start=1):
-        assert seg.get_segment_description(n + 1).segmented_property_type.value == "840539006"
+        description = seg.get_segment_description(n + 1)
+        assert (description.segmented_property_category.value, description.segmented_property_type.value) == (
+            "309825002", "130403")  # Spatial and Relational Concept / Gradient-weighted class activation
+        assert description.segment_label == finding.display_name
         np.testing.assert_array_equal(masks[..., n] > 0.5, finding.region)
     shared = seg.SharedFunctionalGroupsSequence[0]
     assert "PixelMeasuresSequence" not in shared  # RG1's Pixel Spacing is 0\0: no valid spacing to give

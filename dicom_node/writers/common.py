@@ -52,7 +52,11 @@ DEVICE_SERIAL_NUMBER = "NONE (SOFTWARE)"
 LUNGS = "lungs"
 LUNG = codes.SCT.Lung
 ANATOMICAL_STRUCTURE = codes.SCT.AnatomicalStructure
-ABNORMAL_STRUCTURE = codes.SCT.MorphologicallyAbnormalStructure
+#: A finding's localized region is where the model's Grad-CAM map is high, not a delineated
+#: lesion: category Spatial and Relational Concept (CID 7150), type Gradient-weighted class
+#: activation (CID 217 Visual Explanation). The finding itself names the segment.
+REGION_CATEGORY = codes.SCT.SpatialAndRelationalConcept
+GRAD_CAM_REGION = codes.DCM.GradientWeightedClassActivation
 
 #: SNOMED CT codes of the findings a chest pipeline may report, by ``Finding.name``.
 FINDING_CODES: dict[str, Code] = {

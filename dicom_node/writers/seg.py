@@ -1,5 +1,5 @@
 """The DICOM Segmentation of one analysed image: the lungs, then the localized
-region of each flagged finding.
+region of each flagged finding (its Grad-CAM region, labelled with the finding).
 
 Projection radiographs (CR, DX) have no Image Position/Orientation (Patient), so
 highdicom writes the SEG without a patient coordinate system: one frame per
@@ -30,12 +30,13 @@ from pydicom.sr.coding import Code
 from pydicom.uid import RLELossless
 
 from dicom_node.writers.common import (
-    ABNORMAL_STRUCTURE,
     AI_DISCLAIMER,
     ANATOMICAL_STRUCTURE,
     LUNG,
     LUNGS,
     DEVICE_SERIAL_NUMBER,
+    GRAD_CAM_REGION,
+    REGION_CATEGORY,
     AlgorithmIdentity,
     OutputKind,
     algorithm_sequence,
@@ -43,7 +44,6 @@ from dicom_node.writers.common import (
     complete_series,
     content_inputs,
     copy_patient_orientation,
-    finding_code,
     flag_headline,
     instance_kwargs,
     pixel_spacing,
@@ -98,7 +98,7 @@ def build_seg(source: Dataset, result: ImageResult, algorithm: AlgorithmIdentity
         logger.warning("flagged findings without a region get no segment in the SEG of %s: %s", uid, unlocalized)
     descriptions = [_segment(LUNG_SEGMENT, LUNGS, "Lungs", ANATOMICAL_STRUCTURE, LUNG, algorithm, uid, LUNG_COLOUR)]
     descriptions += [
-        _segment(n, f.name, f.display_name, ABNORMAL_STRUCTURE, finding_code(f), algorithm, uid, REGION_COLOUR, [LUNG])
+        _segment(n, f.name, f.display_name, REGION_CATEGORY, GRAD_CAM_REGION, algorithm, uid, REGION_COLOUR, [LUNG])
         for n, f in enumerate(findings, start=LUNG_SEGMENT + 1)
     ]
     masks = np.stack([result.lung_mask, *(f.region for f in findings)], axis=-1).astype(bool)
