@@ -63,3 +63,21 @@ def test_held_out_is_validation_and_test_together(tmp_path: Path) -> None:
     held_out = {sample.image.stem for sample in masked_samples(tmp_path, "masks-opacity", HELD_OUT)}
     expected = {f"image-{n}" for n in range(20) if hash_split(f"image-{n}") != "train"}
     assert held_out == expected and 0 < len(expected) < 20
+
+
+def test_lung_scores_dicom_images_through_the_nodes_own_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``images/*.dcm`` + ``masks-lung/*.png``: read as the node reads what it receives (RG1 is
+    MONOCHROME1 with a full-range window), so the node's own mask of it scores a Dice of 1."""
+    root = tmp_path / "site"
+    (root / "images").mkdir(parents=True)
+    (root / "masks-lung").mkdir()
+    dataset = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    dataset.save_as(root / "images" / "rg1.dcm")
+    pipeline = ChestXrayPipeline.from_manifest(MANIFEST, device="cpu")
+    [mask] = pipeline.segmenter.masks([pipeline.load(dataset).display])
+    Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks-lung" / "rg1.png")
+    main(["lung", "--data-dir", str(root), "--weights", str(MANIFEST), "--out", str(tmp_path / "out"),
+          "--device", "cpu", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["pooled"]["images"] == 1
+    assert report["sets"]["site"]["min"] == pytest.approx(1.0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 from dataclasses import dataclass
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +43,12 @@ def hash_split(stem: str) -> str:
     return "train" if bucket < 70 else "val" if bucket < 85 else "test"
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Return the PNG/JPEG files in ``folder``, sorted; raises :class:`InputError` when it is missing."""
+def image_files(folder: Path, suffixes: Collection[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """Return the files in ``folder`` with one of ``suffixes`` (PNG/JPEG by default), sorted; raises
+    :class:`InputError` when it is missing."""
     if not folder.is_dir():
         raise InputError(f"folder not found: {folder}")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
 
 
 def read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
@@ -66,15 +68,17 @@ def _keep(stem: str, split: str) -> bool:
     return _in_split(hash_split(stem), split)
 
 
-def masked_samples(root: Path, mask_folder: str, split: str = "all") -> list[Sample]:
-    """Return the images under ``root/images`` that have a mask in ``root/mask_folder``.
+def masked_samples(root: Path, mask_folder: str, split: str = "all",
+                   suffixes: Collection[str] = IMAGE_SUFFIXES) -> list[Sample]:
+    """Return the images (files with one of ``suffixes``) under ``root/images`` that have a mask
+    PNG in ``root/mask_folder``.
 
     Raises :class:`InputError` when a folder is missing or no image has a mask.
     """
     masks = {p.stem: p for p in image_files(root / mask_folder)}
     samples = [
         Sample(image, masks[image.stem])
-        for image in image_files(root / "images")
+        for image in image_files(root / "images", suffixes)
         if image.stem in masks and _keep(image.stem, split)
     ]
     if not samples:

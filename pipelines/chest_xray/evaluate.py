@@ -6,7 +6,7 @@
     python -m pipelines.chest_xray.evaluate localization --data-dir DIR [--split train] [--json]
     python -m pipelines.chest_xray.evaluate gate --data-dir DATA [--split test] [--json]
 
-Layouts: lung ``images/`` + ``masks-lung/``; covid19 ``COVID/`` + ``Normal/``;
+Layouts: lung ``images/`` (PNG, JPEG or DICOM ``.dcm``) + ``masks-lung/``; covid19 ``COVID/`` + ``Normal/``;
 pneumothorax ``images/`` + ``labels.csv``; localization ``images/`` + ``masks-opacity/``;
 gate: the data folder holding every frontal chest set (``../shared/data``).
 ``--split`` picks a part of the sets the models were trained on (the hash split, or
@@ -42,7 +42,7 @@ from pipelines.chest_xray.metrics import dice, mean_with_ci, proportion_with_ci,
 from pipelines.chest_xray.models import read_manifest
 from pipelines.chest_xray.overlay import render_overlay
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
-from pipelines.chest_xray.preprocess import load_dataset, load_image_file
+from pipelines.chest_xray.preprocess import IMAGE_SUFFIXES, load_dataset, load_path
 from pipelines.errors import InputError, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -50,12 +50,14 @@ logger = logging.getLogger(__name__)
 BATCH = 32
 EXAMPLES = 8
 TOLERANCE_PX = 15
+#: What ``evaluate lung`` reads from ``images/``.
+LUNG_IMAGE_SUFFIXES = IMAGE_SUFFIXES | {".dcm"}
 
 
 def _batches(samples: Sequence[Sample], desc: str) -> Iterator[tuple[list[Sample], list[np.ndarray]]]:
     for start in tqdm(range(0, len(samples), BATCH), desc=desc):
         chunk = list(samples[start : start + BATCH])
-        yield chunk, [load_image_file(s.image).display for s in chunk]
+        yield chunk, [load_path(s.image)[0].display for s in chunk]
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -64,12 +66,16 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 
 def evaluate_lung(pipeline: ChestXrayPipeline, roots: Sequence[Path], split: str, out: Path) -> dict[str, Any]:
-    """Return the Dice of the lung masks at source resolution, per folder and pooled, with 95 % CIs."""
+    """Return the Dice of the lung masks at source resolution, per folder and pooled, with 95 % CIs.
+
+    Images may be DICOM (``.dcm``, read as the node reads what it receives: modality LUT, VOI
+    window, MONOCHROME1), so a site can score its own annotated studies."""
     report: dict[str, Any] = {"task": "lung", "split": split, "sets": {}}
     pooled: list[float] = []
     for root in roots:
         scores = []
-        for chunk, displays in _batches(datasets.masked_samples(root, "masks-lung", split), f"lung {root.name}"):
+        samples = datasets.masked_samples(root, "masks-lung", split, LUNG_IMAGE_SUFFIXES)
+        for chunk, displays in _batches(samples, f"lung {root.name}"):
             for sample, display, mask in zip(chunk, displays, pipeline.segmenter.masks(displays), strict=True):
                 truth = datasets.read_mask(sample.mask, display.shape)
                 scores.append(dice(mask, truth))
