@@ -6,7 +6,7 @@ Everything listens on loopback inside a network namespace this test makes: Ortha
 DICOMweb plugin, ``tests/viewer/serve.py`` (the built viewer and Orthanc's DICOMweb at one origin)
 and ``tests/viewer/drive.js`` (playwright-core driving Chromium headless). The viewer and
 playwright-core come from npm into the ignored ``.cache/viewer/`` the first time. Screenshots stay
-in the test's tmp_path, and are copied into ``$DICOM_NODE_TEST_ARTEFACTS`` when it is set.
+in the test's tmp_path, and are copied into ``$TEST_ARTEFACTS_DIR`` when it is set.
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ def drive_viewer(namespace: str, cache: Path, url: str, study: str, series: dict
 
 
 def keep_artefacts(shots: Path) -> None:
-    """Copy ``shots`` into ``$DICOM_NODE_TEST_ARTEFACTS/viewer-ohif`` when that variable is set."""
-    if folder := os.environ.get("DICOM_NODE_TEST_ARTEFACTS"):
+    """Copy ``shots`` into ``$TEST_ARTEFACTS_DIR/viewer-ohif`` when that variable is set."""
+    if folder := os.environ.get("TEST_ARTEFACTS_DIR"):
         shutil.copytree(shots, Path(folder) / "viewer-ohif", dirs_exist_ok=True)
 
 
