@@ -16,6 +16,16 @@ import numpy as np
 from pydicom import Dataset
 
 
+def pixel_spacing(dataset: Dataset) -> tuple[float, float] | None:
+    """Return the data set's Pixel Spacing, or else its Imager Pixel Spacing, in mm, when valid
+    (two values > 0): RG1's ``0\\0`` is none."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = dataset.get(keyword)
+        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
+            return float(value[0]), float(value[1])
+    return None
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The quality gate's answer for one data set: accepted, or skipped with a reason.

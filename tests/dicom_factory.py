@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+from tests.conftest import sample_file
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 TEST_PATIENT_NAME = "Testperson^Erika"
@@ -63,4 +65,17 @@ def write_cr(path: Path, **kwargs: object) -> Dataset:
     ds = make_cr(**kwargs)  # type: ignore[arg-type]
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def write_rg1_study(path: Path, **attributes: object) -> Dataset:
+    """Write pydicom-data's chest CR RG1 (lossless) as a new one-image study (new Study, Series and
+    SOP Instance UIDs), with ``attributes`` set (e.g. ``PixelSpacing``); return the data set."""
+    ds = dcmread(sample_file("RG1_UNCR.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (generate_uid() for _ in range(3))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path)
     return ds

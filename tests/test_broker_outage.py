@@ -14,11 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-from pydicom.uid import generate_uid
 
 from dicom_node.db import DeliveryStatus, JobStatus, OutboxMessage
-from tests.conftest import NodeProcess, dcmtk_tool, free_port, run_tool, sample_file, wait_for
+from tests.conftest import NodeProcess, dcmtk_tool, free_port, run_tool, wait_for
+from tests.dicom_factory import write_rg1_study
 from tests.receiving_scp import ReceivingSCP
 
 pytestmark = pytest.mark.slow
@@ -74,13 +73,10 @@ def pacs() -> Iterator[ReceivingSCP]:
 
 def studies(folder: Path, count: int) -> list[Path]:
     """Write ``count`` one-image chest studies (RG1 under new UIDs)."""
-    paths = []
-    for _ in range(count):
-        ds = dcmread(sample_file("RG1_UNCR.dcm"))
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (generate_uid() for _ in range(3))
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        paths.append(folder / f"{ds.SOPInstanceUID}.dcm")
-        ds.save_as(paths[-1])
+    start = len(list(folder.glob("*.dcm")))  # a second call adds to the first one's files
+    paths = [folder / f"{start + n}.dcm" for n in range(count)]
+    for path in paths:
+        write_rg1_study(path)
     return paths
 
 

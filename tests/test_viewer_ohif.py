@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 import yaml
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 
 from dicom_node.db import JobStatus
 from tests.conftest import (
-    NodeProcess, OrthancInNamespace, dcmtk_tool, free_port, in_namespace, run_tool, sample_file, wait_for,
+    NodeProcess, OrthancInNamespace, dcmtk_tool, free_port, in_namespace, run_tool, wait_for,
 )
+from tests.dicom_factory import write_rg1_study
 
 pytestmark = pytest.mark.slow
 
@@ -84,12 +84,8 @@ def flagging_weights(tmp_path: Path) -> Path:
 def node_results(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     """Return RG1 with a valid Pixel Spacing and new UIDs, and the SC, SEG and SR that `serve` made of it
     with COVID-19 flagged (:func:`flagging_weights`), by kind ("sc", "seg", "sr")."""
-    source = dcmread(sample_file("RG1_UNCR.dcm"))
-    source.PixelSpacing = [0.168, 0.168]  # RG1's 0\0 makes OHIF draw it black
-    source.StudyInstanceUID, source.SeriesInstanceUID = generate_uid(), generate_uid()
-    source.SOPInstanceUID = source.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     path = tmp_path / "rg1.dcm"
-    source.save_as(path)
+    source = write_rg1_study(path, PixelSpacing=[0.168, 0.168])  # RG1's 0\0 makes OHIF draw it black
     node = node_factory({"pipeline": {"manifest": str(flagging_weights(tmp_path))}})
     node.start()
     sent = run_tool(dcmtk_tool("storescu"), "-aec", "DICOM_NODE", "127.0.0.1", str(node.port), str(path))

@@ -10,11 +10,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-from pydicom.uid import generate_uid
 
 from dicom_node.db import JobStatus
-from tests.conftest import dcmtk_tool, run_tool, sample_file, wait_for
+from tests.conftest import dcmtk_tool, run_tool, wait_for
+from tests.dicom_factory import write_rg1_study
 
 pytestmark = pytest.mark.slow
 
@@ -40,13 +39,9 @@ def _analysis_worker(serve_pid: int) -> int | None:
 
 def test_a_killed_analysis_worker_is_replaced_and_its_job_taken_over(node_factory, tmp_path):
     node = node_factory().start()
-    files = []
-    for index in range(STUDIES):
-        ds = dcmread(sample_file("RG1_UNCR.dcm"))
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (generate_uid() for _ in range(3))
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        files.append(tmp_path / f"{index}.dcm")
-        ds.save_as(files[-1])
+    files = [tmp_path / f"{index}.dcm" for index in range(STUDIES)]
+    for path in files:
+        write_rg1_study(path)
     sent = run_tool(dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", "DICOM_NODE", "127.0.0.1",
                     str(node.port), *map(str, files))
     assert sent.returncode == 0, sent.stderr

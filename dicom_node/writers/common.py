@@ -233,15 +233,6 @@ def instance_kwargs(source: Dataset, algorithm: AlgorithmIdentity, kind: OutputK
     }
 
 
-def pixel_spacing(source: Dataset) -> tuple[float, float] | None:
-    """Return the source's Pixel Spacing, or else its Imager Pixel Spacing, when valid (both > 0)."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        spacing = source.get(keyword)
-        if spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing):
-            return float(spacing[0]), float(spacing[1])
-    return None
-
-
 def complete_series(source: Dataset, output: Dataset) -> None:
     """Set what highdicom leaves out of an output: Series Date and Time (its content's), and the
     source's Study Description and Timezone Offset From UTC, when it has them."""

@@ -31,12 +31,11 @@ from dicom_node.writers.common import (
     copy_patient_orientation,
     flag_headline,
     instance_kwargs,
-    pixel_spacing,
     segmented_findings,
     reference_of,
 )
 from dicom_node.writers.render import BannerText, overlay, text_card
-from pipelines.base import Finding, ImageResult
+from pipelines.base import Finding, ImageResult, pixel_spacing
 
 logger = logging.getLogger(__name__)
 

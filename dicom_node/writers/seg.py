@@ -46,12 +46,11 @@ from dicom_node.writers.common import (
     copy_patient_orientation,
     flag_headline,
     instance_kwargs,
-    pixel_spacing,
     segmented_findings,
     tracking_uid,
     reference_of,
 )
-from pipelines.base import ImageResult
+from pipelines.base import ImageResult, pixel_spacing
 from pipelines.chest_xray.overlay import LUNG_COLOUR, REGION_COLOUR
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from pydicom import Dataset
 from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
-from pipelines.base import ImageInput, Verdict
+from pipelines.base import ImageInput, Verdict, pixel_spacing
 from pipelines.errors import InputError, SkippedByGate, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def load_dataset(dataset: Dataset) -> ImageInput:
         sop_instance_uid=str(dataset.get("SOPInstanceUID", "")),
         pixels=pixels,
         display=display,
-        pixel_spacing_mm=_pixel_spacing(dataset),
+        pixel_spacing_mm=pixel_spacing(dataset),
     )
 
 
@@ -236,9 +236,3 @@ def _first(value: object) -> object:
     return value[0] if isinstance(value, pydicom.multival.MultiValue) else value
 
 
-def _pixel_spacing(dataset: Dataset) -> tuple[float, float] | None:
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = dataset.get(keyword)
-        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
-            return float(value[0]), float(value[1])
-    return None
