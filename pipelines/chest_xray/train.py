@@ -38,6 +38,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
 from pipelines.chest_xray import datasets
+from pipelines.chest_xray.acquisition import DESCRIPTION as ACQUISITION_AUGMENTATION, RandAcquisitiond
 from pipelines.chest_xray.datasets import Sample
 from pipelines.chest_xray.gradcam import GRADCAM_LAYER
 from pipelines.chest_xray.guidance import GUIDED_LAYER, ActivationMap, pointing_loss
@@ -66,6 +67,18 @@ LUNG_SETS = {
     "not redistributable",
     "covid-seg": "lung-seg/covid-seg: GeneralBlockchain covid-19-chest-xray-segmentations-dataset (ieee8023 images); "
     "CC BY 4.0 repo, per-image Apache-2.0 / CC BY / CC BY-NC-SA (non-commercial)",
+}
+#: What the lung mask is, for every use the node makes of it (the SC contour, the region Grad-CAM may
+#: point into, the SEG's lung segment, the classifiers' lung box).
+LUNG_CONVENTION = (
+    "the lung fields visible on the frontal radiograph, apex to costophrenic angles: the heart, mediastinum, "
+    "retrocardiac lung and the lung below the diaphragm's dome are outside"
+)
+#: Sets whose masks follow :data:`LUNG_CONVENTION` and train the UNet; the others are scored as outside sources.
+LUNG_TRAIN_SETS = ("openist",)
+LUNG_EXCLUDED = {
+    "covid-seg": "its masks take in the retrocardiac lung (the heart's silhouette): another convention, "
+    "so never trained on; scored as an outside source",
 }
 
 
@@ -103,14 +116,23 @@ def lung_arrays(samples: Sequence[Sample], size: int) -> dict[str, np.ndarray]:
     }
 
 
-def augmentations(keys: Sequence[str], modes: Sequence[str], flip: bool = False) -> Compose:
+AUGMENTATION = (
+    "affine (rotation ±0.15 rad, scale ±12 %, shift 12 px), gamma 0.6-1.6, intensity ±15 %, Gaussian blur, "
+    "Gaussian noise"
+)
+
+
+def augmentations(keys: Sequence[str], modes: Sequence[str], flip: bool = False, acquired: bool = False) -> Compose:
     """Return the geometric and acquisition-like intensity augmentations used in training; with
-    ``flip``, images are also flipped left-right half of the time.
+    ``flip``, images are also flipped left-right half of the time; with ``acquired``, the image
+    also gets :mod:`pipelines.chest_xray.acquisition`'s other-acquisition changes first.
     """
     image = keys[0]
     flips = [RandFlipd(keys=keys, prob=0.5, spatial_axis=1)] if flip else []
+    acquisition = [RandAcquisitiond(image)] if acquired else []
     return Compose(
         [
+            *acquisition,
             *flips,
             RandAffined(
                 keys=keys,
@@ -129,12 +151,14 @@ def augmentations(keys: Sequence[str], modes: Sequence[str], flip: bool = False)
     )
 
 
-def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_size: int) -> dict[str, Any]:
-    """Train the lung UNet on both lung-mask sets; return its manifest entry (weights written to ``out``)."""
+def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_size: int, workers: int = 0) -> dict[str, Any]:
+    """Train the lung UNet on the train split of :data:`LUNG_TRAIN_SETS`; return its manifest entry
+    (weights written to ``out``). The epoch of best Dice on their val split is kept.
+    """
     device = pick_device()
-    roots = [data_dir / "lung-seg" / name for name in LUNG_SETS]
+    roots = [data_dir / "lung-seg" / name for name in LUNG_TRAIN_SETS]
     arrays = cached(
-        cache_dir / f"lung_{LUNG_SIZE}.npz",
+        cache_dir / f"lung_{'+'.join(LUNG_TRAIN_SETS)}_{LUNG_SIZE}.npz",
         lambda: lung_arrays([s for r in roots for s in datasets.masked_samples(r, "masks-lung")], LUNG_SIZE),
     )
     train = arrays["split"] == "train"
@@ -144,10 +168,11 @@ def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_si
         for i in np.flatnonzero(train)
     ]
     loader = DataLoader(
-        Dataset(items, augmentations(["image", "label"], ["bilinear", "nearest"])),
+        Dataset(items, augmentations(["image", "label"], ["bilinear", "nearest"], flip=True, acquired=True)),
         batch_size=batch_size,
         shuffle=True,
-        num_workers=0,
+        num_workers=workers,
+        persistent_workers=workers > 0,
     )
     val_images = torch.from_numpy(arrays["images"][val][:, None] / np.float32(255))
     val_masks = torch.from_numpy(arrays["masks"][val].astype(bool))
@@ -199,7 +224,10 @@ def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_si
             "loss": "DiceCE",
             "optimizer": "Adam lr 1e-3, cosine decay",
             "split": datasets.SPLIT_RULE,
-            "data": list(LUNG_SETS.values()),
+            "convention": LUNG_CONVENTION,
+            "augmentation": f"left-right flips, {AUGMENTATION}; {ACQUISITION_AUGMENTATION}",
+            "data": [LUNG_SETS[name] for name in LUNG_TRAIN_SETS],
+            "not_trained_on": {name: f"{LUNG_SETS[name]}: {why}" for name, why in LUNG_EXCLUDED.items()},
         },
     }
 
@@ -480,8 +508,7 @@ def train_classifier(
                                 "continued_from": start["sha256"] if start else None, "guided": guide is not None,
                                 "schedule": "constant" if average else "cosine decay",
                                 "kept": AVERAGE_KEPT if average else _best_kept(selectable)}],
-            "augmentation": "affine (rotation ±0.15 rad, scale ±12 %, shift 12 px), gamma 0.6-1.6, intensity "
-            "±15 %, Gaussian blur, Gaussian noise",
+            "augmentation": AUGMENTATION,
             "data": [head.data, *([GUIDE_DATA] if guide is not None else [])],
             **({"guidance": {
                 "loss": f"{GUIDE_WEIGHT} × -log(share of the lung-restricted softmax of the class activation map "
@@ -565,7 +592,7 @@ def update_manifest(out: Path, section: str, entry: dict[str, Any]) -> None:
 def _train(args: argparse.Namespace) -> None:
     """Train what the parsed command line ``args`` asks for and record it in the manifest."""
     if args.model == "lung":
-        entry = train_lung(args.data_dir, args.out, args.cache_dir, args.epochs or 80, args.batch_size)
+        entry = train_lung(args.data_dir, args.out, args.cache_dir, args.epochs or 80, args.batch_size, args.workers)
         update_manifest(args.out, "lung", entry)
         return
     for name in args.heads or list(HEADS):
