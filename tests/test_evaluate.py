@@ -81,3 +81,52 @@ def test_lung_scores_dicom_images_through_the_nodes_own_path(tmp_path: Path, cap
     report = json.loads(capsys.readouterr().out)
     assert report["pooled"]["images"] == 1
     assert report["sets"]["site"]["min"] == pytest.approx(1.0)
+
+
+def _stem(prefix: str, split: str) -> str:
+    """Return the first ``prefix-N`` whose hash split is ``split``."""
+    return next(f"{prefix}-{n}" for n in range(1000) if hash_split(f"{prefix}-{n}") == split)
+
+
+def test_sources_puts_each_heads_outside_source_figures_beside_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``evaluate sources`` on a data folder laid out like ``../shared/data`` (RG1 copies): every head
+    reports in-source and outside-source figures with CIs, from the sets each never trained on."""
+    pipeline = ChestXrayPipeline.from_manifest(MANIFEST, device="cpu")
+    display = pipeline.load(pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))).display
+    small = Image.fromarray(display).resize((display.shape[1] // 4, display.shape[0] // 4), Image.BOX)
+    [lung] = pipeline.segmenter.masks([np.asarray(small)])
+    lung_png = Image.fromarray(lung.astype(np.uint8) * 255)
+    opacity = np.zeros_like(lung)
+    opacity[lung.shape[0] // 2 :, : lung.shape[1] // 2] = True
+    data = tmp_path / "data"
+
+    def image(folder: Path, stem: str, **masks: Image.Image) -> None:
+        for name, picture in {"images": small, **masks}.items():
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            picture.save(folder / name / f"{stem}.png")
+
+    image(data / "lung-seg" / "openist", _stem("openist", "test"), **{"masks-lung": lung_png})
+    image(data / "lung-seg" / "covid-seg", _stem("seg", "val"),
+          **{"masks-lung": lung_png, "masks-opacity": Image.fromarray(opacity.astype(np.uint8) * 255)})
+    for folder in ("COVID", "Normal"):
+        (data / "covid-radiography" / folder).mkdir(parents=True)
+        small.save(data / "covid-radiography" / folder / f"{_stem(folder, 'test')}.png")
+    nih = data / "nih-cxr14"
+    image(nih, "nih-0")
+    image(nih, "nih-1")
+    (nih / "labels.csv").write_text("image,official_split,Pneumothorax\nnih-0.png,test,0\nnih-1.png,test,1\n")
+    main(["sources", "--data-dir", str(data), "--weights", str(MANIFEST), "--out", str(tmp_path / "out"),
+          "--device", "cpu", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    inside, outside = report["lung"]["in_source"]["pooled"], report["lung"]["outside_source"]["pooled"]
+    assert inside["images"] == 1 and inside["dice"]["value"] == pytest.approx(1.0)  # the node's own mask
+    assert inside["spill"]["value"] == pytest.approx(0.0) and inside["coverage"]["value"] == pytest.approx(1.0)
+    assert outside["images"] == 1 and set(outside["dice"]) == {"value", "ci_low", "ci_high"}
+    covid = report["covid19"]
+    assert covid["in_source"]["images"] == 2 and covid["in_source"]["models"]["covid19"]["negatives"]["images"] == 2
+    assert covid["outside_source"]["images"] == 2 and covid["outside_source"]["positives"] == 1  # covid-seg + openist
+    assert report["pneumothorax"]["in_source"]["models"]["pneumothorax"]["negatives"]["images"] == 1
+    assert report["localization"]["in_source"]["images"] == 1
+    assert "never trained on" in report["outside_sources"]["covid19"]

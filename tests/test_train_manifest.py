@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 
+from pipelines.chest_xray.datasets import hash_split
 from pipelines.chest_xray.models import read_manifest, write_manifest
 from pipelines.chest_xray.train import main, update_manifest
 
@@ -27,13 +28,21 @@ def test_a_retrained_finding_keeps_its_place(tmp_path: Path) -> None:
         ("covid19", 0.7), ("pneumothorax", 0.5), ("effusion", 0.4)]
 
 
-def _covid_set(data: Path, rng: np.random.Generator) -> None:
-    """Write a 12 + 12 image COVID-19 Radiography-like set of noise under ``data``."""
+def _covid_set(data: Path, rng: np.random.Generator, count: int = 12) -> None:
+    """Write a ``count`` + ``count`` image COVID-19 Radiography-like set of noise under ``data``, and an
+    NIH-like set of 7 (4 official train, 2 val, 1 test that must stay out of training)."""
     for folder in ("COVID", "Normal"):
         (data / "covid-radiography" / folder).mkdir(parents=True)
-        for number in range(12):
+        for number in range(count):
             pixels = rng.integers(0, 255, (96, 96), dtype=np.uint8)
             Image.fromarray(pixels).save(data / "covid-radiography" / folder / f"{folder}-{number}.png")
+    nih = data / "nih-cxr14"
+    (nih / "images").mkdir(parents=True)
+    rows = ["image,official_split,Pneumothorax"]
+    for number, split in enumerate(["train"] * 4 + ["val"] * 2 + ["test"]):
+        Image.fromarray(rng.integers(0, 255, (128, 128), dtype=np.uint8)).save(nih / "images" / f"nih-{number}.png")
+        rows.append(f"nih-{number}.png,{split},{number % 2}")
+    (nih / "labels.csv").write_text("\n".join(rows) + "\n")
 
 
 def _weights(tmp_path: Path) -> Path:
@@ -65,7 +74,7 @@ def test_classifier_input_override_and_time_limit(tmp_path: Path) -> None:
     assert entry["gradcam_layer"] == "class_layers.relu"  # the layer opacity guidance trains
     assert entry["training"]["guidance"]["images"] == 10  # the train split of the opacity set only
     assert entry["training"]["runs"][-1]["epochs"] == 1 and entry["training"]["runs"][-1]["guided"]
-    assert (tmp_path / "cache" / "covid19_lung-crop-64.npz").is_file()
+    assert (tmp_path / "cache" / "covid19+nih_lung-crop-64.npz").is_file()
     assert (tmp_path / "cache" / "opacity_lung-crop-64.npz").is_file()
 
 
@@ -78,6 +87,24 @@ def test_no_guidance_trains_without_the_opacity_set(tmp_path: Path) -> None:
     entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
     assert "guidance" not in entry["training"] and not entry["training"]["runs"][-1]["guided"]
     assert len(entry["training"]["data"]) == 1  # the opacity set is not listed
+
+
+def test_covid19_trains_with_nih_negatives_and_a_threshold_fair_to_every_source(tmp_path: Path) -> None:
+    """NIH's official train and val images join covid19's negatives (its test image does not); the
+    threshold is chosen for the worst source's specificity, and the manifest gives NIH's apart."""
+    _covid_set(tmp_path / "data", np.random.default_rng(4), count=14)  # COVID-12 is in the val split
+    out = _weights(tmp_path)
+    main(["classifier", "--heads", "covid19", "--no-guidance", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+          "--cache-dir", str(tmp_path / "cache"), "--size", "64", "--epochs", "1"])
+    entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
+    with np.load(tmp_path / "cache" / "covid19+nih_lung-64.npz") as arrays:
+        nih = arrays["source"] == "nih-cxr14"
+        assert sorted(arrays["split"][nih].tolist()) == ["train"] * 4 + ["val"] * 2
+        assert not arrays["label"][nih].any()  # every NIH image is a COVID-19 negative, whatever its labels
+    assert "lowest specificity of any source" in entry["threshold_rule"]
+    assert entry["validation"]["images_nih-cxr14"] == 2 and 0 <= entry["validation"]["specificity_nih-cxr14"] <= 1
+    assert entry["validation"]["images"] == sum(1 for name in ("COVID", "Normal") for n in range(14)
+                                                    if hash_split(f"{name}-{n}") == "val")
 
 
 def test_guidance_without_the_opacity_set_is_a_clear_error_before_any_work(

@@ -9,6 +9,7 @@ border collimated, a label burned in or a wire laid across the chest.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from functools import partial
 from io import BytesIO
 
 import numpy as np
@@ -52,10 +53,10 @@ def unsharp(plane: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
     return plane + rng.uniform(0.3, 1.5) * (plane - blurred)
 
 
-def low_resolution(plane: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
-    """An image that came at a lower resolution: down to 25-70 % and back up."""
+def low_resolution(plane: np.ndarray, rng: np.random.RandomState, lowest: float = 0.25, highest: float = 0.7) -> np.ndarray:
+    """An image that came at a lower resolution: down to ``lowest``-``highest`` of its size and back up."""
     height, width = plane.shape
-    factor = rng.uniform(0.25, 0.7)
+    factor = rng.uniform(lowest, highest)
     small = _to_pil(plane).resize((max(8, int(width * factor)), max(8, int(height * factor))), Image.BILINEAR)
     return _from_pil(small.resize((width, height), Image.BILINEAR))
 
@@ -135,7 +136,7 @@ def haze(plane: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
     return result
 
 
-#: Each kind with its probability per image.
+#: Each kind with its probability per image: the lung UNet's augmentation.
 KINDS = (
     (exposure, 0.5),
     (unsharp, 0.3),
@@ -148,21 +149,42 @@ KINDS = (
 )
 
 
-class RandAcquisitiond(RandomizableTransform, MapTransform):
-    """Apply each kind of :data:`KINDS` with its probability to the image under ``key``."""
+#: The classifiers' kinds: the processing differences between the sets (a 224 px re-encoded copy against
+#: 512 px originals), without haze (it would look like an opacity on a normal) or borders and text
+#: (the input is the lung box). Pixels outside the lungs stay 0, as the node's classifier input has them.
+CLASSIFIER_KINDS = (
+    (unsharp, 0.3),
+    (partial(low_resolution, lowest=0.5, highest=0.9), 0.4),
+    (reencoded, 0.4),
+    (tubes_and_wires, 0.2),
+)
+CLASSIFIER_DESCRIPTION = (
+    "unsharp masking, resampling from 50-90 % resolution, JPEG re-encoding, tubes and wires; "
+    "outside the lungs kept at 0"
+)
 
-    def __init__(self, key: str, kinds: Sequence[tuple] = KINDS) -> None:
+
+class RandAcquisitiond(RandomizableTransform, MapTransform):
+    """Apply each kind of ``kinds`` with its probability to the image under ``key``; with
+    ``keep_background``, pixels that were 0 stay 0.
+    """
+
+    def __init__(self, key: str, kinds: Sequence[tuple] = KINDS, keep_background: bool = False) -> None:
         RandomizableTransform.__init__(self, prob=1.0)
         MapTransform.__init__(self, [key])
         self.key = key
         self.kinds = tuple(kinds)
+        self.keep_background = keep_background
 
     def __call__(self, data: Mapping[Hashable, np.ndarray]) -> dict[Hashable, np.ndarray]:
         result = dict(data)
         original = result[self.key]
         planes = _as_numpy(original).astype(np.float32)
+        background = planes == 0
         for kind, probability in self.kinds:
             if self.R.rand() < probability:
                 planes = np.stack([np.clip(kind(plane, self.R), 0, 1) for plane in planes])
+        if self.keep_background:
+            planes[background] = 0
         result[self.key] = _like(planes, original)
         return result

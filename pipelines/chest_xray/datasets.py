@@ -152,3 +152,15 @@ def frontal_chest_samples(data_dir: Path, split: str = "all") -> dict[str, list[
         else:
             found[name] = labelled_samples(root, "Pneumothorax", split)
     return found
+
+
+#: What each head never trained on, scored by ``evaluate sources`` as its outside sources.
+OUTSIDE_SOURCES = {
+    "lung": "lung-seg/covid-seg, all 100 images (its masks take in the retrocardiac lung: Dice and coverage "
+    "count the convention against the model, spill does not)",
+    "covid19": "COVID-19: lung-seg/covid-seg val + test (27, ieee8023 collection, never trained on; the "
+    "COVID-19 Radiography Database also draws on that collection, so some may be near-duplicates of "
+    "training images); normal: lung-seg/openist, all 275",
+    "pneumothorax": "normal: lung-seg/openist, all 275 (no outside source has pneumothorax labels)",
+    "localization": "none (opacity masks exist for covid-seg only)",
+}

@@ -5,10 +5,12 @@
     python -m pipelines.chest_xray.evaluate pneumothorax --data-dir DIR [--split test] [--json]
     python -m pipelines.chest_xray.evaluate localization --data-dir DIR [--split train] [--json]
     python -m pipelines.chest_xray.evaluate gate --data-dir DATA [--split test] [--json]
+    python -m pipelines.chest_xray.evaluate sources --data-dir DATA [--json]
 
 Layouts: lung ``images/`` (PNG, JPEG or DICOM ``.dcm``) + ``masks-lung/``; covid19 ``COVID/`` + ``Normal/``;
 pneumothorax ``images/`` + ``labels.csv``; localization ``images/`` + ``masks-opacity/``;
-gate: the data folder holding every frontal chest set (``../shared/data``).
+gate and sources: the data folder holding every set (``../shared/data``); sources puts each head's
+figures on the sources it trained on beside those on sources it never saw.
 ``--split`` picks a part of the sets the models were trained on (the hash split, or
 ``official_split`` of labels.csv; ``held-out`` is val and test together); ``all``
 scores an outside set.
@@ -65,26 +67,47 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
+def _mask_scores(mask: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Return Dice, spill (share of the predicted lung outside the reference) and coverage (share of the
+    reference inside the prediction). Spill is an error under either lung convention; coverage is not
+    when the reference takes in the retrocardiac lung."""
+    overlap = int((mask & truth).sum())
+    return {"dice": dice(mask, truth), "spill": 1 - overlap / max(int(mask.sum()), 1),
+            "coverage": overlap / max(int(truth.sum()), 1)}
+
+
+LUNG_SCORES = ("dice", "spill", "coverage")
+
+
 def evaluate_lung(pipeline: ChestXrayPipeline, roots: Sequence[Path], split: str, out: Path) -> dict[str, Any]:
-    """Return the Dice of the lung masks at source resolution, per folder and pooled, with 95 % CIs.
+    """Return the Dice, spill and coverage (:func:`_mask_scores`) of the lung masks at source
+    resolution, per folder and pooled, with 95 % CIs, and the worst Dice.
 
     Images may be DICOM (``.dcm``, read as the node reads what it receives: modality LUT, VOI
     window, MONOCHROME1), so a site can score its own annotated studies."""
     report: dict[str, Any] = {"task": "lung", "split": split, "sets": {}}
-    pooled: list[float] = []
+    pooled: list[dict[str, float]] = []
     for root in roots:
         scores = []
         samples = datasets.masked_samples(root, "masks-lung", split, LUNG_IMAGE_SUFFIXES)
         for chunk, displays in _batches(samples, f"lung {root.name}"):
             for sample, display, mask in zip(chunk, displays, pipeline.segmenter.masks(displays), strict=True):
                 truth = datasets.read_mask(sample.mask, display.shape)
-                scores.append(dice(mask, truth))
+                scores.append(_mask_scores(mask, truth))
                 if len(scores) <= EXAMPLES:
                     _save_png(render_overlay(display, mask, outlines=[truth]), out / f"lung-{root.name}-{len(scores)}.png")
         pooled += scores
-        report["sets"][root.name] = {"images": len(scores), "dice": mean_with_ci(np.array(scores)), "min": min(scores)}
-    report["pooled"] = {"images": len(pooled), "dice": mean_with_ci(np.array(pooled))}
+        report["sets"][root.name] = _lung_summary(scores)
+    report["pooled"] = _lung_summary(pooled)
     return report
+
+
+def _lung_summary(scores: Sequence[dict[str, float]]) -> dict[str, Any]:
+    return {
+        "images": len(scores),
+        **{key: mean_with_ci(np.array([s[key] for s in scores])) for key in LUNG_SCORES},
+        "min": min(s["dice"] for s in scores),
+    }
 
 
 def _scores(
@@ -143,8 +166,8 @@ def evaluate_binary(
 ) -> dict[str, Any]:
     """Return AUROC/accuracy/sensitivity/specificity with 95 % CIs of each classifier at its threshold.
 
-    ``negatives`` (an outside folder of images known not to have the finding) adds
-    each classifier's specificity there: how it behaves on another source.
+    ``negatives`` (images known not to have the finding, such as another source's) adds
+    each classifier's specificity on them, under ``negatives``.
     """
     labels = np.array([s.label for s in samples])
     scores = _scores(pipeline, classifiers, samples)
@@ -156,7 +179,7 @@ def evaluate_binary(
         entry: dict[str, Any] = {"input": classifier.spec.as_manifest(), "threshold": classifier.threshold, **metrics}
         if outside is not None:
             spec = with_ci(np.zeros(len(negatives), dtype=int), outside[index], classifier.threshold)["specificity"]
-            entry["outside_negatives"] = {"images": len(negatives), "specificity": spec}
+            entry["negatives"] = {"images": len(negatives), "specificity": spec}
         report["models"][classifier.name] = entry
         curves[classifier.name] = (labels, scores[index], metrics["auroc"]["value"])
     _roc_png(curves, out / f"roc-{task}.png", task)
@@ -271,6 +294,46 @@ def evaluate_gate(pipeline: ChestXrayPipeline, data_dir: Path, split: str, out: 
     return report
 
 
+def _as_label(samples: Sequence[Sample], label: int) -> list[Sample]:
+    return [Sample(s.image, s.mask, label) for s in samples]
+
+
+def evaluate_sources(pipeline: ChestXrayPipeline, data_dir: Path, out: Path) -> dict[str, Any]:
+    """Return every head's figures on the sources it was trained on (their test split) beside its figures
+    on sources it never trained on (:data:`datasets.OUTSIDE_SOURCES`), with 95 % CIs."""
+    lung = data_dir / "lung-seg"
+    openist = datasets.masked_samples(lung / "openist", "masks-lung")
+    covid_seg = datasets.masked_samples(lung / "covid-seg", "masks-opacity", datasets.HELD_OUT)
+    nih_test = datasets.labelled_samples(data_dir / "nih-cxr14", "Pneumothorax", "test")
+    covid19, pneumothorax = _classifier(pipeline, "covid19"), _classifier(pipeline, "pneumothorax")
+    return {
+        "task": "sources",
+        "outside_sources": datasets.OUTSIDE_SOURCES,
+        "lung": {
+            "in_source": evaluate_lung(pipeline, [lung / "openist"], "test", out / "lung-in"),
+            "outside_source": evaluate_lung(pipeline, [lung / "covid-seg"], "all", out / "lung-outside"),
+        },
+        "covid19": {
+            # NIH's official train and val splits are negatives of its training: its test split is in-source
+            "in_source": evaluate_binary(pipeline, [covid19], datasets.covid_samples(data_dir / "covid-radiography", "test"),
+                                         out, "covid19-in", _as_label(nih_test, 0)),
+            "outside_source": evaluate_binary(pipeline, [covid19], _as_label(covid_seg, 1) + _as_label(openist, 0),
+                                              out, "covid19-outside"),
+        },
+        "pneumothorax": {
+            "in_source": evaluate_binary(pipeline, [pneumothorax], nih_test, out, "pneumothorax-in",
+                                         _as_label(openist, 0)),
+            "outside_source": "no outside source has pneumothorax labels: only its specificity on OpenIST's "
+            "normals (in_source.models.pneumothorax.negatives)",
+        },
+        "localization": {
+            "in_source": evaluate_localization(pipeline, lung / "covid-seg", "covid19", out / "localization",
+                                               datasets.HELD_OUT),
+            "outside_source": "no outside source has opacity masks",
+        },
+    }
+
+
 def _anatomical_prior(lung_mask: np.ndarray) -> tuple[int, int]:
     """Return the centre of the lower half of the image-left lung (the right lung of a PA view), a point
     chosen without looking at the image, where COVID-19 opacities are most common in ``covid-seg``.
@@ -314,6 +377,8 @@ def _report(args: argparse.Namespace, pipeline: ChestXrayPipeline) -> dict[str, 
         return evaluate_binary(pipeline, [_classifier(pipeline, "pneumothorax")], samples, args.out, "pneumothorax")
     if args.task == "gate":
         return evaluate_gate(pipeline, root, args.split, args.out)
+    if args.task == "sources":
+        return evaluate_sources(pipeline, root, args.out)
     return evaluate_localization(pipeline, root, "covid19", args.out, args.split)
 
 
@@ -321,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line, run one evaluation, print (or dump as JSON) its report."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.chest_xray.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=["lung", "covid19", "pneumothorax", "localization", "gate"])
+    parser.add_argument("task", choices=["lung", "covid19", "pneumothorax", "localization", "gate", "sources"])
     parser.add_argument("--data-dir", type=Path, action="append", required=True)
     parser.add_argument("--split", choices=["all", *datasets.SPLITS, datasets.HELD_OUT], default="all",
                         help=f"{datasets.HELD_OUT}: val and test together")

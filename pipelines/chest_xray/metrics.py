@@ -21,6 +21,26 @@ def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(np.clip(thresholds[int(np.argmax(tpr - fpr))], 0.0, 1.0))
 
 
+def worst_source_threshold(labels: np.ndarray, scores: np.ndarray, sources: np.ndarray) -> float:
+    """Return the threshold that maximises sensitivity + the lowest specificity of any source - 1.
+
+    Every source with negatives counts on its own, so the threshold cannot buy specificity on the
+    source the positives came from at the price of another's.
+    """
+    labels = np.asarray(labels).astype(bool)
+    scores, sources = np.asarray(scores), np.asarray(sources)
+    candidates = np.unique(scores)
+    negatives = [scores[~labels & (sources == s)] for s in np.unique(sources[~labels])]
+    positives = scores[labels]
+    best, chosen = -np.inf, 0.5
+    for threshold in candidates:
+        sensitivity = float((positives >= threshold).mean())
+        specificity = min(float((group < threshold).mean()) for group in negatives)
+        if sensitivity + specificity - 1 > best:
+            best, chosen = sensitivity + specificity - 1, float(threshold)
+    return chosen
+
+
 def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
     """Return AUROC, accuracy, sensitivity and specificity of ``scores`` at ``threshold``.
 

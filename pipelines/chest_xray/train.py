@@ -38,11 +38,16 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
 from pipelines.chest_xray import datasets
-from pipelines.chest_xray.acquisition import DESCRIPTION as ACQUISITION_AUGMENTATION, RandAcquisitiond
+from pipelines.chest_xray.acquisition import (
+    CLASSIFIER_DESCRIPTION,
+    CLASSIFIER_KINDS,
+    DESCRIPTION as ACQUISITION_AUGMENTATION,
+    RandAcquisitiond,
+)
 from pipelines.chest_xray.datasets import Sample
 from pipelines.chest_xray.gradcam import GRADCAM_LAYER
 from pipelines.chest_xray.guidance import GUIDED_LAYER, ActivationMap, pointing_loss
-from pipelines.chest_xray.metrics import binary_metrics, dice, youden_threshold
+from pipelines.chest_xray.metrics import binary_metrics, dice, worst_source_threshold, youden_threshold
 from pipelines.chest_xray.models import build_network, load_network, read_manifest, save_weights, write_manifest
 from pipelines.chest_xray.preprocess import REGIONS, InputSpec, classifier_input, load_image_file, network_image
 from pipelines.chest_xray.segmentation import LungSegmenter
@@ -122,17 +127,19 @@ AUGMENTATION = (
 )
 
 
-def augmentations(keys: Sequence[str], modes: Sequence[str], flip: bool = False, acquired: bool = False) -> Compose:
+def augmentations(
+    keys: Sequence[str], modes: Sequence[str], flip: bool = False, acquisition: RandAcquisitiond | None = None
+) -> Compose:
     """Return the geometric and acquisition-like intensity augmentations used in training; with
-    ``flip``, images are also flipped left-right half of the time; with ``acquired``, the image
-    also gets :mod:`pipelines.chest_xray.acquisition`'s other-acquisition changes first.
+    ``flip``, images are also flipped left-right half of the time; ``acquisition``
+    (:mod:`pipelines.chest_xray.acquisition`) changes the image first.
     """
     image = keys[0]
     flips = [RandFlipd(keys=keys, prob=0.5, spatial_axis=1)] if flip else []
-    acquisition = [RandAcquisitiond(image)] if acquired else []
+    acquired = [acquisition] if acquisition is not None else []
     return Compose(
         [
-            *acquisition,
+            *acquired,
             *flips,
             RandAffined(
                 keys=keys,
@@ -168,7 +175,7 @@ def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_si
         for i in np.flatnonzero(train)
     ]
     loader = DataLoader(
-        Dataset(items, augmentations(["image", "label"], ["bilinear", "nearest"], flip=True, acquired=True)),
+        Dataset(items, augmentations(["image", "label"], ["bilinear", "nearest"], flip=True, acquisition=RandAcquisitiond("image"))),
         batch_size=batch_size,
         shuffle=True,
         num_workers=workers,
@@ -246,7 +253,8 @@ CLASSIFIER_ARCHITECTURE = {
 COVID_DATA = (
     "covid-radiography: COVID-19 Radiography Database (Qatar University / University of Dhaka; Chowdhury et al. "
     "2020, Rahman et al. 2021), 224 px copy from rtchanon/Machine-Learning-for-COVID-19-detection-from-chest-X-RAYS; "
-    "research use with citation, sources carry their own licences"
+    "research use with citation, sources carry their own licences; with the NIH ChestX-ray14 images of the official "
+    "train and val splits as negatives (NIH Clinical Center, unrestricted use, cite Wang et al. CVPR 2017)"
 )
 NIH_DATA = (
     "nih-cxr14: NIH ChestX-ray14 subset (1,105 images, official CheXNet split; labels from arnoweng/CheXNet); "
@@ -262,6 +270,10 @@ GUIDE_BATCH = 4
 GUIDE_WEIGHT = 1.0
 AVERAGE_KEPT = "mean of the weights at every epoch's end (SWA), batch-norm statistics recomputed on the training split"
 THRESHOLD_RULE = "maximises Youden's J (sensitivity + specificity - 1) on the validation split"
+SOURCES_THRESHOLD_RULE = (
+    "maximises sensitivity + the lowest specificity of any source - 1 on the validation split "
+    "(covid-radiography val, and the outside negatives of NIH's official val split)"
+)
 
 
 @dataclass(frozen=True)
@@ -409,7 +421,8 @@ def train_classifier(
     train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
     items = [{"image": images[i][None] / np.float32(255), "label": np.float32(labels[i])} for i in train]
     loader = DataLoader(
-        Dataset(items, augmentations(["image"], ["bilinear"])),
+        Dataset(items, augmentations(["image"], ["bilinear"], acquisition=RandAcquisitiond(
+            "image", CLASSIFIER_KINDS, keep_background=True))),
         batch_size=batch_size,
         shuffle=True,
         num_workers=workers,
@@ -466,11 +479,21 @@ def train_classifier(
         network.load_state_dict(best_state)
     if selectable:
         scores = predict(network, val_images, device)
-        threshold = youden_threshold(labels[val], scores)
+        sources = arrays["source"][val] if "source" in arrays else np.full(len(val), head.data.split(":")[0])
+        source = sources[labels[val] == 1][0]  # the positives' source: the in-source figures are of it alone
+        if len(set(sources.tolist())) > 1:
+            threshold, rule = worst_source_threshold(labels[val], scores, sources), SOURCES_THRESHOLD_RULE
+        else:
+            threshold, rule = youden_threshold(labels[val], scores), THRESHOLD_RULE
+        inside = sources == source
         validation: dict[str, Any] = {
-            k: round(v, 4) for k, v in binary_metrics(labels[val], scores, threshold).items()
+            k: round(v, 4) for k, v in binary_metrics(labels[val][inside], scores[inside], threshold).items()
         }
-        rule = THRESHOLD_RULE
+        validation["images"] = int(inside.sum())  # the figures above are of the positives' source alone
+        for other in sorted(set(sources.tolist()) - {source}):
+            outside = sources == other
+            validation[f"specificity_{other}"] = round(float((scores[outside] < threshold).mean()), 4)
+            validation[f"images_{other}"] = int(outside.sum())
     else:
         threshold = 0.5
         validation = {"auroc": None, "note": "the validation split has one class only: no AUROC, gate not met"}
@@ -490,9 +513,9 @@ def train_classifier(
         "threshold_rule": rule,
         "gradcam_layer": head.gradcam_layer,
         "validation": {
-            **validation,
             "images": int(len(val)),
             "positives": int(labels[val].sum()),
+            **validation,
         },
         "gate": {"metric": "validation auroc", "minimum": head.gate},
         "experimental": head.experimental,
@@ -508,7 +531,7 @@ def train_classifier(
                                 "continued_from": start["sha256"] if start else None, "guided": guide is not None,
                                 "schedule": "constant" if average else "cosine decay",
                                 "kept": AVERAGE_KEPT if average else _best_kept(selectable)}],
-            "augmentation": AUGMENTATION,
+            "augmentation": f"{AUGMENTATION}; {CLASSIFIER_DESCRIPTION}",
             "data": [head.data, *([GUIDE_DATA] if guide is not None else [])],
             **({"guidance": {
                 "loss": f"{GUIDE_WEIGHT} × -log(share of the lung-restricted softmax of the class activation map "
@@ -546,7 +569,14 @@ def classifier_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> 
     if head.name.startswith("covid19"):
         samples = datasets.covid_samples(data_dir / "covid-radiography")
         splits = [datasets.hash_split(s.image.stem) for s in samples]
-        return cached(cache_dir / f"covid19_{key}.npz", lambda: classifier_arrays(samples, segmenter, [head.spec], splits))
+        sources = ["covid-radiography"] * len(samples)
+        for split in ("train", "val"):  # ChestX-ray14 predates COVID-19: every image is a negative
+            chunk = [replace(s, label=0) for s in datasets.labelled_samples(data_dir / "nih-cxr14", "Pneumothorax", split)]
+            samples, splits, sources = samples + chunk, splits + [split] * len(chunk), sources + ["nih-cxr14"] * len(chunk)
+        return cached(
+            cache_dir / f"covid19+nih_{key}.npz",
+            lambda: {**classifier_arrays(samples, segmenter, [head.spec], splits), "source": np.array(sources)},
+        )
     root = data_dir / "nih-cxr14"
     samples, splits = [], []
     for split in datasets.SPLITS:
