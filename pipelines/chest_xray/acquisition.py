@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFilter
 DESCRIPTION = (
     "exposure (gain and offset), unsharp masking, resampling from a lower resolution, JPEG re-encoding, "
     "collimation borders, burned-in text and markers, tubes and wires (bright and dark curves), "
-    "soft-tissue haze over the lungs"
+    "haze over the lungs up to a white-out"
 )
 
 
@@ -124,7 +124,8 @@ def tubes_and_wires(plane: np.ndarray, rng: np.random.RandomState) -> np.ndarray
 
 
 def haze(plane: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
-    """Soft-tissue or fluid haze: one to three smooth bright blobs, so that opaque lung stays lung."""
+    """Consolidation, fluid or soft-tissue haze: one to three smooth bright blobs, up to a white-out,
+    so that opaque lung stays lung."""
     height, width = plane.shape
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     result = plane.copy()
@@ -132,7 +133,7 @@ def haze(plane: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
         cy, cx = rng.uniform(0.3, 0.85) * height, rng.uniform(0.2, 0.8) * width
         sy, sx = rng.uniform(0.05, 0.18) * height, rng.uniform(0.05, 0.18) * width
         blob = np.exp(-(((ys - cy) / sy) ** 2 + ((xs - cx) / sx) ** 2) / 2)
-        result = result + rng.uniform(0.15, 0.45) * blob * (1 - result)
+        result = result + rng.uniform(0.15, 0.8) * blob * (1 - result)
     return result
 
 
@@ -145,7 +146,7 @@ KINDS = (
     (collimation, 0.25),
     (burned_in_text, 0.3),
     (tubes_and_wires, 0.3),
-    (haze, 0.25),
+    (haze, 0.4),
 )
 
 

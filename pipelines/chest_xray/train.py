@@ -56,6 +56,7 @@ from pipelines.errors import InputError, WeightsError
 logger = logging.getLogger(__name__)
 
 LUNG_SIZE = 256
+LUNG_SCALE = 0.3  # zoomed out to 0.7 over black: the body smaller in the frame, dark surroundings
 LUNG_ARCHITECTURE = {
     "name": "UNet",
     "args": {
@@ -128,11 +129,13 @@ AUGMENTATION = (
 
 
 def augmentations(
-    keys: Sequence[str], modes: Sequence[str], flip: bool = False, acquisition: RandAcquisitiond | None = None
+    keys: Sequence[str], modes: Sequence[str], flip: bool = False, acquisition: RandAcquisitiond | None = None,
+    scale: float = 0.12,
 ) -> Compose:
     """Return the geometric and acquisition-like intensity augmentations used in training; with
     ``flip``, images are also flipped left-right half of the time; ``acquisition``
-    (:mod:`pipelines.chest_xray.acquisition`) changes the image first.
+    (:mod:`pipelines.chest_xray.acquisition`) changes the image first; ``scale`` is the affine's
+    scale range (± that share, zoomed out over a black surround).
     """
     image = keys[0]
     flips = [RandFlipd(keys=keys, prob=0.5, spatial_axis=1)] if flip else []
@@ -145,7 +148,7 @@ def augmentations(
                 keys=keys,
                 prob=0.8,
                 rotate_range=0.15,
-                scale_range=0.12,
+                scale_range=scale,
                 translate_range=(12, 12),
                 mode=modes,
                 padding_mode="zeros",
@@ -175,7 +178,8 @@ def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_si
         for i in np.flatnonzero(train)
     ]
     loader = DataLoader(
-        Dataset(items, augmentations(["image", "label"], ["bilinear", "nearest"], flip=True, acquisition=RandAcquisitiond("image"))),
+        Dataset(items, augmentations(["image", "label"], ["bilinear", "nearest"], flip=True,
+                                    acquisition=RandAcquisitiond("image"), scale=LUNG_SCALE)),
         batch_size=batch_size,
         shuffle=True,
         num_workers=workers,
@@ -232,7 +236,8 @@ def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_si
             "optimizer": "Adam lr 1e-3, cosine decay",
             "split": datasets.SPLIT_RULE,
             "convention": LUNG_CONVENTION,
-            "augmentation": f"left-right flips, {AUGMENTATION}; {ACQUISITION_AUGMENTATION}",
+            "augmentation": f"left-right flips, {AUGMENTATION.replace('scale ±12 %', f'scale ±{round(LUNG_SCALE * 100)} %')}; "
+            f"{ACQUISITION_AUGMENTATION}",
             "data": [LUNG_SETS[name] for name in LUNG_TRAIN_SETS],
             "not_trained_on": {name: f"{LUNG_SETS[name]}: {why}" for name, why in LUNG_EXCLUDED.items()},
         },
