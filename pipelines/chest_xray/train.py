@@ -122,10 +122,12 @@ def lung_arrays(samples: Sequence[Sample], size: int) -> dict[str, np.ndarray]:
     }
 
 
-AUGMENTATION = (
-    "affine (rotation ±0.15 rad, scale ±12 %, shift 12 px), gamma 0.6-1.6, intensity ±15 %, Gaussian blur, "
-    "Gaussian noise"
-)
+def augmentation_text(scale: float = 0.12) -> str:
+    """Return what :func:`augmentations` does at ``scale``, for the manifest."""
+    return (
+        f"affine (rotation ±0.15 rad, scale ±{round(scale * 100)} %, shift 12 px), gamma 0.6-1.6, intensity ±15 %, "
+        "Gaussian blur, Gaussian noise"
+    )
 
 
 def augmentations(
@@ -236,8 +238,7 @@ def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_si
             "optimizer": "Adam lr 1e-3, cosine decay",
             "split": datasets.SPLIT_RULE,
             "convention": LUNG_CONVENTION,
-            "augmentation": f"left-right flips, {AUGMENTATION.replace('scale ±12 %', f'scale ±{round(LUNG_SCALE * 100)} %')}; "
-            f"{ACQUISITION_AUGMENTATION}",
+            "augmentation": f"left-right flips, {augmentation_text(LUNG_SCALE)}; {ACQUISITION_AUGMENTATION}",
             "data": [LUNG_SETS[name] for name in LUNG_TRAIN_SETS],
             "not_trained_on": {name: f"{LUNG_SETS[name]}: {why}" for name, why in LUNG_EXCLUDED.items()},
         },
@@ -536,7 +537,7 @@ def train_classifier(
                                 "continued_from": start["sha256"] if start else None, "guided": guide is not None,
                                 "schedule": "constant" if average else "cosine decay",
                                 "kept": AVERAGE_KEPT if average else _best_kept(selectable)}],
-            "augmentation": f"{AUGMENTATION}; {CLASSIFIER_DESCRIPTION}",
+            "augmentation": f"{augmentation_text()}; {CLASSIFIER_DESCRIPTION}",
             "data": [head.data, *([GUIDE_DATA] if guide is not None else [])],
             **({"guidance": {
                 "loss": f"{GUIDE_WEIGHT} × -log(share of the lung-restricted softmax of the class activation map "
