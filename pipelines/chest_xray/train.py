@@ -82,9 +82,10 @@ LUNG_CONVENTION = (
 )
 #: Sets whose masks follow :data:`LUNG_CONVENTION` and train the UNet; the others are scored as outside sources.
 LUNG_TRAIN_SETS = ("openist",)
-LUNG_EXCLUDED = {
-    "covid-seg": "its masks take in the retrocardiac lung (the heart's silhouette): another convention, "
-    "so never trained on; scored as an outside source",
+#: Sets whose masks take in what :data:`LUNG_CONVENTION` leaves out: never trained on with their masks as
+#: they are (``--partial-reference`` trains on their agreement with this convention only).
+LUNG_OTHER_CONVENTION = {
+    "covid-seg": "its masks take in the retrocardiac lung (behind the heart's silhouette)",
 }
 
 
@@ -163,21 +164,65 @@ def augmentations(
     )
 
 
-def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_size: int, workers: int = 0) -> dict[str, Any]:
+IGNORED = 2  # a lung label pixel the loss skips
+
+
+def partial_dice_ce(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Return cross-entropy plus soft Dice of the lung channel over the pixels whose ``label`` (B, 1, H, W)
+    is not :data:`IGNORED` (0 background, 1 lung)."""
+    valid = (label[:, 0] != IGNORED).float()
+    lung = (label[:, 0] == 1).float()
+    log_p = logits.log_softmax(1)
+    cross_entropy = -((log_p[:, 1] * lung + log_p[:, 0] * (1 - lung)) * valid).sum() / valid.sum().clamp(min=1)
+    p = log_p[:, 1].exp() * valid
+    overlap, total = (p * lung).sum((1, 2)), p.sum((1, 2)) + (lung * valid).sum((1, 2))
+    return cross_entropy + (1 - (2 * overlap + 1e-5) / (total + 1e-5)).mean()
+
+
+@torch.no_grad()
+def partial_labels(arrays: dict[str, np.ndarray], reference: torch.nn.Module, device: torch.device) -> np.ndarray:
+    """Return the masks of another convention's set with the lung pixels that the ``reference`` UNet (of
+    :data:`LUNG_CONVENTION`) calls background set to :data:`IGNORED`: where the conventions disagree
+    (the retrocardiac lung), the set teaches nothing."""
+    reference.eval()
+    images = torch.from_numpy(arrays["images"][:, None] / np.float32(255))
+    called = torch.cat([reference(chunk.to(device)).argmax(1).cpu() for chunk in images.split(32)]).numpy() == 1
+    labels = arrays["masks"].astype(np.uint8)
+    labels[(labels == 1) & ~called] = IGNORED
+    return labels
+
+
+def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_size: int, workers: int = 0,
+               partial_reference: Path | None = None) -> dict[str, Any]:
     """Train the lung UNet on the train split of :data:`LUNG_TRAIN_SETS`; return its manifest entry
     (weights written to ``out``). The epoch of best Dice on their val split is kept.
+
+    With ``partial_reference`` (a manifest of a UNet of :data:`LUNG_CONVENTION`), the train split of
+    :data:`LUNG_OTHER_CONVENTION`'s sets trains too, with :func:`partial_labels`.
     """
     device = pick_device()
-    roots = [data_dir / "lung-seg" / name for name in LUNG_TRAIN_SETS]
-    arrays = cached(
-        cache_dir / f"lung_{'+'.join(LUNG_TRAIN_SETS)}_{LUNG_SIZE}.npz",
-        lambda: lung_arrays([s for r in roots for s in datasets.masked_samples(r, "masks-lung")], LUNG_SIZE),
-    )
+
+    def lung_set(names: Sequence[str]) -> dict[str, np.ndarray]:
+        roots = [data_dir / "lung-seg" / name for name in names]
+        return cached(
+            cache_dir / f"lung_{'+'.join(names)}_{LUNG_SIZE}.npz",
+            lambda: lung_arrays([s for r in roots for s in datasets.masked_samples(r, "masks-lung")], LUNG_SIZE),
+        )
+
+    arrays = lung_set(LUNG_TRAIN_SETS)
     train = arrays["split"] == "train"
     val = arrays["split"] == "val"
+    images, labels = [arrays["images"][train]], [arrays["masks"][train]]
+    reference = read_manifest(partial_reference)["lung"] if partial_reference else None
+    if reference:
+        other = lung_set(tuple(LUNG_OTHER_CONVENTION))
+        network = load_network(reference, partial_reference.parent, device)
+        other_train = other["split"] == "train"
+        images.append(other["images"][other_train])
+        labels.append(partial_labels(other, network, device)[other_train])
     items = [
-        {"image": arrays["images"][i][None] / np.float32(255), "label": arrays["masks"][i][None].astype(np.float32)}
-        for i in np.flatnonzero(train)
+        {"image": image[None] / np.float32(255), "label": label[None].astype(np.float32)}
+        for image, label in zip(np.concatenate(images), np.concatenate(labels), strict=True)
     ]
     loader = DataLoader(
         Dataset(items, augmentations(["image", "label"], ["bilinear", "nearest"], flip=True,
@@ -190,7 +235,7 @@ def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_si
     val_images = torch.from_numpy(arrays["images"][val][:, None] / np.float32(255))
     val_masks = torch.from_numpy(arrays["masks"][val].astype(bool))
     network = build_network(LUNG_ARCHITECTURE).to(device)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = partial_dice_ce if reference else DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3, weight_decay=1e-5)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     best, best_state, started = -1.0, None, time.monotonic()
@@ -239,8 +284,13 @@ def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_si
             "split": datasets.SPLIT_RULE,
             "convention": LUNG_CONVENTION,
             "augmentation": f"left-right flips, {augmentation_text(LUNG_SCALE)}; {ACQUISITION_AUGMENTATION}",
-            "data": [LUNG_SETS[name] for name in LUNG_TRAIN_SETS],
-            "not_trained_on": {name: f"{LUNG_SETS[name]}: {why}" for name, why in LUNG_EXCLUDED.items()},
+            "data": [LUNG_SETS[name] for name in LUNG_TRAIN_SETS] + ([
+                f"{LUNG_SETS[name]}: {why}; its train split trains with partial labels: its lung pixels that the "
+                f"UNet {reference['sha256'][:12]} (this convention) calls background are ignored"
+                for name, why in LUNG_OTHER_CONVENTION.items()] if reference else []),
+            "not_trained_on": [
+                f"{LUNG_SETS[name]}: {'its val and test splits' if reference else why}"
+                for name, why in LUNG_OTHER_CONVENTION.items()],
         },
     }
 
@@ -628,7 +678,8 @@ def update_manifest(out: Path, section: str, entry: dict[str, Any]) -> None:
 def _train(args: argparse.Namespace) -> None:
     """Train what the parsed command line ``args`` asks for and record it in the manifest."""
     if args.model == "lung":
-        entry = train_lung(args.data_dir, args.out, args.cache_dir, args.epochs or 80, args.batch_size, args.workers)
+        entry = train_lung(args.data_dir, args.out, args.cache_dir, args.epochs or 80, args.batch_size, args.workers,
+                           args.partial_reference)
         update_manifest(args.out, "lung", entry)
         return
     for name in args.heads or list(HEADS):
@@ -670,6 +721,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=0, help="loader processes for augmentation")
     parser.add_argument("--max-minutes", type=float, help="classifier: stop after this many minutes of training")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--partial-reference", type=Path, metavar="MANIFEST",
+                        help="lung: also train on the sets of another convention, ignoring their lung pixels that "
+                        "this manifest's UNet calls background")
     parser.add_argument("--lr", type=float, default=1e-3, help="classifier learning rate")
     parser.add_argument("--continue", dest="resume", action="store_true",
                         help="classifier: continue training each head from its weights in --out's manifest")
