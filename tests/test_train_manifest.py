@@ -13,7 +13,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from pipelines.chest_xray.datasets import hash_split
 from pipelines.chest_xray.models import read_manifest, write_manifest
-from pipelines.chest_xray.train import main, update_manifest
+from pipelines.chest_xray.train import IGNORED, main, partial_dice_ce, partial_labels, update_manifest
 
 
 def test_a_retrained_finding_keeps_its_place(tmp_path: Path) -> None:
@@ -152,3 +152,50 @@ def test_a_count_below_one_is_a_clear_error(tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(SystemExit) as stopped:
         main(["classifier", "--data-dir", str(tmp_path), "--out", str(tmp_path / "weights"), option, "-1"])
     assert stopped.value.code == 2 and f"{option}: must be at least 1, got -1" in capsys.readouterr().err
+
+
+def test_ignored_lung_pixels_teach_nothing() -> None:
+    """The partial Dice-CE has no gradient on IGNORED pixels, and partial_labels ignores exactly the
+    reference's disagreement: lung in the set's mask, background for the reference."""
+    logits = torch.randn(1, 2, 8, 8, requires_grad=True)
+    label = torch.zeros(1, 1, 8, 8)
+    label[..., :4] = 1
+    label[..., 6:] = IGNORED
+    partial_dice_ce(logits, label).backward()
+    assert logits.grad[..., 6:].abs().max() == 0 and logits.grad[..., :6].abs().max() > 0
+
+    class HalfLung(torch.nn.Module):  # calls the left half of every image lung
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(len(images), 2, *images.shape[2:])
+            out[:, 1, :, : images.shape[3] // 2] = 1
+            return out
+
+    masks = np.zeros((1, 8, 8), dtype=np.uint8)
+    masks[:, 2:6, 2:8] = 1
+    labels = partial_labels({"images": np.zeros((1, 8, 8), dtype=np.uint8), "masks": masks}, HalfLung(), torch.device("cpu"))
+    assert (labels[0, 2:6, 2:4] == 1).all() and (labels[0, 2:6, 4:8] == IGNORED).all() and not labels[0, :2].any()
+
+
+def test_lung_training_records_its_convention_and_what_it_never_trained_on(tmp_path: Path) -> None:
+    """One epoch on tiny sets: OpenIST-like masks train; covid-seg-like masks train only with a partial
+    reference, and the manifest says which sets (and splits) the UNet never saw."""
+    rng = np.random.default_rng(5)
+    for name, count in (("openist", 8), ("covid-seg", 6)):
+        for folder in ("images", "masks-lung"):
+            (tmp_path / "data" / "lung-seg" / name / folder).mkdir(parents=True)
+        for number in range(count):
+            Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(
+                tmp_path / "data" / "lung-seg" / name / "images" / f"{name}-{number}.png")
+            mask = np.zeros((64, 64), dtype=np.uint8)
+            mask[16:48, 8:28] = mask[16:48, 36:56] = 255
+            Image.fromarray(mask).save(tmp_path / "data" / "lung-seg" / name / "masks-lung" / f"{name}-{number}.png")
+    out = _weights(tmp_path)
+    main(["lung", "--data-dir", str(tmp_path / "data"), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+          "--epochs", "1", "--partial-reference", str(Path(__file__).parents[1] / "weights" / "manifest.yaml")])
+    training = read_manifest(out / "manifest.yaml")["lung"]["training"]
+    assert "heart" in training["convention"] and "retrocardiac" in training["convention"]
+    assert any("partial labels" in data and "covid-seg" in data for data in training["data"])
+    assert len(training["not_trained_on"]) == 1
+    assert "its val and test splits" in training["not_trained_on"][0]
+    assert training["images"] == sum(1 for name, count in (("openist", 8), ("covid-seg", 6)) for n in range(count)
+                                     if hash_split(f"{name}-{n}") == "train")

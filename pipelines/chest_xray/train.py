@@ -278,8 +278,8 @@ def train_lung(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch_si
         "training": {
             "epochs": epochs,
             "minutes": round((time.monotonic() - started) / 60, 1),
-            "images": int(train.sum()),
-            "loss": "DiceCE",
+            "images": len(items),
+            "loss": "Dice-CE over the pixels not ignored (partial labels)" if reference else "DiceCE",
             "optimizer": "Adam lr 1e-3, cosine decay",
             "split": datasets.SPLIT_RULE,
             "convention": LUNG_CONVENTION,
