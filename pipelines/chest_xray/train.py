@@ -586,8 +586,9 @@ def train_classifier(
             "runs": [*history, {"epochs": run_epochs, "lr": lr, "minutes": round((time.monotonic() - started) / 60, 1),
                                 "continued_from": start["sha256"] if start else None, "guided": guide is not None,
                                 "schedule": "constant" if average else "cosine decay",
-                                "kept": AVERAGE_KEPT if average else _best_kept(selectable)}],
-            "augmentation": f"{augmentation_text()}; {CLASSIFIER_DESCRIPTION}",
+                                "kept": AVERAGE_KEPT if average else _best_kept(selectable),
+                                "augmentation": f"{augmentation_text()}; {CLASSIFIER_DESCRIPTION}"}],
+            "augmentation": f"{augmentation_text()}; each run since the acquisition augmentation also lists its own",
             "data": [head.data, *([GUIDE_DATA] if guide is not None else [])],
             **({"guidance": {
                 "loss": f"{GUIDE_WEIGHT} × -log(share of the lung-restricted softmax of the class activation map "
