@@ -156,7 +156,8 @@ def frontal_chest_samples(data_dir: Path, split: str = "all") -> dict[str, list[
 
 #: What each head never trained on, scored by ``evaluate sources`` as its outside sources.
 OUTSIDE_SOURCES = {
-    "lung": "lung-seg/covid-seg, all 100 images (its masks take in the retrocardiac lung: Dice and coverage "
+    "lung": "no lung source is held out entirely: lung-seg/covid-seg val + test (29 images never trained on; "
+    "its train split trains with partial labels; its masks take in the retrocardiac lung: Dice and coverage "
     "count the convention against the model, spill does not)",
     "covid19": "COVID-19: lung-seg/covid-seg val + test (27, ieee8023 collection, never trained on; the "
     "COVID-19 Radiography Database also draws on that collection, so some may be near-duplicates of "
