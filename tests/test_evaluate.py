@@ -108,8 +108,9 @@ def test_sources_puts_each_heads_outside_source_figures_beside_its_own(
             picture.save(folder / name / f"{stem}.png")
 
     image(data / "lung-seg" / "openist", _stem("openist", "test"), **{"masks-lung": lung_png})
-    image(data / "lung-seg" / "covid-seg", _stem("seg", "val"),
-          **{"masks-lung": lung_png, "masks-opacity": Image.fromarray(opacity.astype(np.uint8) * 255)})
+    for split in ("val", "train"):  # the train image trains the shipped UNet: no outside-source figure counts it
+        image(data / "lung-seg" / "covid-seg", _stem("seg", split),
+              **{"masks-lung": lung_png, "masks-opacity": Image.fromarray(opacity.astype(np.uint8) * 255)})
     for folder in ("COVID", "Normal"):
         (data / "covid-radiography" / folder).mkdir(parents=True)
         small.save(data / "covid-radiography" / folder / f"{_stem(folder, 'test')}.png")
