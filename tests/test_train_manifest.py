@@ -13,7 +13,15 @@ from torch.optim.swa_utils import AveragedModel
 
 from pipelines.chest_xray.datasets import hash_split
 from pipelines.chest_xray.models import read_manifest, write_manifest
-from pipelines.chest_xray.train import IGNORED, main, partial_dice_ce, partial_labels, update_manifest
+from pipelines.chest_xray.train import (
+    BALANCED_SAMPLING,
+    IGNORED,
+    main,
+    partial_dice_ce,
+    partial_labels,
+    source_balanced_weights,
+    update_manifest,
+)
 
 
 def test_a_retrained_finding_keeps_its_place(tmp_path: Path) -> None:
@@ -105,6 +113,49 @@ def test_covid19_trains_with_nih_negatives_and_a_threshold_fair_to_every_source(
     assert entry["validation"]["images_nih-cxr14"] == 2 and 0 <= entry["validation"]["specificity_nih-cxr14"] <= 1
     assert entry["validation"]["images"] == sum(1 for name in ("COVID", "Normal") for n in range(14)
                                                     if hash_split(f"{name}-{n}") == "val")
+
+
+def test_every_source_s_negatives_weigh_the_same_and_an_epoch_keeps_its_size() -> None:
+    """Source-balanced sampling: each source's negatives together weigh the same, positives weigh 1, and
+    the weights sum to the number of images."""
+    labels = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    sources = np.array(["a", "a", "a", "a", "a", "a", "a", "b", "b", "a"])
+    weights = source_balanced_weights(labels, sources)
+    negatives = labels == 0
+    assert weights[labels == 1].tolist() == [1.0, 1.0]
+    assert weights[negatives & (sources == "a")].sum() == pytest.approx(weights[negatives & (sources == "b")].sum())
+    assert weights.sum() == pytest.approx(len(labels))
+    assert weights[7] == pytest.approx(2.0) and weights[2] == pytest.approx(4 / 6)
+
+
+def test_balanced_sampling_draws_the_small_source_more_and_says_so(tmp_path: Path) -> None:
+    """``--balance-sources`` draws each epoch by the source-balanced weights of the train split (NIH's four
+    train negatives weigh as much in total as the covid set's normals), and the manifest records it."""
+    _covid_set(tmp_path / "data", np.random.default_rng(5))
+    out = _weights(tmp_path)
+    drawn: list[tuple[np.ndarray, list[int]]] = []
+    keep = torch.utils.data.WeightedRandomSampler.__iter__
+
+    def record(sampler: torch.utils.data.WeightedRandomSampler):  # type: ignore[no-untyped-def]
+        indices = list(keep(sampler))
+        drawn.append((sampler.weights.numpy(), indices))
+        return iter(indices)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.utils.data.WeightedRandomSampler, "__iter__", record)
+        main(["classifier", "--heads", "covid19", "--no-guidance", "--balance-sources", "--data-dir",
+              str(tmp_path / "data"), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--size", "64",
+              "--epochs", "1"])
+    entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
+    assert entry["training"]["runs"][-1]["sampling"] == BALANCED_SAMPLING
+    with np.load(tmp_path / "cache" / "covid19+nih_lung-64.npz") as arrays:
+        train = np.flatnonzero(arrays["split"] == "train")
+        labels, sources = arrays["label"][train], arrays["source"][train]
+    [(weights, indices)] = drawn
+    nih = sources == "nih-cxr14"
+    assert np.allclose(weights, source_balanced_weights(labels, sources))
+    assert weights[nih].sum() == pytest.approx(weights[(labels == 0) & ~nih].sum())
+    assert len(indices) == len(train) and set(indices) <= set(range(len(train)))
 
 
 def test_guidance_without_the_opacity_set_is_a_clear_error_before_any_work(

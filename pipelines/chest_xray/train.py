@@ -35,6 +35,7 @@ from monai.utils import set_determinism
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
 from pipelines.chest_xray import datasets
@@ -325,6 +326,9 @@ GUIDE_DATA = (
 GUIDE_BATCH = 4
 GUIDE_WEIGHT = 1.0
 AVERAGE_KEPT = "mean of the weights at every epoch's end (SWA), batch-norm statistics recomputed on the training split"
+BALANCED_SAMPLING = (
+    "drawn with replacement, every source's negatives equally often in total, positives as often as shuffled"
+)
 THRESHOLD_RULE = "maximises Youden's J (sensitivity + specificity - 1) on the validation split"
 SOURCES_THRESHOLD_RULE = (
     "maximises sensitivity + the lowest specificity of any source - 1 on the validation split "
@@ -435,6 +439,21 @@ def _guide_batches(guide: dict[str, np.ndarray], workers: int) -> Iterator[dict[
     return _forever(loader)
 
 
+def source_balanced_weights(labels: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """Return per-image sampling weights under which every source's negatives are drawn equally often
+    in total; positives keep weight 1 and the weights sum to the number of images, so an epoch draws as
+    many positives and negatives as without them (the loss's positive weight stays right).
+    """
+    negatives = np.asarray(labels) == 0
+    sources = np.asarray(sources)
+    names = np.unique(sources[negatives])
+    weights = np.ones(len(negatives))
+    for name in names:
+        group = negatives & (sources == name)
+        weights[group] = negatives.sum() / (len(names) * group.sum())
+    return weights
+
+
 def _best_kept(selectable: bool) -> str:
     """Return which weights a run without averaging keeps."""
     return "the epoch of best validation AUROC" if selectable else "the last epoch"
@@ -459,6 +478,7 @@ def train_classifier(
     max_minutes: float | None = None,
     guide: dict[str, np.ndarray] | None = None,
     average: bool = False,
+    balance_sources: bool = False,
 ) -> dict[str, Any]:
     """Train one binary DenseNet head, from scratch or continuing from the manifest entry ``start``;
     return its manifest entry (weights written to ``out``).
@@ -469,18 +489,27 @@ def train_classifier(
     its train split, whose :func:`~pipelines.chest_xray.guidance.pointing_loss` is added.
     With ``average``, the learning rate stays constant and the weights kept are the mean of
     those at the end of every epoch (stochastic weight averaging), with batch-norm statistics
-    recomputed on the training split; otherwise the best validation epoch is kept.
+    recomputed on the training split; otherwise the best validation epoch is kept. With
+    ``balance_sources``, each epoch draws its images with replacement by
+    :func:`source_balanced_weights` instead of shuffling them once each.
     """
     device = pick_device()
     images = arrays[f"{head.spec.region}-{head.spec.size}"]
     labels, split = arrays["label"], arrays["split"]
     train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
     items = [{"image": images[i][None] / np.float32(255), "label": np.float32(labels[i])} for i in train]
+    sampler = None
+    if balance_sources:
+        if "source" not in arrays:
+            raise InputError(f"{head.name}: its data set has one source only, there is nothing to balance")
+        weights = source_balanced_weights(labels[train], arrays["source"][train])
+        sampler = WeightedRandomSampler(torch.from_numpy(weights), num_samples=len(train), replacement=True)
     loader = DataLoader(
         Dataset(items, augmentations(["image"], ["bilinear"], acquisition=RandAcquisitiond(
             "image", CLASSIFIER_KINDS, keep_background=True))),
         batch_size=batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
     )
@@ -587,6 +616,7 @@ def train_classifier(
                                 "continued_from": start["sha256"] if start else None, "guided": guide is not None,
                                 "schedule": "constant" if average else "cosine decay",
                                 "kept": AVERAGE_KEPT if average else _best_kept(selectable),
+                                "sampling": BALANCED_SAMPLING if balance_sources else "each image once per epoch",
                                 "augmentation": f"{augmentation_text()}; {CLASSIFIER_DESCRIPTION}"}],
             "augmentation": f"{augmentation_text()}; each run since the acquisition augmentation also lists its own",
             "data": [head.data, *([GUIDE_DATA] if guide is not None else [])],
@@ -694,7 +724,7 @@ def _train(args: argparse.Namespace) -> None:
         start = _entry(args.out, head) if args.resume else None
         entry = train_classifier(
             head, arrays, args.out, args.epochs or head.epochs, args.batch_size, args.lr, start, args.workers,
-            args.max_minutes, guide, args.average,
+            args.max_minutes, guide, args.average, args.balance_sources,
         )
         update_manifest(args.out, "references" if head.reference else "findings", entry)
 
@@ -731,6 +761,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--average", action="store_true",
                         help="classifier: keep the mean of every epoch's weights (SWA, constant learning rate) "
                         "instead of the best epoch")
+    parser.add_argument("--balance-sources", action="store_true",
+                        help="classifier: draw every source's negatives equally often in total (with replacement)")
     parser.add_argument("--no-guidance", dest="guidance", action="store_false",
                         help=f"classifier: train guided heads without opacity guidance (no {GUIDE_SET} needed)")
     args = parser.parse_args(argv)
