@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import sqlite3
 import struct
 import subprocess
-import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
@@ -163,6 +165,22 @@ def _incoming(scp: StorageSCP) -> list[Path]:
     return [p for p in scp.spool.incoming.iterdir() if p.is_file()]
 
 
+def _abort_after(pdus: int) -> Callable[[Event], None]:
+    """An EVT_PDU_SENT handler that sends an A-ABORT right after the ``pdus``-th PDU and closes
+    the connection. ``Association.abort()`` would queue the A-ABORT behind every fragment already
+    encoded, so the whole data set could arrive before it."""
+    sent = itertools.count(1)
+    abort = A_ABORT_RQ()
+    abort.source, abort.reason_diagnostic = 0x00, 0x00  # by the service user, no reason given
+
+    def handler(event: Event) -> None:
+        if next(sent) == pdus:
+            event.assoc.dul.socket.send(abort.encode())
+            event.assoc.dul.socket.close()
+
+    return handler
+
+
 def test_an_aborted_transfer_leaves_no_partial_file(start_scp, tmp_path):
     scp = start_scp(max_pdu_bytes=16384)
     path = tmp_path / "large.dcm"
@@ -170,20 +188,14 @@ def test_an_aborted_transfer_leaves_no_partial_file(start_scp, tmp_path):
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
     ae.maximum_pdu_size = 16384
-    slowly = [(evt.EVT_PDU_SENT, lambda _: time.sleep(0.005))]  # about 4 s for the whole data set
-    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE", evt_handlers=slowly)
+    # PDU 1 is the A-ASSOCIATE-RQ, 2 the C-STORE command: abort inside the data set.
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE",
+                         evt_handlers=[(evt.EVT_PDU_SENT, _abort_after(20))])
     assert assoc.is_established
-    def send() -> None:
-        try:
-            assoc.send_c_store(path)
-        except Exception:  # the abort below cuts it short: that is the point
-            pass
-
-    sending = threading.Thread(target=send, daemon=True)
-    sending.start()
-    wait_for(lambda: _incoming(scp), 30, "the data set to start arriving", interval=0.01)
-    assoc.abort()
-    sending.join(5)
+    try:
+        assoc.send_c_store(path)
+    except Exception:  # the abort cuts it short: that is the point
+        pass
     wait_for(lambda: not _incoming(scp), 30, "the partial file to be removed")
     assert nothing_kept(scp)
     assert still_serving(scp)
