@@ -12,7 +12,8 @@ from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 
 from pipelines.chest_xray.datasets import hash_split
-from pipelines.chest_xray.models import read_manifest, write_manifest
+from pipelines.chest_xray.metrics import worst_source_threshold
+from pipelines.chest_xray.models import load_network, read_manifest, write_manifest
 from pipelines.chest_xray.train import (
     BALANCED_SAMPLING,
     IGNORED,
@@ -37,8 +38,9 @@ def test_a_retrained_finding_keeps_its_place(tmp_path: Path) -> None:
 
 
 def _covid_set(data: Path, rng: np.random.Generator, count: int = 12) -> None:
-    """Write a ``count`` + ``count`` image COVID-19 Radiography-like set of noise under ``data``, and an
-    NIH-like set of 7 (4 official train, 2 val, 1 test that must stay out of training)."""
+    """Write a ``count`` + ``count`` image COVID-19 Radiography-like set of noise under ``data``, an
+    NIH-like set of 7 (4 official train, 2 val, 1 test that must stay out of training), and an OpenIST-like
+    set of 3 (2 in the val hash split, the threshold's outside normals; 1 in train, never used)."""
     for folder in ("COVID", "Normal"):
         (data / "covid-radiography" / folder).mkdir(parents=True)
         for number in range(count):
@@ -51,6 +53,18 @@ def _covid_set(data: Path, rng: np.random.Generator, count: int = 12) -> None:
         Image.fromarray(rng.integers(0, 255, (128, 128), dtype=np.uint8)).save(nih / "images" / f"nih-{number}.png")
         rows.append(f"nih-{number}.png,{split},{number % 2}")
     (nih / "labels.csv").write_text("\n".join(rows) + "\n")
+    openist = data / "lung-seg" / "openist"
+    for folder in ("images", "masks-lung"):
+        (openist / folder).mkdir(parents=True)
+    for stem in (_stem("openist", "val", 0), _stem("openist", "val", 1), _stem("openist", "train", 0)):
+        Image.fromarray(rng.integers(0, 255, (96, 96), dtype=np.uint8)).save(openist / "images" / f"{stem}.png")
+        Image.fromarray(np.full((96, 96), 255, dtype=np.uint8)).save(openist / "masks-lung" / f"{stem}.png")
+
+
+def _stem(prefix: str, split: str, skip: int = 0) -> str:
+    """Return the ``skip``-th ``prefix-N`` (from 0) whose hash split is ``split``."""
+    stems = (f"{prefix}-{n}" for n in range(1000) if hash_split(f"{prefix}-{n}") == split)
+    return next(stem for index, stem in enumerate(stems) if index == skip)
 
 
 def _weights(tmp_path: Path) -> Path:
@@ -82,7 +96,7 @@ def test_classifier_input_override_and_time_limit(tmp_path: Path) -> None:
     assert entry["gradcam_layer"] == "class_layers.relu"  # the layer opacity guidance trains
     assert entry["training"]["guidance"]["images"] == 10  # the train split of the opacity set only
     assert entry["training"]["runs"][-1]["epochs"] == 1 and entry["training"]["runs"][-1]["guided"]
-    assert (tmp_path / "cache" / "covid19+nih_lung-crop-64.npz").is_file()
+    assert (tmp_path / "cache" / "covid19+nih+openist-val_lung-crop-64.npz").is_file()
     assert (tmp_path / "cache" / "opacity_lung-crop-64.npz").is_file()
 
 
@@ -105,14 +119,41 @@ def test_covid19_trains_with_nih_negatives_and_a_threshold_fair_to_every_source(
     main(["classifier", "--heads", "covid19", "--no-guidance", "--data-dir", str(tmp_path / "data"), "--out", str(out),
           "--cache-dir", str(tmp_path / "cache"), "--size", "64", "--epochs", "1"])
     entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
-    with np.load(tmp_path / "cache" / "covid19+nih_lung-64.npz") as arrays:
+    with np.load(tmp_path / "cache" / "covid19+nih+openist-val_lung-64.npz") as arrays:
         nih = arrays["source"] == "nih-cxr14"
         assert sorted(arrays["split"][nih].tolist()) == ["train"] * 4 + ["val"] * 2
         assert not arrays["label"][nih].any()  # every NIH image is a COVID-19 negative, whatever its labels
+        openist = arrays["source"] == "openist"
+        assert arrays["split"][openist].tolist() == ["val", "val"] and not arrays["label"][openist].any()
     assert "lowest specificity of any source" in entry["threshold_rule"]
-    assert entry["validation"]["images_nih-cxr14"] == 2 and 0 <= entry["validation"]["specificity_nih-cxr14"] <= 1
+    for source in ("nih-cxr14", "openist"):
+        assert entry["validation"][f"images_{source}"] == 2 and 0 <= entry["validation"][f"specificity_{source}"] <= 1
     assert entry["validation"]["images"] == sum(1 for name in ("COVID", "Normal") for n in range(14)
                                                     if hash_split(f"{name}-{n}") == "val")
+
+
+def test_threshold_only_chooses_the_threshold_again_and_keeps_the_weights(tmp_path: Path) -> None:
+    """``--threshold-only`` scores the validation split with the manifest's weights and sets the threshold
+    the worst-source rule chooses on it, now with OpenIST's val normals; the weights and training record
+    stay as they were."""
+    _covid_set(tmp_path / "data", np.random.default_rng(6), count=14)
+    out = _weights(tmp_path)
+    before = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
+    weights = (out / before["file"]).read_bytes()
+    main(["classifier", "--heads", "covid19", "--threshold-only", "--data-dir", str(tmp_path / "data"),
+          "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    after = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
+    assert (out / before["file"]).read_bytes() == weights and after["sha256"] == before["sha256"]
+    assert after["training"] == before["training"] and after["input"] == before["input"]
+    assert "chosen again without training" in after["threshold_rule"]
+    assert after["validation"]["images_openist"] == 2 and "images_openist" not in before["validation"]
+    with np.load(tmp_path / "cache" / "covid19+nih+openist-val_lung-128.npz") as arrays:
+        val = arrays["split"] == "val"
+        labels, sources, images = arrays["label"][val], arrays["source"][val], arrays["lung-128"][val]
+    network = load_network(before, out, torch.device("cpu"))
+    with torch.no_grad():
+        scores = torch.sigmoid(network(torch.from_numpy(images[:, None] / np.float32(255)))[:, 0]).numpy()
+    assert after["threshold"] == pytest.approx(worst_source_threshold(labels, scores, sources), abs=1e-4)
 
 
 def test_every_source_s_negatives_weigh_the_same_and_an_epoch_keeps_its_size() -> None:
@@ -148,7 +189,7 @@ def test_balanced_sampling_draws_the_small_source_more_and_says_so(tmp_path: Pat
               "--epochs", "1"])
     entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
     assert entry["training"]["runs"][-1]["sampling"] == BALANCED_SAMPLING
-    with np.load(tmp_path / "cache" / "covid19+nih_lung-64.npz") as arrays:
+    with np.load(tmp_path / "cache" / "covid19+nih+openist-val_lung-64.npz") as arrays:
         train = np.flatnonzero(arrays["split"] == "train")
         labels, sources = arrays["label"][train], arrays["source"][train]
     [(weights, indices)] = drawn

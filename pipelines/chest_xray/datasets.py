@@ -154,6 +154,22 @@ def frontal_chest_samples(data_dir: Path, split: str = "all") -> dict[str, list[
     return found
 
 
+OUTSIDE_NORMALS = "lung-seg/openist"
+THRESHOLD_SPLIT = "val"  # of OUTSIDE_NORMALS: covid19's threshold is chosen on it, so it is not scored
+
+
+def threshold_normals(data_dir: Path) -> list[Sample]:
+    """Return the outside-source normals covid19's threshold is chosen on (never trained on)."""
+    return masked_samples(data_dir / OUTSIDE_NORMALS, "masks-lung", THRESHOLD_SPLIT)
+
+
+def outside_normals(data_dir: Path) -> list[Sample]:
+    """Return the outside-source normals covid19 is scored on: all of :data:`OUTSIDE_NORMALS` but the
+    split its threshold is chosen on."""
+    every = masked_samples(data_dir / OUTSIDE_NORMALS, "masks-lung")
+    return [s for s in every if hash_split(s.image.stem) != THRESHOLD_SPLIT]
+
+
 #: What each head never trained on, scored by ``evaluate sources`` as its outside sources.
 OUTSIDE_SOURCES = {
     "lung": "no lung source is held out entirely: lung-seg/covid-seg val + test (29 images never trained on; "
@@ -161,7 +177,8 @@ OUTSIDE_SOURCES = {
     "count the convention against the model, spill does not)",
     "covid19": "COVID-19: lung-seg/covid-seg val + test (27, ieee8023 collection, never trained on; the "
     "COVID-19 Radiography Database also draws on that collection, so some may be near-duplicates of "
-    "training images); normal: lung-seg/openist, all 275",
+    "training images); normal: lung-seg/openist train + test hash splits (232; its val split, 43, chooses the "
+    "threshold and is not scored)",
     "pneumothorax": "normal: lung-seg/openist, all 275 (no outside source has pneumothorax labels)",
     "localization": "none (opacity masks exist for covid-seg only)",
 }

@@ -318,7 +318,8 @@ def evaluate_sources(pipeline: ChestXrayPipeline, data_dir: Path, out: Path) -> 
             # NIH's official train and val splits are negatives of its training: its test split is in-source
             "in_source": evaluate_binary(pipeline, [covid19], datasets.covid_samples(data_dir / "covid-radiography", "test"),
                                          out, "covid19-in", _as_label(nih_test, 0)),
-            "outside_source": evaluate_binary(pipeline, [covid19], _as_label(covid_seg, 1) + _as_label(openist, 0),
+            "outside_source": evaluate_binary(pipeline, [covid19],
+                                              _as_label(covid_seg, 1) + _as_label(datasets.outside_normals(data_dir), 0),
                                               out, "covid19-outside"),
         },
         "pneumothorax": {

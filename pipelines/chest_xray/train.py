@@ -311,7 +311,8 @@ COVID_DATA = (
     "covid-radiography: COVID-19 Radiography Database (Qatar University / University of Dhaka; Chowdhury et al. "
     "2020, Rahman et al. 2021), 224 px copy from rtchanon/Machine-Learning-for-COVID-19-detection-from-chest-X-RAYS; "
     "research use with citation, sources carry their own licences; with the NIH ChestX-ray14 images of the official "
-    "train and val splits as negatives (NIH Clinical Center, unrestricted use, cite Wang et al. CVPR 2017)"
+    "train and val splits as negatives (NIH Clinical Center, unrestricted use, cite Wang et al. CVPR 2017); "
+    "the threshold is also chosen on lung-seg/openist's val hash split (43 normals, never trained on)"
 )
 NIH_DATA = (
     "nih-cxr14: NIH ChestX-ray14 subset (1,105 images, official CheXNet split; labels from arnoweng/CheXNet); "
@@ -332,7 +333,8 @@ BALANCED_SAMPLING = (
 THRESHOLD_RULE = "maximises Youden's J (sensitivity + specificity - 1) on the validation split"
 SOURCES_THRESHOLD_RULE = (
     "maximises sensitivity + the lowest specificity of any source - 1 on the validation split "
-    "(covid-radiography val, and the outside negatives of NIH's official val split)"
+    "(covid-radiography val, the negatives of NIH's official val split, and OpenIST's val hash split: normals "
+    "of a source no classifier trains on)"
 )
 
 
@@ -466,6 +468,55 @@ def predict(network: torch.nn.Module, images: torch.Tensor, device: torch.device
     return torch.cat([torch.sigmoid(network(c.to(device))[:, 0]).cpu() for c in images.split(64)]).numpy()
 
 
+def choose_threshold(head: Head, arrays: dict[str, np.ndarray], scores: np.ndarray) -> tuple[float, str, dict[str, Any]]:
+    """Return the threshold chosen on the validation ``scores`` of ``arrays``, its rule, and the
+    validation figures at it: those of the positives' source, then every other source's specificity.
+
+    With more than one source the threshold is :func:`worst_source_threshold`'s, else Youden's.
+    """
+    val = np.flatnonzero(arrays["split"] == "val")
+    labels = arrays["label"][val]
+    sources = arrays["source"][val] if "source" in arrays else np.full(len(val), head.data.split(":")[0])
+    source = sources[labels == 1][0]  # the positives' source: the in-source figures are of it alone
+    if len(set(sources.tolist())) > 1:
+        threshold, rule = worst_source_threshold(labels, scores, sources), SOURCES_THRESHOLD_RULE
+    else:
+        threshold, rule = youden_threshold(labels, scores), THRESHOLD_RULE
+    inside = sources == source
+    validation: dict[str, Any] = {
+        k: round(v, 4) for k, v in binary_metrics(labels[inside], scores[inside], threshold).items()
+    }
+    validation["images"] = int(inside.sum())  # the figures above are of the positives' source alone
+    for other in sorted(set(sources.tolist()) - {source}):
+        outside = sources == other
+        validation[f"specificity_{other}"] = round(float((scores[outside] < threshold).mean()), 4)
+        validation[f"images_{other}"] = int(outside.sum())
+    return threshold, rule, validation
+
+
+def rechoose_threshold(head: Head, arrays: dict[str, np.ndarray], out: Path) -> dict[str, Any]:
+    """Return the manifest entry of ``head`` in ``out`` with its threshold chosen again on the validation
+    split of ``arrays`` by today's rule (:func:`choose_threshold`); its weights are not changed.
+
+    Raises :class:`InputError` when the validation split has one class only.
+    """
+    entry = _entry(out, head)
+    labels, val = arrays["label"], np.flatnonzero(arrays["split"] == "val")
+    if len(set(labels[val].tolist())) != 2:
+        raise InputError(f"{head.name}: the validation split has one class only, there is no threshold to choose")
+    device = pick_device()
+    images = arrays[f"{head.spec.region}-{head.spec.size}"][val]
+    scores = predict(load_network(entry, out, device), torch.from_numpy(images[:, None] / np.float32(255)), device)
+    threshold, rule, validation = choose_threshold(head, arrays, scores)
+    logger.info("%s: threshold %.4f -> %.4f", head.name, entry["threshold"], threshold)
+    return {
+        **entry,
+        "threshold": round(threshold, 4),
+        "threshold_rule": f"{rule}; chosen again without training, for the weights of the last run",
+        "validation": {"images": int(len(val)), "positives": int(labels[val].sum()), **validation},
+    }
+
+
 def train_classifier(
     head: Head,
     arrays: dict[str, np.ndarray],
@@ -563,22 +614,7 @@ def train_classifier(
     elif selectable:
         network.load_state_dict(best_state)
     if selectable:
-        scores = predict(network, val_images, device)
-        sources = arrays["source"][val] if "source" in arrays else np.full(len(val), head.data.split(":")[0])
-        source = sources[labels[val] == 1][0]  # the positives' source: the in-source figures are of it alone
-        if len(set(sources.tolist())) > 1:
-            threshold, rule = worst_source_threshold(labels[val], scores, sources), SOURCES_THRESHOLD_RULE
-        else:
-            threshold, rule = youden_threshold(labels[val], scores), THRESHOLD_RULE
-        inside = sources == source
-        validation: dict[str, Any] = {
-            k: round(v, 4) for k, v in binary_metrics(labels[val][inside], scores[inside], threshold).items()
-        }
-        validation["images"] = int(inside.sum())  # the figures above are of the positives' source alone
-        for other in sorted(set(sources.tolist()) - {source}):
-            outside = sources == other
-            validation[f"specificity_{other}"] = round(float((scores[outside] < threshold).mean()), 4)
-            validation[f"images_{other}"] = int(outside.sum())
+        threshold, rule, validation = choose_threshold(head, arrays, predict(network, val_images, device))
     else:
         threshold = 0.5
         validation = {"auroc": None, "note": "the validation split has one class only: no AUROC, gate not met"}
@@ -597,11 +633,7 @@ def train_classifier(
         "threshold": round(threshold, 4),
         "threshold_rule": rule,
         "gradcam_layer": head.gradcam_layer,
-        "validation": {
-            "images": int(len(val)),
-            "positives": int(labels[val].sum()),
-            **validation,
-        },
+        "validation": {"images": int(len(val)), "positives": int(labels[val].sum()), **validation},
         "gate": {"metric": "validation auroc", "minimum": head.gate},
         "experimental": head.experimental,
         "flag_enabled": not head.experimental,
@@ -657,11 +689,16 @@ def classifier_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> 
         samples = datasets.covid_samples(data_dir / "covid-radiography")
         splits = [datasets.hash_split(s.image.stem) for s in samples]
         sources = ["covid-radiography"] * len(samples)
-        for split in ("train", "val"):  # ChestX-ray14 predates COVID-19: every image is a negative
-            chunk = [replace(s, label=0) for s in datasets.labelled_samples(data_dir / "nih-cxr14", "Pneumothorax", split)]
-            samples, splits, sources = samples + chunk, splits + [split] * len(chunk), sources + ["nih-cxr14"] * len(chunk)
+        negatives = [  # ChestX-ray14 predates COVID-19: every image is a negative
+            (split, "nih-cxr14", datasets.labelled_samples(data_dir / "nih-cxr14", "Pneumothorax", split))
+            for split in ("train", "val")
+        ]
+        negatives.append(("val", "openist", datasets.threshold_normals(data_dir)))
+        for split, source, chunk in negatives:
+            samples = samples + [replace(s, label=0) for s in chunk]
+            splits, sources = splits + [split] * len(chunk), sources + [source] * len(chunk)
         return cached(
-            cache_dir / f"covid19+nih_{key}.npz",
+            cache_dir / f"covid19+nih+openist-val_{key}.npz",
             lambda: {**classifier_arrays(samples, segmenter, [head.spec], splits), "source": np.array(sources)},
         )
     root = data_dir / "nih-cxr14"
@@ -719,6 +756,12 @@ def _train(args: argparse.Namespace) -> None:
         if args.size or args.region:
             spec = replace(head.spec, size=args.size or head.spec.size, region=args.region or head.spec.region)
             head = replace(head, spec=spec)
+        if args.threshold_only:
+            head = replace(head, spec=InputSpec.from_manifest(_entry(args.out, head)["input"]))
+            arrays = classifier_cache(head, args.data_dir, args.out, args.cache_dir)
+            update_manifest(args.out, "references" if head.reference else "findings",
+                            rechoose_threshold(head, arrays, args.out))
+            continue
         guide = guide_cache(head, args.data_dir, args.out, args.cache_dir) if head.guided and args.guidance else None
         arrays = classifier_cache(head, args.data_dir, args.out, args.cache_dir)
         start = _entry(args.out, head) if args.resume else None
@@ -763,6 +806,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "instead of the best epoch")
     parser.add_argument("--balance-sources", action="store_true",
                         help="classifier: draw every source's negatives equally often in total (with replacement)")
+    parser.add_argument("--threshold-only", action="store_true",
+                        help="classifier: choose each head's threshold again on its validation split, with its "
+                        "weights in --out's manifest, without training")
     parser.add_argument("--no-guidance", dest="guidance", action="store_false",
                         help=f"classifier: train guided heads without opacity guidance (no {GUIDE_SET} needed)")
     args = parser.parse_args(argv)
