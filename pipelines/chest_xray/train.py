@@ -482,6 +482,7 @@ def choose_threshold(head: Head, arrays: dict[str, np.ndarray], scores: np.ndarr
         threshold, rule = worst_source_threshold(labels, scores, sources), SOURCES_THRESHOLD_RULE
     else:
         threshold, rule = youden_threshold(labels, scores), THRESHOLD_RULE
+    threshold = round(threshold, 4)  # as the manifest holds it: the figures are those of the shipped threshold
     inside = sources == source
     validation: dict[str, Any] = {
         k: round(v, 4) for k, v in binary_metrics(labels[inside], scores[inside], threshold).items()
@@ -511,7 +512,7 @@ def rechoose_threshold(head: Head, arrays: dict[str, np.ndarray], out: Path) -> 
     logger.info("%s: threshold %.4f -> %.4f", head.name, entry["threshold"], threshold)
     return {
         **entry,
-        "threshold": round(threshold, 4),
+        "threshold": threshold,
         "threshold_rule": f"{rule}; chosen again without training, for the weights of the last run",
         "validation": {"images": int(len(val)), "positives": int(labels[val].sum()), **validation},
     }
@@ -630,7 +631,7 @@ def train_classifier(
         "architecture": CLASSIFIER_ARCHITECTURE,
         "input": head.spec.as_manifest(),
         "output": {"activation": "sigmoid", "index": 0},
-        "threshold": round(threshold, 4),
+        "threshold": threshold,
         "threshold_rule": rule,
         "gradcam_layer": head.gradcam_layer,
         "validation": {"images": int(len(val)), "positives": int(labels[val].sum()), **validation},
