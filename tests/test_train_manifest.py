@@ -146,7 +146,7 @@ def test_threshold_only_chooses_the_threshold_again_and_keeps_the_weights(tmp_pa
     assert (out / before["file"]).read_bytes() == weights and after["sha256"] == before["sha256"]
     assert after["training"] == before["training"] and after["input"] == before["input"]
     assert "chosen again without training" in after["threshold_rule"]
-    assert after["validation"]["images_openist"] == 2 and "images_openist" not in before["validation"]
+    assert after["validation"]["images_openist"] == 2  # this set's two, not the shipped 43
     with np.load(tmp_path / "cache" / "covid19+nih+openist-val_lung-128.npz") as arrays:
         val = arrays["split"] == "val"
         labels, sources, images = arrays["label"][val], arrays["source"][val], arrays["lung-128"][val]
