@@ -3,6 +3,7 @@ network namespace."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from dicom_node.config import load_settings
 from dicom_node.db import Delivery, Job, NodeDatabase
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
+from pipelines.chest_xray.datasets import hash_split
 
 DCMTK_DIRS = ("/usr/bin", "/usr/local/bin")
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -63,6 +65,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def stems_in_split(prefix: str, split: str, count: int = 1) -> list[str]:
+    """Return the first ``count`` file stems ``prefix0``, ``prefix1``, ... that the hash split puts into ``split``."""
+    stems = (f"{prefix}{n}" for n in itertools.count() if hash_split(f"{prefix}{n}") == split)
+    return list(itertools.islice(stems, count))
 
 
 def dataset_bytes(path: Path) -> bytes:

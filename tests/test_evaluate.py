@@ -15,6 +15,7 @@ from pipelines.chest_xray.datasets import HELD_OUT, SPLITS, hash_split, masked_s
 from pipelines.chest_xray.evaluate import main
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
 
+from tests.conftest import stems_in_split
 from tests.test_pipeline import MANIFEST
 
 
@@ -83,11 +84,6 @@ def test_lung_scores_dicom_images_through_the_nodes_own_path(tmp_path: Path, cap
     assert report["sets"]["site"]["min"] == pytest.approx(1.0)
 
 
-def _stem(prefix: str, split: str) -> str:
-    """Return the first ``prefix-N`` whose hash split is ``split``."""
-    return next(f"{prefix}-{n}" for n in range(1000) if hash_split(f"{prefix}-{n}") == split)
-
-
 def test_sources_puts_each_heads_outside_source_figures_beside_its_own(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -108,13 +104,13 @@ def test_sources_puts_each_heads_outside_source_figures_beside_its_own(
             picture.save(folder / name / f"{stem}.png")
 
     for split in ("test", "val"):  # the val image chooses covid19's threshold: it is no outside-source figure
-        image(data / "lung-seg" / "openist", _stem("openist", split), **{"masks-lung": lung_png})
+        image(data / "lung-seg" / "openist", stems_in_split("openist-", split)[0], **{"masks-lung": lung_png})
     for split in ("val", "train"):  # the train image trains the shipped UNet: no outside-source figure counts it
-        image(data / "lung-seg" / "covid-seg", _stem("seg", split),
+        image(data / "lung-seg" / "covid-seg", stems_in_split("seg-", split)[0],
               **{"masks-lung": lung_png, "masks-opacity": Image.fromarray(opacity.astype(np.uint8) * 255)})
     for folder in ("COVID", "Normal"):
         (data / "covid-radiography" / folder).mkdir(parents=True)
-        small.save(data / "covid-radiography" / folder / f"{_stem(folder, 'test')}.png")
+        small.save(data / "covid-radiography" / folder / f"{stems_in_split(folder + '-', 'test')[0]}.png")
     nih = data / "nih-cxr14"
     image(nih, "nih-0")
     image(nih, "nih-1")

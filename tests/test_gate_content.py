@@ -19,17 +19,8 @@ from pipelines.chest_xray.datasets import hash_split
 from pipelines.chest_xray.evaluate import main as evaluate
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
 from pipelines.chest_xray.preprocess import load_dataset
+from tests.conftest import stems_in_split
 from tests.test_pipeline import MANIFEST
-
-
-def _stems(split: str, count: int, prefix: str) -> list[str]:
-    """Return ``count`` file stems that the hash split puts into ``split``."""
-    stems, n = [], 0
-    while len(stems) < count:
-        if hash_split(f"{prefix}{n}") == split:
-            stems.append(f"{prefix}{n}")
-        n += 1
-    return stems
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +30,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
     display = load_dataset(pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))).display
     variants = [Image.fromarray(display).resize((size, int(size * 1955 / 1841)), Image.BOX) for size in (224, 320, 512)]
-    stems = _stems("train", 3, "t") + _stems("val", 3, "v")
+    stems = stems_in_split("t", "train", 3) + stems_in_split("v", "val", 3)
     images = [variants[i % 3] for i in range(len(stems))]
 
     def save(folder: Path) -> None:

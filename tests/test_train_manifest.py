@@ -23,6 +23,7 @@ from pipelines.chest_xray.train import (
     source_balanced_weights,
     update_manifest,
 )
+from tests.conftest import stems_in_split
 
 
 def test_a_retrained_finding_keeps_its_place(tmp_path: Path) -> None:
@@ -56,15 +57,9 @@ def _covid_set(data: Path, rng: np.random.Generator, count: int = 12) -> None:
     openist = data / "lung-seg" / "openist"
     for folder in ("images", "masks-lung"):
         (openist / folder).mkdir(parents=True)
-    for stem in (_stem("openist", "val", 0), _stem("openist", "val", 1), _stem("openist", "train", 0)):
+    for stem in stems_in_split("openist-", "val", 2) + stems_in_split("openist-", "train"):
         Image.fromarray(rng.integers(0, 255, (96, 96), dtype=np.uint8)).save(openist / "images" / f"{stem}.png")
         Image.fromarray(np.full((96, 96), 255, dtype=np.uint8)).save(openist / "masks-lung" / f"{stem}.png")
-
-
-def _stem(prefix: str, split: str, skip: int = 0) -> str:
-    """Return the ``skip``-th ``prefix-N`` (from 0) whose hash split is ``split``."""
-    stems = (f"{prefix}-{n}" for n in range(1000) if hash_split(f"{prefix}-{n}") == split)
-    return next(stem for index, stem in enumerate(stems) if index == skip)
 
 
 def _weights(tmp_path: Path) -> Path:
@@ -154,6 +149,18 @@ def test_threshold_only_chooses_the_threshold_again_and_keeps_the_weights(tmp_pa
     with torch.no_grad():
         scores = torch.sigmoid(network(torch.from_numpy(images[:, None] / np.float32(255)))[:, 0]).numpy()
     assert after["threshold"] == pytest.approx(worst_source_threshold(labels, scores, sources), abs=1e-4)
+
+
+def test_covid19_without_its_outside_normals_is_a_clear_error_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _covid_set(tmp_path / "data", np.random.default_rng(7))
+    shutil.rmtree(tmp_path / "data" / "lung-seg" / "openist")
+    with pytest.raises(SystemExit):
+        main(["classifier", "--heads", "covid19", "--threshold-only", "--data-dir", str(tmp_path / "data"),
+              "--out", str(_weights(tmp_path)), "--cache-dir", str(tmp_path / "cache")])
+    assert "threshold is chosen on lung-seg/openist's val split" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 def test_every_source_s_negatives_weigh_the_same_and_an_epoch_keeps_its_size() -> None:

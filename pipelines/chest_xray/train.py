@@ -694,7 +694,11 @@ def classifier_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> 
             (split, "nih-cxr14", datasets.labelled_samples(data_dir / "nih-cxr14", "Pneumothorax", split))
             for split in ("train", "val")
         ]
-        negatives.append(("val", "openist", datasets.threshold_normals(data_dir)))
+        try:
+            negatives.append(("val", "openist", datasets.threshold_normals(data_dir)))
+        except InputError as exc:
+            raise InputError(f"{exc}: {head.name}'s threshold is chosen on {datasets.OUTSIDE_NORMALS}'s "
+                             f"{datasets.THRESHOLD_SPLIT} split, outside normals it never trains on") from exc
         for split, source, chunk in negatives:
             samples = samples + [replace(s, label=0) for s in chunk]
             splits, sources = splits + [split] * len(chunk), sources + [source] * len(chunk)
