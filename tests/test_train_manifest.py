@@ -114,7 +114,7 @@ def test_covid19_trains_with_nih_negatives_and_a_threshold_fair_to_every_source(
     main(["classifier", "--heads", "covid19", "--no-guidance", "--data-dir", str(tmp_path / "data"), "--out", str(out),
           "--cache-dir", str(tmp_path / "cache"), "--size", "64", "--epochs", "1"])
     entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
-    with np.load(tmp_path / "cache" / "covid19+nih+openist-val_lung-64.npz") as arrays:
+    with np.load(tmp_path / "cache" / "covid19+nih+openist-val_lung-64+keep.npz") as arrays:
         nih = arrays["source"] == "nih-cxr14"
         assert sorted(arrays["split"][nih].tolist()) == ["train"] * 4 + ["val"] * 2
         assert not arrays["label"][nih].any()  # every NIH image is a COVID-19 negative, whatever its labels
@@ -142,7 +142,7 @@ def test_threshold_only_chooses_the_threshold_again_and_keeps_the_weights(tmp_pa
     assert after["training"] == before["training"] and after["input"] == before["input"]
     assert "chosen again without training" in after["threshold_rule"]
     assert after["validation"]["images_openist"] == 2  # this set's two, not the shipped 43
-    with np.load(tmp_path / "cache" / "covid19+nih+openist-val_lung-128.npz") as arrays:
+    with np.load(tmp_path / "cache" / "covid19+nih+openist-val_lung-128+keep.npz") as arrays:
         val = arrays["split"] == "val"
         labels, sources, images = arrays["label"][val], arrays["source"][val], arrays["lung-128"][val]
     network = load_network(before, out, torch.device("cpu"))
@@ -196,7 +196,7 @@ def test_balanced_sampling_draws_the_small_source_more_and_says_so(tmp_path: Pat
               "--epochs", "1"])
     entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
     assert entry["training"]["runs"][-1]["sampling"] == BALANCED_SAMPLING
-    with np.load(tmp_path / "cache" / "covid19+nih+openist-val_lung-64.npz") as arrays:
+    with np.load(tmp_path / "cache" / "covid19+nih+openist-val_lung-64+keep.npz") as arrays:
         train = np.flatnonzero(arrays["split"] == "train")
         labels, sources = arrays["label"][train], arrays["source"][train]
     [(weights, indices)] = drawn
@@ -298,3 +298,22 @@ def test_lung_training_records_its_convention_and_what_it_never_trained_on(tmp_p
     assert "its val and test splits" in training["not_trained_on"][0]
     assert training["images"] == sum(1 for name, count in (("openist", 8), ("covid-seg", 6)) for n in range(count)
                                      if hash_split(f"{name}-{n}") == "train")
+
+
+def test_lung_margin_trains_on_the_unmasked_box_and_its_mask_and_records_so(tmp_path: Path) -> None:
+    """A ``lung`` cache holds each input's unmasked lung box and the mask it keeps (together they make the
+    input); ``--lung-margin`` trains from them and the run's augmentation says so; asked of another region,
+    it is a clear error."""
+    _covid_set(tmp_path / "data", np.random.default_rng(8))
+    out = _weights(tmp_path)
+    common = ["classifier", "--heads", "covid19", "--no-guidance", "--data-dir", str(tmp_path / "data"),
+              "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--size", "64", "--epochs", "1"]
+    main([*common, "--lung-margin", "3"])
+    entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
+    assert "lung mask edge moved in or out by 0-3 px" in entry["training"]["runs"][-1]["augmentation"]
+    with np.load(tmp_path / "cache" / "covid19+nih+openist-val_lung-64+keep.npz") as arrays:
+        masked, crop, keep = arrays["lung-64"], arrays["lung-64-crop"], arrays["lung-64-keep"]
+    assert crop.shape == keep.shape == masked.shape and set(np.unique(keep)) <= {0, 1}
+    assert np.array_equal(masked, crop * keep) and 0 < keep.mean() < 1
+    with pytest.raises(SystemExit):
+        main([*common, "--lung-margin", "3", "--region", "lung-crop"])

@@ -164,6 +164,14 @@ class InputSpec:
         return {"size": self.size, "region": self.region, "channels": self.channels, "normalize": self.normalize}
 
 
+def lung_keep(lung_mask: np.ndarray, box: tuple[slice, slice], size: int) -> np.ndarray:
+    """Return the lung pixels of ``box`` at ``size``², dilated by ``size // 64`` px (at least 1): what a
+    ``lung`` region keeps and what its percentiles are taken over.
+    """
+    mask = np.asarray(Resize((size, size), mode="nearest")(lung_mask[box][None].astype(np.float32))[0])
+    return ndimage.binary_dilation(mask > 0.5, iterations=max(size // 64, 1))
+
+
 def classifier_input(display: np.ndarray, lung_mask: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, tuple[slice, slice]]:
     """Return a classifier's (channels, size, size) float32 input and the source box it covers.
 
@@ -171,10 +179,7 @@ def classifier_input(display: np.ndarray, lung_mask: np.ndarray, spec: InputSpec
     """
     box = lung_box(lung_mask) if spec.region != "whole" else (slice(0, display.shape[0]), slice(0, display.shape[1]))
     crop = np.asarray(Resize((spec.size, spec.size), mode="area")(display[box][None].astype(np.float32))[0])
-    keep = np.ones(crop.shape, dtype=bool)
-    if spec.region != "whole":
-        mask = np.asarray(Resize((spec.size, spec.size), mode="nearest")(lung_mask[box][None].astype(np.float32))[0])
-        keep = ndimage.binary_dilation(mask > 0.5, iterations=max(spec.size // 64, 1))
+    keep = lung_keep(lung_mask, box, spec.size) if spec.region != "whole" else np.ones(crop.shape, dtype=bool)
     if spec.normalize == "imagenet":
         unit = np.repeat(crop[None] / 255.0, spec.channels, axis=0)
         mean = np.asarray(IMAGENET_MEAN[: spec.channels])[:, None, None]

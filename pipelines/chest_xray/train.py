@@ -48,9 +48,17 @@ from pipelines.chest_xray.acquisition import (
 from pipelines.chest_xray.datasets import Sample
 from pipelines.chest_xray.gradcam import GRADCAM_LAYER
 from pipelines.chest_xray.guidance import GUIDED_LAYER, ActivationMap, pointing_loss
+from pipelines.chest_xray.lung_margin import RandLungMargind, margin_text
 from pipelines.chest_xray.metrics import binary_metrics, dice, worst_source_threshold, youden_threshold
 from pipelines.chest_xray.models import build_network, load_network, read_manifest, save_weights, write_manifest
-from pipelines.chest_xray.preprocess import REGIONS, InputSpec, classifier_input, load_image_file, network_image
+from pipelines.chest_xray.preprocess import (
+    REGIONS,
+    InputSpec,
+    classifier_input,
+    load_image_file,
+    lung_keep,
+    network_image,
+)
 from pipelines.chest_xray.segmentation import LungSegmenter
 from pipelines.errors import InputError, WeightsError
 
@@ -372,18 +380,35 @@ def _lungs_or_whole(lung_mask: np.ndarray) -> np.ndarray:
     return lung_mask if lung_mask.any() else np.ones_like(lung_mask)
 
 
+def _spec_key(spec: InputSpec) -> str:
+    return f"{spec.region}-{spec.size}"
+
+
+def _uint8(image: np.ndarray) -> np.ndarray:
+    return np.round(image * 255).astype(np.uint8)
+
+
 def classifier_arrays(
     samples: Sequence[Sample], segmenter: LungSegmenter, specs: Sequence[InputSpec], splits: Sequence[str]
 ) -> dict[str, np.ndarray]:
-    """Return uint8 inputs for each spec (key ``region-size``), labels and splits of ``samples``."""
-    inputs: dict[str, list[np.ndarray]] = {f"{s.region}-{s.size}": [] for s in specs}
+    """Return uint8 inputs for each spec (key ``region-size``), labels and splits of ``samples``; a
+    ``lung`` spec also gets its lung box unmasked (``…-crop``) and the mask it keeps (``…-keep``), for
+    :class:`~pipelines.chest_xray.lung_margin.RandLungMargind`.
+    """
+    keys = [_spec_key(s) for s in specs]
+    keys += [f"{_spec_key(s)}-{part}" for s in specs if s.region == "lung" for part in ("crop", "keep")]
+    inputs: dict[str, list[np.ndarray]] = {key: [] for key in keys}
     for start in tqdm(range(0, len(samples), 32), desc="segment + crop"):
         chunk = samples[start : start + 32]
         displays = [load_image_file(s.image).display for s in chunk]
         for display, mask in zip(displays, map(_lungs_or_whole, segmenter.masks(displays)), strict=True):
             for spec in specs:
-                image = classifier_input(display, mask, spec)[0][0]
-                inputs[f"{spec.region}-{spec.size}"].append(np.round(image * 255).astype(np.uint8))
+                image, box = classifier_input(display, mask, spec)
+                inputs[_spec_key(spec)].append(_uint8(image[0]))
+                if spec.region == "lung":
+                    crop = classifier_input(display, mask, replace(spec, region="lung-crop"))[0][0]
+                    inputs[f"{_spec_key(spec)}-crop"].append(_uint8(crop))
+                    inputs[f"{_spec_key(spec)}-keep"].append(lung_keep(mask, box, spec.size).astype(np.uint8))
     return {
         **{key: np.stack(images) for key, images in inputs.items()},
         "label": np.array([s.label for s in samples], dtype=np.uint8),
@@ -506,7 +531,7 @@ def rechoose_threshold(head: Head, arrays: dict[str, np.ndarray], out: Path) -> 
     if len(set(labels[val].tolist())) != 2:
         raise InputError(f"{head.name}: the validation split has one class only, there is no threshold to choose")
     device = pick_device()
-    images = arrays[f"{head.spec.region}-{head.spec.size}"][val]
+    images = arrays[_spec_key(head.spec)][val]
     scores = predict(load_network(entry, out, device), torch.from_numpy(images[:, None] / np.float32(255)), device)
     threshold, rule, validation = choose_threshold(head, arrays, scores)
     logger.info("%s: threshold %.4f -> %.4f", head.name, entry["threshold"], threshold)
@@ -531,6 +556,7 @@ def train_classifier(
     guide: dict[str, np.ndarray] | None = None,
     average: bool = False,
     balance_sources: bool = False,
+    margin: int = 0,
 ) -> dict[str, Any]:
     """Train one binary DenseNet head, from scratch or continuing from the manifest entry ``start``;
     return its manifest entry (weights written to ``out``).
@@ -543,22 +569,30 @@ def train_classifier(
     those at the end of every epoch (stochastic weight averaging), with batch-norm statistics
     recomputed on the training split; otherwise the best validation epoch is kept. With
     ``balance_sources``, each epoch draws its images with replacement by
-    :func:`source_balanced_weights` instead of shuffling them once each.
+    :func:`source_balanced_weights` instead of shuffling them once each. With ``margin`` (px, ``lung``
+    inputs only), each training image's lung mask edge moves by up to that much before masking
+    (:class:`~pipelines.chest_xray.lung_margin.RandLungMargind`).
     """
     device = pick_device()
-    images = arrays[f"{head.spec.region}-{head.spec.size}"]
+    images = arrays[_spec_key(head.spec)]
     labels, split = arrays["label"], arrays["split"]
     train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
-    items = [{"image": images[i][None] / np.float32(255), "label": np.float32(labels[i])} for i in train]
+    if margin and head.spec.region != "lung":
+        raise InputError(f"{head.name}: a lung margin needs the lung region as input, not {head.spec.region}")
+    unmasked = {"image": arrays[f"{_spec_key(head.spec)}-crop"], "keep": arrays[f"{_spec_key(head.spec)}-keep"]} \
+        if margin else {"image": images}
+    items = [{**{key: array[i][None] / np.float32(255 if key == "image" else 1) for key, array in unmasked.items()},
+              "label": np.float32(labels[i])} for i in train]
     sampler = None
     if balance_sources:
         if "source" not in arrays:
             raise InputError(f"{head.name}: its data set has one source only, there is nothing to balance")
         weights = source_balanced_weights(labels[train], arrays["source"][train])
         sampler = WeightedRandomSampler(torch.from_numpy(weights), num_samples=len(train), replacement=True)
+    augment = augmentations(["image"], ["bilinear"], acquisition=RandAcquisitiond(
+        "image", CLASSIFIER_KINDS, keep_background=True))
     loader = DataLoader(
-        Dataset(items, augmentations(["image"], ["bilinear"], acquisition=RandAcquisitiond(
-            "image", CLASSIFIER_KINDS, keep_background=True))),
+        Dataset(items, Compose([RandLungMargind("image", "keep", margin), augment]) if margin else augment),
         batch_size=batch_size,
         shuffle=sampler is None,
         sampler=sampler,
@@ -650,7 +684,8 @@ def train_classifier(
                                 "schedule": "constant" if average else "cosine decay",
                                 "kept": AVERAGE_KEPT if average else _best_kept(selectable),
                                 "sampling": BALANCED_SAMPLING if balance_sources else "each image once per epoch",
-                                "augmentation": f"{augmentation_text()}; {CLASSIFIER_DESCRIPTION}"}],
+                                "augmentation": f"{augmentation_text()}; {CLASSIFIER_DESCRIPTION}"
+                                + (f"; {margin_text(margin)}" if margin else "")}],
             "augmentation": f"{augmentation_text()}; each run since the acquisition augmentation also lists its own",
             "data": [head.data, *([GUIDE_DATA] if guide is not None else [])],
             **({"guidance": {
@@ -678,14 +713,13 @@ def guide_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> dict[
         samples = datasets.masked_samples(data_dir / GUIDE_SET, "masks-opacity")
     except InputError as exc:
         raise InputError(f"{exc}: opacity guidance needs {GUIDE_SET}, or train with --no-guidance") from exc
-    key = f"{head.spec.region}-{head.spec.size}"
-    return cached(cache_dir / f"opacity_{key}.npz", lambda: opacity_arrays(samples, _segmenter(out), head.spec))
+    return cached(cache_dir / f"opacity_{_spec_key(head.spec)}.npz", lambda: opacity_arrays(samples, _segmenter(out), head.spec))
 
 
 def classifier_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> dict[str, np.ndarray]:
     """Return the cached inputs of ``head``'s data set at its input spec, built with the trained lung model."""
     segmenter = _segmenter(out)
-    key = f"{head.spec.region}-{head.spec.size}"
+    key = _spec_key(head.spec) + ("+keep" if head.spec.region == "lung" else "")  # "+keep": with -crop and -keep
     if head.name.startswith("covid19"):
         samples = datasets.covid_samples(data_dir / "covid-radiography")
         splits = [datasets.hash_split(s.image.stem) for s in samples]
@@ -772,7 +806,7 @@ def _train(args: argparse.Namespace) -> None:
         start = _entry(args.out, head) if args.resume else None
         entry = train_classifier(
             head, arrays, args.out, args.epochs or head.epochs, args.batch_size, args.lr, start, args.workers,
-            args.max_minutes, guide, args.average, args.balance_sources,
+            args.max_minutes, guide, args.average, args.balance_sources, args.lung_margin,
         )
         update_manifest(args.out, "references" if head.reference else "findings", entry)
 
@@ -811,6 +845,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "instead of the best epoch")
     parser.add_argument("--balance-sources", action="store_true",
                         help="classifier: draw every source's negatives equally often in total (with replacement)")
+    parser.add_argument("--lung-margin", type=_positive, default=0, metavar="PX",
+                        help="classifier, lung input: move each training image's lung mask edge in or out by up "
+                        "to PX px at random before masking")
     parser.add_argument("--threshold-only", action="store_true",
                         help="classifier: choose each head's threshold again on its validation split, with its "
                         "weights in --out's manifest, without training")
