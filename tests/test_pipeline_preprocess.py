@@ -22,6 +22,7 @@ from pipelines.chest_xray.preprocess import (
     load_path,
     lung_box,
     network_image,
+    smoothed,
 )
 from pipelines.errors import InputError, WeightsError
 
@@ -125,8 +126,24 @@ def test_network_and_classifier_inputs() -> None:
 
 def test_input_spec_is_validated() -> None:
     assert InputSpec.from_manifest({"size": [128, 128], "region": "lung"}) == InputSpec(128, "lung")
-    with pytest.raises(WeightsError, match="invalid input spec"):
-        InputSpec.from_manifest({"size": 128, "region": "abdomen"})
+    assert "smooth" not in InputSpec(128).as_manifest()  # manifests without smoothing stay as they were
+    assert InputSpec.from_manifest(InputSpec(128, smooth=1.0).as_manifest()) == InputSpec(128, smooth=1.0)
+    for invalid in ({"size": 128, "region": "abdomen"}, {"size": 128, "smooth": -1}, {"size": 128, "smooth": "soft"},
+                    {"size": 64, "smooth": 9}):
+        with pytest.raises(WeightsError, match="invalid input spec"):
+            InputSpec.from_manifest(invalid)
+
+
+def test_a_smoothed_lung_input_is_the_lung_input_blurred_within_its_mask() -> None:
+    display = np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8)
+    mask = np.zeros(display.shape, dtype=bool)
+    mask[10:30, 5:25] = mask[10:30, 40:60] = True
+    sharp, box = classifier_input(display, mask, InputSpec(64, "lung"))
+    soft, soft_box = classifier_input(display, mask, InputSpec(64, "lung", smooth=1.0))
+    assert soft_box == box and np.array_equal(soft == 0, sharp == 0)  # outside the lungs stays 0
+    inside = sharp > 0
+    assert soft[inside].std() < 0.7 * sharp[inside].std()  # the noise is blurred
+    assert np.allclose(soft, smoothed(sharp, 1.0)) and smoothed(sharp[None], 1.0).shape == (1, 1, 64, 64)
 
 
 def test_hash_split_is_stable_and_proportioned() -> None:

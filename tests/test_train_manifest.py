@@ -14,6 +14,7 @@ from torch.optim.swa_utils import AveragedModel
 from pipelines.chest_xray.datasets import hash_split
 from pipelines.chest_xray.metrics import worst_source_threshold
 from pipelines.chest_xray.models import load_network, read_manifest, write_manifest
+from pipelines.chest_xray.preprocess import smoothed
 from pipelines.chest_xray.train import (
     BALANCED_SAMPLING,
     IGNORED,
@@ -317,3 +318,23 @@ def test_lung_margin_trains_on_the_unmasked_box_and_its_mask_and_records_so(tmp_
     assert np.array_equal(masked, crop * keep) and 0 < keep.mean() < 1
     with pytest.raises(SystemExit):
         main([*common, "--lung-margin", "3", "--region", "lung-crop"])
+
+
+def test_a_smoothed_head_records_its_blur_and_its_threshold_is_chosen_on_blurred_inputs(tmp_path: Path) -> None:
+    """``--smooth`` puts the blur in the trained head's input spec (the node applies it from there), and
+    ``--threshold-only`` scores the validation split blurred the same way."""
+    _covid_set(tmp_path / "data", np.random.default_rng(9), count=14)
+    out = _weights(tmp_path)
+    common = ["classifier", "--heads", "covid19", "--no-guidance", "--data-dir", str(tmp_path / "data"),
+              "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--size", "64"]
+    main([*common, "--epochs", "1", "--smooth", "1.0"])
+    main([*common, "--threshold-only"])
+    entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")
+    assert entry["input"]["smooth"] == 1.0 and "chosen again" in entry["threshold_rule"]
+    with np.load(tmp_path / "cache" / "covid19+nih+openist-val_lung-64+keep.npz") as arrays:
+        val = arrays["split"] == "val"
+        labels, sources, images = arrays["label"][val], arrays["source"][val], arrays["lung-64"][val]
+    blurred = smoothed(images / np.float32(255), 1.0)
+    with torch.no_grad():
+        scores = torch.sigmoid(load_network(entry, out, torch.device("cpu"))(torch.from_numpy(blurred[:, None]))[:, 0])
+    assert entry["threshold"] == pytest.approx(worst_source_threshold(labels, scores.numpy(), sources), abs=1e-4)

@@ -135,33 +135,51 @@ class InputSpec:
     dilated lungs zeroed; ``lung-crop``: lung box; ``whole``: the whole image), resized
     to ``size``², ``channels`` 1 or 3 (gray repeated), and ``normalize`` ``percentiles``
     (0.5-99.5 % → [0, 1], of the lung pixels for lung regions) or ``imagenet``
-    (display / 255, then ImageNet mean/std, as torchvision-trained models expect).
+    (display / 255, then ImageNet mean/std, as torchvision-trained models expect); ``smooth``: σ in
+    input pixels of a Gaussian blur of the finished input (0: none; see :func:`smoothed`).
     """
 
     size: int
     region: str = "lung"
     channels: int = 1
     normalize: str = "percentiles"
+    smooth: float = 0.0
 
     @classmethod
     def from_manifest(cls, spec: Mapping[str, Any]) -> InputSpec:
         """Return the spec of a manifest ``input`` mapping; raises :class:`WeightsError` when invalid."""
         size = spec.get("size")
         size = size[0] if isinstance(size, list) else size
-        made = cls(int(size or 0), spec.get("region", "lung"), int(spec.get("channels", 1)), spec.get("normalize", "percentiles"))
+        try:
+            smooth = float(spec.get("smooth", 0.0))
+        except (TypeError, ValueError):
+            smooth = -1.0
+        made = cls(int(size or 0), spec.get("region", "lung"), int(spec.get("channels", 1)),
+                   spec.get("normalize", "percentiles"), smooth)
         if made.size < 32 or made.region not in REGIONS or made.channels not in (1, 3) or made.normalize not in (
             "percentiles",
             "imagenet",
-        ):
+        ) or not 0.0 <= made.smooth <= made.size / 8:
             raise WeightsError(
                 f"invalid input spec {dict(spec)}: size ≥ 32, region in {REGIONS}, channels 1 or 3, "
-                "normalize percentiles or imagenet"
+                "normalize percentiles or imagenet, smooth from 0 to size / 8"
             )
         return made
 
     def as_manifest(self) -> dict[str, Any]:
-        """Return the manifest mapping of this spec."""
-        return {"size": self.size, "region": self.region, "channels": self.channels, "normalize": self.normalize}
+        """Return the manifest mapping of this spec (``smooth`` only when there is one)."""
+        return {"size": self.size, "region": self.region, "channels": self.channels, "normalize": self.normalize,
+                **({"smooth": self.smooth} if self.smooth else {})}
+
+
+def smoothed(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Return classifier inputs (..., H, W) blurred by a Gaussian of ``sigma`` px within each plane; pixels
+    that were 0 (outside a ``lung`` input's mask) stay 0. The same in training and in the node, so that no
+    source's finer grain or sharper processing reaches the classifier.
+    """
+    planes = np.asarray(images, dtype=np.float32)
+    sigmas = (0,) * (planes.ndim - 2) + (sigma, sigma)
+    return (ndimage.gaussian_filter(planes, sigmas) * (planes != 0)).astype(np.float32)
 
 
 def lung_keep(lung_mask: np.ndarray, box: tuple[slice, slice], size: int) -> np.ndarray:
@@ -190,6 +208,8 @@ def classifier_input(display: np.ndarray, lung_mask: np.ndarray, spec: InputSpec
         image = np.repeat(np.clip((crop - low) / max(high - low, 1e-6), 0.0, 1.0)[None], spec.channels, axis=0)
     if spec.region == "lung":
         image = image * keep
+    if spec.smooth:
+        image = smoothed(image, spec.smooth)
     return image.astype(np.float32), box
 
 

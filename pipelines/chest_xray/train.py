@@ -58,6 +58,7 @@ from pipelines.chest_xray.preprocess import (
     load_image_file,
     lung_keep,
     network_image,
+    smoothed,
 )
 from pipelines.chest_xray.segmentation import LungSegmenter
 from pipelines.errors import InputError, WeightsError
@@ -388,6 +389,13 @@ def _uint8(image: np.ndarray) -> np.ndarray:
     return np.round(image * 255).astype(np.uint8)
 
 
+def cached_inputs(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Return cached uint8 inputs as the float32 inputs the node gives a classifier of ``spec`` (smoothed
+    when it is)."""
+    unit = images / np.float32(255)
+    return smoothed(unit, spec.smooth) if spec.smooth else unit
+
+
 def classifier_arrays(
     samples: Sequence[Sample], segmenter: LungSegmenter, specs: Sequence[InputSpec], splits: Sequence[str]
 ) -> dict[str, np.ndarray]:
@@ -443,16 +451,16 @@ def _forever(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
         yield from loader
 
 
-def _guide_batches(guide: dict[str, np.ndarray], workers: int) -> Iterator[dict[str, torch.Tensor]]:
+def _guide_batches(guide: dict[str, np.ndarray], workers: int, spec: InputSpec) -> Iterator[dict[str, torch.Tensor]]:
     """Return endless batches of the guidance set's train split (image, opacity and lung masks), augmented
     like the classification set and also flipped left-right half of the time: the guidance set is small.
     """
     train = np.flatnonzero(guide["split"] == "train")
     if train.size < GUIDE_BATCH:
         raise InputError(f"opacity guidance needs at least {GUIDE_BATCH} train-split images, found {train.size}")
+    images = cached_inputs(guide["images"], spec)
     items = [
-        {key: guide[source][i][None].astype(np.float32) / scale for key, source, scale in
-         (("image", "images", 255), ("opacity", "opacity", 1), ("lung", "lung", 1))}
+        {"image": images[i][None], **{key: guide[key][i][None].astype(np.float32) for key in ("opacity", "lung")}}
         for i in train
     ]
     loader = DataLoader(
@@ -531,8 +539,8 @@ def rechoose_threshold(head: Head, arrays: dict[str, np.ndarray], out: Path) -> 
     if len(set(labels[val].tolist())) != 2:
         raise InputError(f"{head.name}: the validation split has one class only, there is no threshold to choose")
     device = pick_device()
-    images = arrays[_spec_key(head.spec)][val]
-    scores = predict(load_network(entry, out, device), torch.from_numpy(images[:, None] / np.float32(255)), device)
+    images = cached_inputs(arrays[_spec_key(head.spec)][val], head.spec)
+    scores = predict(load_network(entry, out, device), torch.from_numpy(images[:, None]), device)
     threshold, rule, validation = choose_threshold(head, arrays, scores)
     logger.info("%s: threshold %.4f -> %.4f", head.name, entry["threshold"], threshold)
     return {
@@ -574,15 +582,15 @@ def train_classifier(
     (:class:`~pipelines.chest_xray.lung_margin.RandLungMargind`).
     """
     device = pick_device()
-    images = arrays[_spec_key(head.spec)]
+    images = cached_inputs(arrays[_spec_key(head.spec)], head.spec)
     labels, split = arrays["label"], arrays["split"]
     train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
-    if margin and head.spec.region != "lung":
-        raise InputError(f"{head.name}: a lung margin needs the lung region as input, not {head.spec.region}")
-    unmasked = {"image": arrays[f"{_spec_key(head.spec)}-crop"], "keep": arrays[f"{_spec_key(head.spec)}-keep"]} \
-        if margin else {"image": images}
-    items = [{**{key: array[i][None] / np.float32(255 if key == "image" else 1) for key, array in unmasked.items()},
-              "label": np.float32(labels[i])} for i in train]
+    if margin and (head.spec.region != "lung" or head.spec.smooth):
+        raise InputError(f"{head.name}: a lung margin needs an unsmoothed lung region as input")
+    unmasked = {"image": arrays[f"{_spec_key(head.spec)}-crop"] / np.float32(255),
+                "keep": arrays[f"{_spec_key(head.spec)}-keep"]} if margin else {"image": images}
+    items = [{**{key: array[i][None] for key, array in unmasked.items()}, "label": np.float32(labels[i])}
+             for i in train]
     sampler = None
     if balance_sources:
         if "source" not in arrays:
@@ -599,7 +607,7 @@ def train_classifier(
         num_workers=workers,
         persistent_workers=workers > 0,
     )
-    val_images = torch.from_numpy(images[val][:, None] / np.float32(255))
+    val_images = torch.from_numpy(images[val][:, None])
     network = load_network(start, out, device).train() if start else build_network(CLASSIFIER_ARCHITECTURE).to(device)
     positives = float(labels[train].sum())
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(train) - positives) / max(positives, 1.0)))
@@ -610,7 +618,7 @@ def train_classifier(
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     averaged = AveragedModel(network) if average else None
     selectable = len(set(labels[val].tolist())) == 2
-    guides = _guide_batches(guide, workers) if guide is not None else None
+    guides = _guide_batches(guide, workers, head.spec) if guide is not None else None
     activations = ActivationMap(network) if guide is not None else None
     best, best_state, started = -1.0, None, time.monotonic()
     progress = tqdm(range(epochs), desc=head.name)
@@ -792,8 +800,9 @@ def _train(args: argparse.Namespace) -> None:
     for name in args.heads or list(HEADS):
         head = HEADS[name]
         set_determinism(seed=args.seed)
-        if args.size or args.region:
-            spec = replace(head.spec, size=args.size or head.spec.size, region=args.region or head.spec.region)
+        if args.size or args.region or args.smooth:
+            spec = replace(head.spec, size=args.size or head.spec.size, region=args.region or head.spec.region,
+                           smooth=args.smooth or head.spec.smooth)
             head = replace(head, spec=spec)
         if args.threshold_only:
             head = replace(head, spec=InputSpec.from_manifest(_entry(args.out, head)["input"]))
@@ -845,6 +854,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "instead of the best epoch")
     parser.add_argument("--balance-sources", action="store_true",
                         help="classifier: draw every source's negatives equally often in total (with replacement)")
+    parser.add_argument("--smooth", type=float, metavar="SIGMA",
+                        help="classifier: blur the head's input by a Gaussian of SIGMA input pixels, in training "
+                        "and in the node (recorded in the manifest's input)")
     parser.add_argument("--lung-margin", type=_positive, default=0, metavar="PX",
                         help="classifier, lung input: move each training image's lung mask edge in or out by up "
                         "to PX px at random before masking")
