@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,12 @@ from torch.optim.swa_utils import AveragedModel
 from pipelines.chest_xray.datasets import hash_split
 from pipelines.chest_xray.metrics import worst_source_threshold
 from pipelines.chest_xray.models import load_network, read_manifest, write_manifest
-from pipelines.chest_xray.preprocess import smoothed
+from pipelines.chest_xray.preprocess import InputSpec, smoothed
 from pipelines.chest_xray.train import (
     BALANCED_SAMPLING,
+    HEADS,
     IGNORED,
+    classifier_cache,
     main,
     partial_dice_ce,
     partial_labels,
@@ -334,6 +337,10 @@ def test_a_smoothed_head_records_its_blur_and_its_threshold_is_chosen_on_blurred
     with np.load(tmp_path / "cache" / "covid19+nih+openist-val_lung-64+keep.npz") as arrays:
         val = arrays["split"] == "val"
         labels, sources, images = arrays["label"][val], arrays["source"][val], arrays["lung-64"][val]
+    sharp = classifier_cache(HEADS["covid19"], tmp_path / "data", out, tmp_path / "unsmoothed")  # 128 px, unsmoothed
+    soft = classifier_cache(replace(HEADS["covid19"], spec=InputSpec(128, smooth=1.0)), tmp_path / "data", out,
+                            tmp_path / "cache")
+    assert np.array_equal(sharp["lung-128"], soft["lung-128"])  # caches hold inputs unsmoothed, whatever the head
     blurred = smoothed(images / np.float32(255), 1.0)
     with torch.no_grad():
         scores = torch.sigmoid(load_network(entry, out, torch.device("cpu"))(torch.from_numpy(blurred[:, None]))[:, 0])

@@ -721,13 +721,15 @@ def guide_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> dict[
         samples = datasets.masked_samples(data_dir / GUIDE_SET, "masks-opacity")
     except InputError as exc:
         raise InputError(f"{exc}: opacity guidance needs {GUIDE_SET}, or train with --no-guidance") from exc
-    return cached(cache_dir / f"opacity_{_spec_key(head.spec)}.npz", lambda: opacity_arrays(samples, _segmenter(out), head.spec))
+    spec = replace(head.spec, smooth=0.0)  # cached unsmoothed: cached_inputs smooths
+    return cached(cache_dir / f"opacity_{_spec_key(spec)}.npz", lambda: opacity_arrays(samples, _segmenter(out), spec))
 
 
 def classifier_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> dict[str, np.ndarray]:
     """Return the cached inputs of ``head``'s data set at its input spec, built with the trained lung model."""
     segmenter = _segmenter(out)
-    key = _spec_key(head.spec) + ("+keep" if head.spec.region == "lung" else "")  # "+keep": with -crop and -keep
+    spec = replace(head.spec, smooth=0.0)  # cached unsmoothed: cached_inputs smooths
+    key = _spec_key(spec) + ("+keep" if spec.region == "lung" else "")  # "+keep": with -crop and -keep
     if head.name.startswith("covid19"):
         samples = datasets.covid_samples(data_dir / "covid-radiography")
         splits = [datasets.hash_split(s.image.stem) for s in samples]
@@ -746,7 +748,7 @@ def classifier_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> 
             splits, sources = splits + [split] * len(chunk), sources + [source] * len(chunk)
         return cached(
             cache_dir / f"covid19+nih+openist-val_{key}.npz",
-            lambda: {**classifier_arrays(samples, segmenter, [head.spec], splits), "source": np.array(sources)},
+            lambda: {**classifier_arrays(samples, segmenter, [spec], splits), "source": np.array(sources)},
         )
     root = data_dir / "nih-cxr14"
     samples, splits = [], []
@@ -754,7 +756,7 @@ def classifier_cache(head: Head, data_dir: Path, out: Path, cache_dir: Path) -> 
         chunk = datasets.labelled_samples(root, "Pneumothorax", split)
         samples += chunk
         splits += [split] * len(chunk)
-    return cached(cache_dir / f"nih_{key}.npz", lambda: classifier_arrays(samples, segmenter, [head.spec], splits))
+    return cached(cache_dir / f"nih_{key}.npz", lambda: classifier_arrays(samples, segmenter, [spec], splits))
 
 
 def _entry(out: Path, head: Head) -> dict[str, Any]:
