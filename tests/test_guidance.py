@@ -9,6 +9,7 @@ from monai.networks.nets import DenseNet
 
 from pipelines.chest_xray.gradcam import LungGradCAM
 from pipelines.chest_xray.guidance import GUIDED_LAYER, ActivationMap, pointing_loss
+from pipelines.chest_xray.preprocess import InputSpec
 from pipelines.chest_xray.train import _guide_batches
 
 
@@ -73,7 +74,7 @@ def test_guide_batches_flip_image_and_masks_together() -> None:
     image[:, :, :16] = 255  # bright where the opacity is: the left quarter
     opacity = (image > 0).astype(np.uint8)
     guide = {"images": image, "opacity": opacity, "lung": np.ones_like(opacity), "split": np.array(["train"] * 8)}
-    batches = _guide_batches(guide, workers=0)
+    batches = _guide_batches(guide, workers=0, spec=InputSpec(64))
     sides = set()
     for _ in range(6):
         batch = next(batches)
