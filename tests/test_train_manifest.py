@@ -330,6 +330,9 @@ def test_a_smoothed_head_records_its_blur_and_its_threshold_is_chosen_on_blurred
     out = _weights(tmp_path)
     common = ["classifier", "--heads", "covid19", "--no-guidance", "--data-dir", str(tmp_path / "data"),
               "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--size", "64"]
+    for invalid in ("-1", "0", "soft"):
+        with pytest.raises(SystemExit):
+            main([*common, "--epochs", "1", "--smooth", invalid])
     main([*common, "--epochs", "1", "--smooth", "1.0"])
     main([*common, "--threshold-only"])
     entry = next(f for f in read_manifest(out / "manifest.yaml")["findings"] if f["name"] == "covid19")

@@ -830,6 +830,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _sigma(text: str) -> float:
+    """Return ``text`` as a positive float (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from exc
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and train the chosen model(s)."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.chest_xray.train", description=__doc__)
@@ -856,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "instead of the best epoch")
     parser.add_argument("--balance-sources", action="store_true",
                         help="classifier: draw every source's negatives equally often in total (with replacement)")
-    parser.add_argument("--smooth", type=float, metavar="SIGMA",
+    parser.add_argument("--smooth", type=_sigma, metavar="SIGMA",
                         help="classifier: blur the head's input by a Gaussian of SIGMA input pixels, in training "
                         "and in the node (recorded in the manifest's input)")
     parser.add_argument("--lung-margin", type=_positive, default=0, metavar="PX",
