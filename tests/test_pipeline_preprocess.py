@@ -128,7 +128,7 @@ def test_input_spec_is_validated() -> None:
     assert InputSpec.from_manifest({"size": [128, 128], "region": "lung"}) == InputSpec(128, "lung")
     assert "smooth" not in InputSpec(128).as_manifest()  # manifests without smoothing stay as they were
     assert InputSpec.from_manifest(InputSpec(128, smooth=1.0).as_manifest()) == InputSpec(128, smooth=1.0)
-    for invalid in ({"size": 128, "region": "abdomen"}, {"size": 128, "smooth": -1}, {"size": 128, "smooth": "soft"},
+    for invalid in ({"size": 128, "region": "abdomen"}, {"size": 128, "smooth": -1}, {"size": 128, "smooth": "soft"}, {"size": 128, "smooth": True},
                     {"size": 64, "smooth": 9}):
         with pytest.raises(WeightsError, match="invalid input spec"):
             InputSpec.from_manifest(invalid)
@@ -143,7 +143,11 @@ def test_a_smoothed_lung_input_is_the_lung_input_blurred_within_its_mask() -> No
     assert soft_box == box and np.array_equal(soft == 0, sharp == 0)  # outside the lungs stays 0
     inside = sharp > 0
     assert soft[inside].std() < 0.7 * sharp[inside].std()  # the noise is blurred
-    assert np.allclose(soft, smoothed(sharp, 1.0)) and smoothed(sharp[None], 1.0).shape == (1, 1, 64, 64)
+    assert np.allclose(soft, smoothed(sharp, 1.0, masked=True))
+    assert smoothed(sharp[None], 1.0, masked=True).shape == (1, 1, 64, 64)
+    whole, _ = classifier_input(display, mask, InputSpec(64, "whole"))
+    soft_whole, _ = classifier_input(display, mask, InputSpec(64, "whole", smooth=1.0))
+    assert (soft_whole[whole == 0] > 0).any()  # without a mask, a pixel clipped to 0 is blurred like any other
 
 
 def test_hash_split_is_stable_and_proportioned() -> None:

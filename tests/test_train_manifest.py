@@ -344,7 +344,7 @@ def test_a_smoothed_head_records_its_blur_and_its_threshold_is_chosen_on_blurred
     soft = classifier_cache(replace(HEADS["covid19"], spec=InputSpec(128, smooth=1.0)), tmp_path / "data", out,
                             tmp_path / "cache")
     assert np.array_equal(sharp["lung-128"], soft["lung-128"])  # caches hold inputs unsmoothed, whatever the head
-    blurred = smoothed(images / np.float32(255), 1.0)
+    blurred = smoothed(images / np.float32(255), 1.0, masked=True)
     with torch.no_grad():
         scores = torch.sigmoid(load_network(entry, out, torch.device("cpu"))(torch.from_numpy(blurred[:, None]))[:, 0])
     assert entry["threshold"] == pytest.approx(worst_source_threshold(labels, scores.numpy(), sources), abs=1e-4)

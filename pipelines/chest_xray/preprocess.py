@@ -150,12 +150,11 @@ class InputSpec:
         """Return the spec of a manifest ``input`` mapping; raises :class:`WeightsError` when invalid."""
         size = spec.get("size")
         size = size[0] if isinstance(size, list) else size
-        try:
-            smooth = float(spec.get("smooth", 0.0))
-        except (TypeError, ValueError):
-            smooth = -1.0
+        smooth = spec.get("smooth", 0.0)
+        if isinstance(smooth, bool) or not isinstance(smooth, int | float):
+            raise WeightsError(f"invalid input spec {dict(spec)}: smooth must be a number of pixels")
         made = cls(int(size or 0), spec.get("region", "lung"), int(spec.get("channels", 1)),
-                   spec.get("normalize", "percentiles"), smooth)
+                   spec.get("normalize", "percentiles"), float(smooth))
         if made.size < 32 or made.region not in REGIONS or made.channels not in (1, 3) or made.normalize not in (
             "percentiles",
             "imagenet",
@@ -172,14 +171,14 @@ class InputSpec:
                 **({"smooth": self.smooth} if self.smooth else {})}
 
 
-def smoothed(images: np.ndarray, sigma: float) -> np.ndarray:
-    """Return classifier inputs (..., H, W) blurred by a Gaussian of ``sigma`` px within each plane; pixels
-    that were 0 (outside a ``lung`` input's mask) stay 0. The same in training and in the node, so that no
-    source's finer grain or sharper processing reaches the classifier.
+def smoothed(images: np.ndarray, sigma: float, masked: bool) -> np.ndarray:
+    """Return classifier inputs (..., H, W) blurred by a Gaussian of ``sigma`` px within each plane; when
+    ``masked`` (a ``lung`` input), the pixels that were 0 (outside its mask) stay 0. The same in training
+    and in the node, so that no source's finer grain or sharper processing reaches the classifier.
     """
     planes = np.asarray(images, dtype=np.float32)
-    sigmas = (0,) * (planes.ndim - 2) + (sigma, sigma)
-    return (ndimage.gaussian_filter(planes, sigmas) * (planes != 0)).astype(np.float32)
+    blurred = ndimage.gaussian_filter(planes, (0,) * (planes.ndim - 2) + (sigma, sigma))
+    return (blurred * (planes != 0) if masked else blurred).astype(np.float32)
 
 
 def lung_keep(lung_mask: np.ndarray, box: tuple[slice, slice], size: int) -> np.ndarray:
@@ -209,7 +208,7 @@ def classifier_input(display: np.ndarray, lung_mask: np.ndarray, spec: InputSpec
     if spec.region == "lung":
         image = image * keep
     if spec.smooth:
-        image = smoothed(image, spec.smooth)
+        image = smoothed(image, spec.smooth, masked=spec.region == "lung")
     return image.astype(np.float32), box
 
 

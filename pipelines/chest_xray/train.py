@@ -393,7 +393,7 @@ def cached_inputs(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Return cached uint8 inputs as the float32 inputs the node gives a classifier of ``spec`` (smoothed
     when it is)."""
     unit = images / np.float32(255)
-    return smoothed(unit, spec.smooth) if spec.smooth else unit
+    return smoothed(unit, spec.smooth, masked=spec.region == "lung") if spec.smooth else unit
 
 
 def classifier_arrays(
