@@ -67,7 +67,8 @@ def assemble(set_dir: Path, masks_dir: Path, out: Path) -> Assembled:
             if abs((width / height) / (mask_width / mask_height) - 1) > ASPECT_TOLERANCE:
                 result.other_crop.append(image.stem)
                 continue
-            drawn.convert("L").point(lambda value: 255 if value > 127 else 0).save(out / "masks-lung" / f"{image.stem}.png")
+            binary = drawn.convert("L").point(lambda value: 255 if value > 127 else 0)
+            binary.save(out / "masks-lung" / f"{image.stem}.png")
         link = out / "images" / image.name
         link.unlink(missing_ok=True)
         link.symlink_to(image.resolve())
@@ -90,8 +91,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = assemble(args.set_dir, args.masks, args.out)
     except InputError as exc:
         parser.error(str(exc))
-    print(json.dumps({key: len(value) for key, value in asdict(result).items()} | {"other_crop_stems": result.other_crop},
-                     indent=2))
+    counts = {key: len(value) for key, value in asdict(result).items()}
+    print(json.dumps(counts | {"other_crop_stems": result.other_crop}, indent=2))
 
 
 if __name__ == "__main__":
