@@ -62,7 +62,15 @@ def test_no_matching_mask_or_no_names_file_is_a_clear_error(lung_set: tuple[Path
     empty.mkdir()
     with pytest.raises(InputError, match="no mask in .* matches an image"):
         assemble(root, empty, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
     (root / "images.csv").unlink()
     with pytest.raises(SystemExit) as exit_:
         main(["--set", str(root), "--masks", str(empty), "--out", str(tmp_path / "out")])
     assert exit_.value.code == 2 and "names file not found" in capsys.readouterr().err
+
+
+def test_an_unreadable_mask_is_named(lung_set: tuple[Path, Path], tmp_path: Path) -> None:
+    root, masks = lung_set
+    (masks / "first.jpg").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="cannot read a.jpg or its mask .*first.jpg"):
+        assemble(root, masks, tmp_path / "out")

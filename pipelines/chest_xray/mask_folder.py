@@ -51,30 +51,37 @@ def assemble(set_dir: Path, masks_dir: Path, out: Path) -> Assembled:
     """Write ``out/images`` (links) and ``out/masks-lung`` for every image of ``set_dir/images`` that
     ``masks_dir`` holds a mask of, matched through ``set_dir/images.csv``; return what was kept and left out.
 
-    Raises :class:`InputError` when a folder or the names file is missing, or when no mask matches."""
+    Raises :class:`InputError` when a folder or the names file is missing, when no mask matches (before
+    anything is written), or when a matched image or mask cannot be read (naming the file)."""
     names = _source_names(set_dir / "images.csv")
     masks = {path.stem: path for path in image_files(masks_dir)}
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks-lung").mkdir(exist_ok=True)
     result = Assembled()
+    matched = []
     for image in image_files(set_dir / "images"):
         mask_path = masks.get(names.get(image.stem, ""))
         if mask_path is None:
             result.no_mask.append(image.stem)
-            continue
-        with Image.open(image) as picture, Image.open(mask_path) as drawn:
-            (width, height), (mask_width, mask_height) = picture.size, drawn.size
-            if abs((width / height) / (mask_width / mask_height) - 1) > ASPECT_TOLERANCE:
-                result.other_crop.append(image.stem)
-                continue
-            binary = drawn.convert("L").point(lambda value: 255 if value > 127 else 0)
-            binary.save(out / "masks-lung" / f"{image.stem}.png")
+        else:
+            matched.append((image, mask_path))
+    if not matched:
+        raise InputError(f"no mask in {masks_dir} matches an image of {set_dir} by its source file name")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks-lung").mkdir(exist_ok=True)
+    for image, mask_path in matched:
+        try:
+            with Image.open(image) as picture, Image.open(mask_path) as drawn:
+                (width, height), (mask_width, mask_height) = picture.size, drawn.size
+                if abs((width / height) / (mask_width / mask_height) - 1) > ASPECT_TOLERANCE:
+                    result.other_crop.append(image.stem)
+                    continue
+                binary = drawn.convert("L").point(lambda value: 255 if value > 127 else 0)
+        except OSError as exc:
+            raise InputError(f"cannot read {image.name} or its mask {mask_path}: {exc}") from exc
+        binary.save(out / "masks-lung" / f"{image.stem}.png")
         link = out / "images" / image.name
         link.unlink(missing_ok=True)
         link.symlink_to(image.resolve())
         result.kept.append(image.stem)
-    if not result.kept:
-        raise InputError(f"no mask in {masks_dir} matches an image of {set_dir} by its source file name")
     return result
 
 
