@@ -104,6 +104,7 @@ def start_node(root: Path, port: int, metrics_port: int, audit: bool) -> subproc
         "scp": {"host": "127.0.0.1", "port": port, "min_free_disk_mb": 100},
         "worker": {"embedded": False},
         "audit": {"enabled": audit},
+        "acknowledged_risks": [] if audit else ["audit-disabled"],
         "metrics": {"host": "127.0.0.1", "serve_port": metrics_port},
     }))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}

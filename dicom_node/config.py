@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,21 +42,26 @@ def _check_ae_title(value: str) -> str:
 
 
 class AllowedPeer(Section):
-    """A calling AE the SCP accepts, optionally only from one host."""
+    """A calling AE the SCP accepts, optionally only from one host and, over TLS, only with
+    a client certificate of one subject."""
 
     ae_title: str
     host: str | None = None
+    certificate_subject: str | None = Field(
+        None, description="RFC 4514 subject its TLS client certificate must carry, e.g. "
+        "'CN=PACS1,O=Hospital'; needs scp.tls with ca_certificates")
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
 class TlsSettings(Section):
-    """DICOM TLS: certificate and key of this node, CA bundle of its peers."""
+    """DICOM TLS: certificate and key of this node, CA bundle of its peers.
+
+    On the SCP a CA bundle makes client certificates required (signed by that CA)."""
 
     certificate: Path
     private_key: Path
     ca_certificates: Path | None = None
-    require_peer_certificate: bool = False
 
 
 class ScpSettings(Section):
@@ -62,15 +69,25 @@ class ScpSettings(Section):
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     allowed_peers: list[AllowedPeer] = Field(
-        default_factory=list, description="calling AEs accepted; empty accepts any"
-    )
+        default_factory=list,
+        description="calling AEs accepted; empty: loopback peers only (unless accept_any_peer)")
+    accept_any_peer: bool = Field(
+        False, description="with no allowed_peers, accept every calling AE from every host; "
+        "needs 'scp-open' in acknowledged_risks")
     check_called_ae: bool = True
     max_associations: int = Field(10, ge=1)
     max_associations_per_peer: int = Field(5, ge=1, description="per calling AE and per host")
+    max_pending_per_host: int = Field(
+        4, ge=1, description="connections from one host not yet through TLS and association "
+        "negotiation; more are closed at accept")
     max_pdu_bytes: int = Field(1_048_576, ge=0, description="0: no limit")
-    max_dataset_mb: float = Field(1024, gt=0)
+    max_dataset_mb: float = Field(256, gt=0, le=4096)
+    max_image_megapixels: float = Field(
+        50, gt=0, description="Rows x Columns x frames, in millions, of an image the node keeps "
+        "and decodes; larger ones are refused (0xA700) and skipped by the gate")
     min_free_disk_mb: float = Field(1024, ge=0)
-    acse_timeout_s: float = Field(30, gt=0)
+    acse_timeout_s: float = Field(
+        10, gt=0, description="from connection to a decided association request, TLS handshake included")
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(60, gt=0)
     state_wait_s: float = Field(
@@ -161,11 +178,14 @@ class MetricsSettings(Section):
 
 
 class AuditSettings(Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="false needs 'audit-disabled' in acknowledged_risks")
     database_url: str | None = Field(None, description="default: SQLite file in the state folder")
     secret: SecretStr | None = Field(
-        None, description="key of the pseudonym hash and the chain; default: generated once"
+        None, description="key of the pseudonym hash and the chain; default: read from key_file"
     )
+    key_file: Path | None = Field(
+        None, description="file holding that key, best outside the state folder; default: "
+        "state_dir/audit.key, generated once")
 
 
 class RetentionSettings(Section):
@@ -176,6 +196,13 @@ class RetentionSettings(Section):
     audit_days: float | None = Field(
         3650, gt=0, description="delete audit events older than this; null keeps them"
     )
+
+
+Risk = Literal["scp-open", "audit-disabled"]
+RISKY_SETTINGS: dict[str, str] = {
+    "scp-open": "scp.accept_any_peer: true admits every calling AE from every host",
+    "audit-disabled": "audit.enabled: false records no audit trail and no pseudonyms",
+}
 
 
 class Settings(BaseSettings):
@@ -203,6 +230,25 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    acknowledged_risks: list[Risk] = Field(
+        default_factory=list, description="settings that weaken the node, confirmed on purpose")
+
+    @model_validator(mode="after")
+    def _risks_confirmed(self) -> Settings:
+        taken = [risk for risk, on in (("scp-open", self.scp.accept_any_peer and not self.scp.allowed_peers),
+                                       ("audit-disabled", not self.audit.enabled))
+                 if on and risk not in self.acknowledged_risks]
+        if taken:
+            raise ValueError("; ".join(
+                f"{RISKY_SETTINGS[risk]}: confirm it by adding '{risk}' to acknowledged_risks"
+                for risk in taken))
+        return self
+
+    def risks_taken(self) -> list[str]:
+        """Return, for a warning at every start, what each acknowledged risk leaves open."""
+        return [RISKY_SETTINGS[risk] for risk in self.acknowledged_risks
+                if (risk == "scp-open" and self.scp.accept_any_peer and not self.scp.allowed_peers)
+                or (risk == "audit-disabled" and not self.audit.enabled)]
 
     @classmethod
     def settings_customise_sources(

@@ -103,7 +103,7 @@ def _server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
     context.load_cert_chain(tls.certificate, tls.private_key)
     if tls.ca_certificates:
         context.load_verify_locations(tls.ca_certificates)
-    context.verify_mode = ssl.CERT_REQUIRED if tls.require_peer_certificate else ssl.CERT_NONE
+    context.verify_mode = ssl.CERT_REQUIRED if tls.ca_certificates else ssl.CERT_NONE
     return context
 
 

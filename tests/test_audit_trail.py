@@ -87,7 +87,7 @@ def test_record_stores_the_event_with_its_codes(tmp_path: Path) -> None:
 
 
 def test_disabled_trail_records_nothing(tmp_path: Path) -> None:
-    settings = load_settings(state_dir=tmp_path, audit={"enabled": False})
+    settings = load_settings(state_dir=tmp_path, audit={"enabled": False}, acknowledged_risks=["audit-disabled"])
     trail = AuditTrail.from_settings(settings)
     assert trail.pseudonym(PATIENT_ID) is None
     trail.record(AuditEvent.INSTANCE_RECEIVED, actor="PACS")

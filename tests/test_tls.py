@@ -21,8 +21,7 @@ def certificate(tmp_path) -> TlsSettings:
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=dicom-node-test", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return TlsSettings(certificate=cert, private_key=key, ca_certificates=cert,
-                       require_peer_certificate=True)
+    return TlsSettings(certificate=cert, private_key=key, ca_certificates=cert)
 
 
 def test_store_and_echo_over_tls(start_scp, tmp_path, certificate):
