@@ -78,6 +78,7 @@ class Analyzer:
         pipeline = ChestXrayPipeline.from_manifest(
             settings.pipeline.manifest_path, device=settings.worker.device,
             min_age_years=settings.gate.min_patient_age_years, unknown_age=settings.gate.unknown_age,
+            max_megapixels=settings.scp.max_image_megapixels,
         )
         return cls(db, audit, pipeline, settings.results_dir, worker=worker,
                    destinations=settings.destinations,

@@ -26,6 +26,10 @@ class DatasetTooLargeError(SpoolError):
     """A data set is larger than the configured maximum."""
 
 
+class ImageTooLargeError(SpoolError):
+    """An image declares more pixels (Rows x Columns x frames) than the configured budget."""
+
+
 class UnreadableDatasetError(SpoolError):
     """A received data set cannot be decoded."""
 

@@ -52,6 +52,7 @@ from dicom_node.errors import (
     DatasetTooLargeError,
     DiskFullError,
     DuplicateInstanceError,
+    ImageTooLargeError,
     InvalidUIDError,
     PortInUseError,
     SOPClassMismatchError,
@@ -59,7 +60,7 @@ from dicom_node.errors import (
 )
 from dicom_node.metrics import INSTANCES, STAGE_SECONDS
 from dicom_node.scp_connection import PDU_HEADER_ALLOWANCE, DeadlineWatch, Dropped, guard_receive
-from dicom_node.spool import InstanceHeader, Spool, read_header
+from dicom_node.spool import InstanceHeader, Spool, check_image_size, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -351,8 +352,10 @@ class StorageSCP:
     def _store(self, event: Event) -> int:
         """Validate, spool and record one instance.
 
-        Statuses: 0x0000 stored (or ignored: not an image the node analyses);
-        0xA700 out of resources (disk below the minimum, data set too large, state
+        A deflated data set is inflated in steps, against the size limit, and kept as
+        Explicit VR Little Endian. Statuses: 0x0000 stored (or ignored: not an image the
+        node analyses); 0xA700 out of resources (disk below the minimum, data set too
+        large or inflating past the limit, an image over the pixel budget, state
         database busy: the spooled file is removed again); 0xA900 data set does not match
         the SOP class; 0x0111 duplicate SOP instance (its UID is held in another study:
         the first stays as it was, see :meth:`_check_same_study`); 0xC210 cannot understand
@@ -369,6 +372,7 @@ class StorageSCP:
                 raise DiskFullError("the spool's disk fell below its free-space minimum while the data set arrived")
             self.spool.check_free_space()
             self.spool.check_size(received.stat().st_size)
+            self.spool.inflate(received)
             header = read_header(received)
             self._check_request(event, header)
             pseudonym = self._pseudonym(event.assoc, header)
@@ -378,12 +382,13 @@ class StorageSCP:
                 self._audit_instance(AuditEvent.INSTANCE_IGNORED, header, calling_ae, address,
                                      pseudonym, detail="not an image the node analyses")
                 return SUCCESS
+            check_image_size(header, self.settings.max_image_megapixels)
             self._check_same_study(header)
             new = not self.spool.path_for(header).exists()
             final = self.spool.commit(received, header)
             committed = final if new else None
             self._record_instance(header, final, calling_ae, pseudonym)
-        except (DiskFullError, DatasetTooLargeError, OperationalError) as exc:
+        except (DiskFullError, DatasetTooLargeError, ImageTooLargeError, OperationalError) as exc:
             if committed is not None:
                 committed.unlink(missing_ok=True)
             return self._refuse(OUT_OF_RESOURCES, exc, received, header, calling_ae, address)

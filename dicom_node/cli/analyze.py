@@ -82,7 +82,8 @@ def analyze(ctx: click.Context, paths: tuple[Path, ...], out: Path, fmt: str, we
     try:
         pipeline = ChestXrayPipeline.from_manifest(
             weights or settings.pipeline.manifest_path, device=device,
-            min_age_years=settings.gate.min_patient_age_years, unknown_age=settings.gate.unknown_age)
+            min_age_years=settings.gate.min_patient_age_years, unknown_age=settings.gate.unknown_age,
+            max_megapixels=settings.scp.max_image_megapixels)
     except WeightsError as exc:
         raise click.ClickException(str(exc)) from exc
     out.mkdir(parents=True, exist_ok=True)

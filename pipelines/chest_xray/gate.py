@@ -36,6 +36,9 @@ _NOT_FRONTAL_MEANINGS = ("lateral", "oblique", "lordotic", "decubitus")
 _AGE = re.compile(r"^0*(\d{1,3})\s*([YMWD])?$")
 _PER_YEAR = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}
 AGE_DATES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+DEFAULT_MAX_MEGAPIXELS = 50.0
+"""The pixel budget (Rows x Columns x frames, in millions) when none is given: the node's
+``scp.max_image_megapixels``."""
 
 
 class UnknownAge(StrEnum):
@@ -148,10 +151,31 @@ def _first(reasons: Iterable[str | None]) -> str | None:
     return next((reason for reason in reasons if reason), None)
 
 
+def _dimension(dataset: Dataset, keyword: str) -> int:
+    try:
+        return max(int(dataset.get(keyword) or 0), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _size_reason(dataset: Dataset, max_megapixels: float) -> str | None:
+    """Return why decoding the image would cost more than ``max_megapixels``, read from its attributes
+    only (Rows, Columns, NumberOfFrames), or None."""
+    rows, columns = _dimension(dataset, "Rows"), _dimension(dataset, "Columns")
+    frames = max(_dimension(dataset, "NumberOfFrames"), 1)
+    megapixels = rows * columns * frames / 1e6
+    if megapixels <= max_megapixels:
+        return None
+    return (f"image of {megapixels:.1f} megapixels ({rows} x {columns} x {frames} frame(s)) exceeds the "
+            f"pixel budget of {max_megapixels:g} (scp.max_image_megapixels); not decoded")
+
+
 def check_chest_radiograph(dataset: Dataset, *, min_age_years: float = 18.0,
-                           unknown_age: UnknownAge | str = UnknownAge.ANALYSE) -> Verdict:
+                           unknown_age: UnknownAge | str = UnknownAge.ANALYSE,
+                           max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> Verdict:
     """Return the tag verdict for ``dataset``: a single-frame grayscale frontal (PA/AP) chest CR/DX
-    of a patient of at least ``min_age_years``.
+    of a patient of at least ``min_age_years``, of at most ``max_megapixels`` (Rows x Columns x
+    frames, in millions: larger images are skipped before anything decodes them).
 
     A stated value that contradicts the rule skips (the reason names it); a missing
     one does not, except the age under ``unknown_age=skip``. An accepted image of
@@ -162,6 +186,8 @@ def check_chest_radiograph(dataset: Dataset, *, min_age_years: float = 18.0,
         return Verdict.skip(f"modality {modality or 'missing'} is not CR or DX")
     if "PixelData" not in dataset and "FloatPixelData" not in dataset:
         return Verdict.skip("no pixel data")
+    if reason := _size_reason(dataset, max_megapixels):
+        return Verdict.skip(reason)
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     photometric = _text(dataset, "PhotometricInterpretation").upper()
     reason = _first([

@@ -12,7 +12,7 @@ from pydicom import Dataset
 from pipelines.base import Finding, ImageInput, ImageResult, Verdict
 from pipelines.chest_xray.classification import FindingClassifier
 from pipelines.chest_xray.content import ContentCheck
-from pipelines.chest_xray.gate import UnknownAge, check_chest_radiograph
+from pipelines.chest_xray.gate import DEFAULT_MAX_MEGAPIXELS, UnknownAge, check_chest_radiograph
 from pipelines.chest_xray.gradcam import region
 from pipelines.chest_xray.models import load_network, read_manifest
 from pipelines.chest_xray.preprocess import load_dataset
@@ -49,6 +49,7 @@ class ChestXrayPipeline:
         model_versions: str = "",
         min_age_years: float = 18.0,
         unknown_age: UnknownAge | str = UnknownAge.ANALYSE,
+        max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
     ) -> None:
         self.segmenter = segmenter
         self.content_check = content_check
@@ -57,6 +58,7 @@ class ChestXrayPipeline:
         self.model_versions = model_versions
         self.min_age_years = min_age_years
         self.unknown_age = UnknownAge(unknown_age)
+        self.max_megapixels = max_megapixels
 
     @classmethod
     def from_manifest(
@@ -67,12 +69,13 @@ class ChestXrayPipeline:
         min_age_years: float = 18.0,
         unknown_age: UnknownAge | str = UnknownAge.ANALYSE,
         enable_flags: Collection[str] = (),
+        max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
     ) -> ChestXrayPipeline:
         """Return the pipeline described by the manifest at ``path``.
 
         ``enable_flags`` names findings a site has validated and allows to be flagged
         although the manifest marks them experimental (the validation-AUROC gate still
-        applies). Raises :class:`pipelines.errors.WeightsError` when the manifest is
+        applies); the gate skips images over ``max_megapixels`` before decoding. Raises :class:`pipelines.errors.WeightsError` when the manifest is
         missing or malformed (a manifest without ``content_check`` included: the gate
         cannot run without it), or any weights file is missing or altered.
         """
@@ -94,11 +97,13 @@ class ChestXrayPipeline:
             for entry in [lung, {"name": "content_check", **manifest["content_check"]}, *manifest["findings"]]
         )
         return cls(segmenter, content_check, classifiers, version=str(manifest.get("version", "0")),
-                   model_versions=models, min_age_years=min_age_years, unknown_age=unknown_age)
+                   model_versions=models, min_age_years=min_age_years, unknown_age=unknown_age,
+                   max_megapixels=max_megapixels)
 
     def accepts(self, dataset: Dataset) -> Verdict:
-        """Return the tag gate's verdict for ``dataset`` (frontal adult chest CR/DX)."""
-        return check_chest_radiograph(dataset, min_age_years=self.min_age_years, unknown_age=self.unknown_age)
+        """Return the tag gate's verdict for ``dataset`` (frontal adult chest CR/DX within the pixel budget)."""
+        return check_chest_radiograph(dataset, min_age_years=self.min_age_years, unknown_age=self.unknown_age,
+                                      max_megapixels=self.max_megapixels)
 
     def load(self, dataset: Dataset) -> ImageInput:
         """Return the :class:`ImageInput` of ``dataset``; raises :class:`InputError` when undecodable."""
