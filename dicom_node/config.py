@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote_plus
 
 import yaml
 from pydantic import (
@@ -282,19 +283,47 @@ class Settings(BaseSettings):
         return self.broker.url or f"sqla+sqlite:///{(self.state_dir / 'broker.db').resolve()}"
 
     def redacted(self) -> dict[str, Any]:
-        """Return the settings as plain data with secrets and URL passwords hidden."""
-        data = self.model_dump(mode="json")
-        data["audit"]["secret"] = "***" if self.audit.secret else None
-        for section, key in (("", "database_url"), ("audit", "database_url"),
-                             ("broker", "url"), ("broker", "result_backend")):
-            holder = data[section] if section else data
-            if holder.get(key):
-                holder[key] = _redact_url(holder[key])
-        return data
+        """Return the settings as plain data with secrets hidden: every secret field, and the
+        password and secret query parameters of every URL-valued string (see :func:`redact_url`)."""
+        return _redact_values(self.model_dump(mode="json"), self)
 
 
-def _redact_url(url: str) -> str:
-    return re.sub(r"(//[^:/@]+):[^@]+@", r"\1:***@", url)
+SECRET_QUERY_KEY = re.compile(r"pass|pwd|secret|token|key", re.IGNORECASE)
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+HIDDEN = "***"
+
+
+def redact_url(value: str) -> str:
+    """Return ``value`` with a URL's password and the values of query parameters named like
+    password, pwd, secret, token or key replaced by ``***``; a string that is no URL unchanged.
+
+    The user information ends at the last ``@``, not where :func:`urllib.parse.urlsplit` ends
+    the authority (at the first ``/``, ``?`` or ``#``), so no character of a password survives.
+    """
+    scheme, separator, rest = value.partition("://")
+    if not separator or not URL_SCHEME.fullmatch(scheme):
+        return value
+    userinfo, at, location = rest.rpartition("@")
+    if ":" in userinfo:
+        userinfo = f"{userinfo.split(':', 1)[0]}:{HIDDEN}"
+    location, hash_mark, fragment = location.partition("#")
+    location, question_mark, query = location.partition("?")
+    query = "&".join(
+        f"{name}={HIDDEN}" if equals and SECRET_QUERY_KEY.search(unquote_plus(name))
+        else f"{name}{equals}{text}"
+        for name, equals, text in (item.partition("=") for item in query.split("&")))
+    return f"{scheme}://{userinfo}{at}{location}{question_mark}{query}{hash_mark}{fragment}"
+
+
+def _redact_values(data: Any, model: Any) -> Any:
+    """Return ``data`` (a model's JSON dump) with secret fields as ``***`` and URLs redacted."""
+    if isinstance(data, dict):
+        return {key: HIDDEN if value is not None and isinstance(getattr(model, key, None), SecretStr)
+                else _redact_values(value, getattr(model, key, None)) for key, value in data.items()}
+    if isinstance(data, list):
+        items = model if isinstance(model, list) else [None] * len(data)
+        return [_redact_values(value, item) for value, item in zip(data, items, strict=True)]
+    return redact_url(data) if isinstance(data, str) else data
 
 
 def _unknown_environment_keys() -> list[str]:

@@ -164,9 +164,10 @@ def queue_message(session: Session, task: str, target_id: int, *,
 
 
 def make_engine(url: str, busy_timeout_s: float = 60.0) -> Engine:
-    """Return an engine for ``url``; SQLite files get WAL, full sync and a busy timeout."""
+    """Return an engine for ``url``; SQLite files get WAL, full sync, secure delete and a busy
+    timeout, and a missing folder of theirs is made private (0700)."""
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         engine = create_engine(url, connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -175,6 +176,7 @@ def make_engine(url: str, busy_timeout_s: float = 60.0) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA secure_delete=ON")  # deleted rows leave no UIDs in free space
             cursor.close()
 
         return engine
@@ -196,6 +198,13 @@ class NodeDatabase:
         """Yield a session committed on success and rolled back on error."""
         with self._sessions() as session, session.begin():
             yield session
+
+    def truncate_log(self) -> None:
+        """Copy an SQLite write-ahead log into the database and empty it (waiting for readers
+        up to the busy timeout); nothing for other databases."""
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def dispose(self) -> None:
         self.engine.dispose()

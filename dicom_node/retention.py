@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import exists, select
+from sqlalchemy import delete, exists, select
+from sqlalchemy.orm import Session
 
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.audit.chain import purge_before
 from dicom_node.config import Settings
-from dicom_node.db import Delivery, DeliveryStatus, Instance, Job, JobStatus, NodeDatabase
+from dicom_node.db import (
+    Delivery, DeliveryStatus, Instance, Job, JobStatus, NodeDatabase, OutboxMessage,
+)
 from dicom_node.errors import DataRemovalError
 from dicom_node.results import result_dir
 
@@ -33,14 +37,19 @@ class Removed:
     instances: int = 0
     files: int = 0
     result_folders: int = 0
+    jobs: int = 0
+    deliveries: int = 0
 
     def __add__(self, other: Removed) -> Removed:
         return Removed(self.instances + other.instances, self.files + other.files,
-                       self.result_folders + other.result_folders)
+                       self.result_folders + other.result_folders, self.jobs + other.jobs,
+                       self.deliveries + other.deliveries)
 
     def __str__(self) -> str:
-        return (f"{self.instances} instances, {self.files} spooled files, "
+        text = (f"{self.instances} instances, {self.files} spooled files, "
                 f"{self.result_folders} result folders")
+        return text + (f", {self.jobs} jobs, {self.deliveries} deliveries"
+                       if self.jobs or self.deliveries else "")
 
 
 def delete_instance_data(settings: Settings, instance: Instance) -> Removed:
@@ -58,6 +67,28 @@ def delete_instance_data(settings: Settings, instance: Instance) -> Removed:
     _remove_empty_parents(spooled.parent, settings.spool_dir)
     _remove_empty_parents(results.parent, settings.results_dir)
     return Removed(1, int(had_file), int(had_results))
+
+
+def delete_instance_records(session: Session, instances: Sequence[Instance]) -> Removed:
+    """Delete the rows that name ``instances``: their deliveries, the jobs left with no other
+    instance (with those jobs' deliveries), the outbox messages about any of these, and the
+    instance rows; return the jobs and deliveries deleted.
+
+    Call :func:`delete_instance_data` for each instance first: this removes rows only.
+    """
+    sop_uids = [instance.sop_instance_uid for instance in instances]
+    job_ids = {instance.job_id for instance in instances if instance.job_id is not None}
+    session.execute(delete(Instance).where(Instance.id.in_([i.id for i in instances])))
+    emptied = list(session.scalars(select(Job.id).where(
+        Job.id.in_(job_ids), ~exists().where(Instance.job_id == Job.id))))
+    deliveries = list(session.scalars(select(Delivery.id).where(
+        Delivery.source_sop_instance_uid.in_(sop_uids) | Delivery.job_id.in_(emptied))))
+    session.execute(delete(OutboxMessage).where(
+        ((OutboxMessage.task == "deliver") & OutboxMessage.target_id.in_(deliveries))
+        | ((OutboxMessage.task == "analyze") & OutboxMessage.target_id.in_(emptied))))
+    session.execute(delete(Delivery).where(Delivery.id.in_(deliveries)))
+    session.execute(delete(Job).where(Job.id.in_(emptied)))
+    return Removed(jobs=len(emptied), deliveries=len(deliveries))
 
 
 def sweep_data(settings: Settings, trail: AuditTrail, db: NodeDatabase, *,

@@ -16,7 +16,7 @@ from dicom_node.audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.audit.query import EventFilter, plain, read_events
 from dicom_node.config import Settings
 from dicom_node.db import Instance, NodeDatabase
-from dicom_node.retention import Removed, delete_instance_data
+from dicom_node.retention import Removed, delete_instance_data, delete_instance_records
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,13 @@ def export_subject(trail: AuditTrail, db: NodeDatabase, patient_id: str,
 
 def erase_subject(settings: Settings, trail: AuditTrail, db: NodeDatabase, patient_id: str,
                   issuer: str | None = None, *, actor: str) -> Erasure:
-    """Delete the person's spooled images, results and instance rows, then their pseudonym.
+    """Delete the person's spooled images and results, every node row that names their
+    instances (instances, their deliveries and outbox messages, jobs of theirs alone), then
+    their pseudonym.
 
-    Past audit events stay, unchanged, but can no longer be linked to the person.
+    The node database's write-ahead log is then emptied, so that with SQLite's secure delete
+    the erased UIDs are in neither file. Past audit events stay, unchanged, but can no longer
+    be linked to the person.
     Records SUBJECT_ERASED by ``actor``. Raises :class:`DataRemovalError` when a stored
     path lies outside the node's folders, :class:`AuditError` when auditing fails.
     """
@@ -71,10 +75,12 @@ def erase_subject(settings: Settings, trail: AuditTrail, db: NodeDatabase, patie
         return Erasure(None, Removed())
     removed = Removed()
     with db.session() as session:
-        for instance in session.scalars(
-                select(Instance).where(Instance.patient_pseudonym == pseudonym)):
+        instances = session.scalars(
+            select(Instance).where(Instance.patient_pseudonym == pseudonym)).all()
+        for instance in instances:
             removed += delete_instance_data(settings, instance)
-            session.delete(instance)
+        removed += delete_instance_records(session, instances)
+    db.truncate_log()
     trail.forget_pseudonym(pseudonym)  # last: a failure above leaves the person findable
     trail.record(AuditEvent.SUBJECT_ERASED, actor=actor, pseudonym=pseudonym,
                  detail=f"pseudonym unlinked; deleted {removed}")

@@ -36,8 +36,8 @@ class Node:
         """Run ``dicom-node -c <config> <args>`` in-process; return click's result."""
         return CliRunner().invoke(main, ["-c", str(self.config), *args], input=input)
 
-    def cli_json(self, *args: str) -> list[dict[str, object]]:
-        result = self.cli(*args, "--format", "json")
+    def cli_json(self, *args: str, input: str | None = None) -> list[dict[str, object]]:
+        result = self.cli(*args, "--format", "json", input=input)
         assert result.exit_code == 0, result.output
         return json.loads(result.output)
 

@@ -51,9 +51,9 @@ def test_list_filters(node: Node) -> None:
                              "--event", "job-failed")) == [6, 7]
     assert ids(node.cli_json("audit", "list", "--ae", "MODALITY")) == [3, 4]
     assert ids(node.cli_json("audit", "list", "--outcome", "serious-failure")) == [7]
-    assert ids(node.cli_json("audit", "list", "--patient-id", PATIENT_ID,
-                             "--issuer", ISSUER)) == [2, 4]
-    assert ids(node.cli_json("audit", "list", "--patient-id", "unknown-person")) == []
+    assert ids(node.cli_json("audit", "list", "--patient", "--issuer", ISSUER,
+                             input=f"{PATIENT_ID}\n")) == [2, 4]
+    assert ids(node.cli_json("audit", "list", "--patient", input="unknown-person\n")) == []
     assert ids(node.cli_json("audit", "list", "--limit", "2", "--event", "instance-received",
                              "--event", "job-queued")) == [4, 5]
 
@@ -106,7 +106,7 @@ def test_summary(node: Node) -> None:
 
 
 def test_every_query_is_audited_with_the_os_user(node: Node) -> None:
-    node.cli("audit", "list", "--patient-id", PATIENT_ID, "--issuer", ISSUER)
+    node.cli("audit", "list", "--patient", "--issuer", ISSUER, input=f"{PATIENT_ID}\n")
     node.cli("audit", "show", "3")
     node.cli("audit", "summary", "--by", "ae")
     queries = node.cli_json("audit", "list", "--event", "audit-queried")

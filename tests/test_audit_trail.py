@@ -101,8 +101,8 @@ def test_patient_name_and_id_are_stored_nowhere(tmp_path: Path,
     node = make_node(tmp_path)
     for number in range(1, 4):
         record_reception(node.trail, patient_dataset(sop_suffix=number))
-    node.cli("audit", "list", "--patient-id", PATIENT_ID, "--issuer", ISSUER)
-    node.cli("audit", "subject", "export", "--patient-id", PATIENT_ID, "--issuer", ISSUER)
+    node.cli("audit", "list", "--patient", "--issuer", ISSUER, input=f"{PATIENT_ID}\n")
+    node.cli("audit", "subject", "export", "--issuer", ISSUER, input=f"{PATIENT_ID}\n")
     stored = b"".join(path.read_bytes() for path in node.settings.state_dir.glob("audit.db*"))
     assert len(list(node.settings.state_dir.glob("audit.db-wal"))) == 1
     assert count_events(node.trail) == 8

@@ -47,7 +47,7 @@ def test_export_lists_the_persons_events_and_held_images(node: Node, db: NodeDat
         store_instance(node, db, patient_dataset(sop_suffix=number))
     record_reception(node.trail, patient_dataset("someone-else", "Other^Person", sop_suffix=3))
 
-    result = node.cli("audit", "subject", "export", "--patient-id", PATIENT_ID, "--issuer", ISSUER)
+    result = node.cli("audit", "subject", "export", "--issuer", ISSUER, input=f"{PATIENT_ID}\n")
     assert result.exit_code == 0, result.output
     export = json.loads(result.output)
     assert export["pseudonym"] == node.trail.lookup_pseudonym(PATIENT_ID, ISSUER)
@@ -62,7 +62,7 @@ def test_export_lists_the_persons_events_and_held_images(node: Node, db: NodeDat
 
 
 def test_export_of_an_unknown_person_is_empty(node: Node) -> None:
-    result = node.cli("audit", "subject", "export", "--patient-id", "nobody")
+    result = node.cli("audit", "subject", "export", input="nobody\n")
     assert result.exit_code == 0
     assert json.loads(result.output) == {"pseudonym": None, "events": [], "instances": []}
     assert node.trail.lookup_pseudonym("nobody") is None  # a query creates no pseudonym
@@ -76,20 +76,21 @@ def test_erase_unlinks_events_and_deletes_images_and_results(node: Node,
         record_reception(node.trail, patient_dataset(sop_suffix=number))
         files.append(store_instance(node, db, patient_dataset(sop_suffix=number)))
     pseudonym = node.trail.lookup_pseudonym(PATIENT_ID, ISSUER)
-    events_before = node.cli_json("audit", "list", "--patient-id", PATIENT_ID, "--issuer", ISSUER)
+    events_before = node.cli_json("audit", "list", "--patient", "--issuer", ISSUER,
+                                  input=f"{PATIENT_ID}\n")
     assert len(events_before) == 2
 
-    refused = node.cli("audit", "subject", "erase", "--patient-id", PATIENT_ID,
-                       "--issuer", ISSUER, input="n\n")
+    refused = node.cli("audit", "subject", "erase", "--issuer", ISSUER, input=f"{PATIENT_ID}\nn\n")
     assert refused.exit_code == 1 and node.trail.lookup_pseudonym(PATIENT_ID, ISSUER)
 
-    result = node.cli("audit", "subject", "erase", "--patient-id", PATIENT_ID,
-                      "--issuer", ISSUER, "--yes")
+    result = node.cli("audit", "subject", "erase", "--issuer", ISSUER, "--yes",
+                      input=f"{PATIENT_ID}\n")
     assert result.exit_code == 0, result.output
     assert f"erased pseudonym {pseudonym}: deleted 2 instances, 2 spooled files, " \
            "2 result folders" in result.output
 
-    assert node.cli_json("audit", "list", "--patient-id", PATIENT_ID, "--issuer", ISSUER) == []
+    assert node.cli_json("audit", "list", "--patient", "--issuer", ISSUER,
+                         input=f"{PATIENT_ID}\n") == []
     still_there = [row for row in node.cli_json("audit", "list")
                    if row["pseudonym"] == pseudonym]
     assert [row["id"] for row in still_there[:2]] == [row["id"] for row in events_before]
@@ -99,13 +100,13 @@ def test_erase_unlinks_events_and_deletes_images_and_results(node: Node,
     assert kept[0].exists() and kept[1].exists() and instance_count(db) == 1
     assert node.cli("audit", "verify").exit_code == 0
 
-    again = node.cli("audit", "subject", "export", "--patient-id", PATIENT_ID, "--issuer", ISSUER)
+    again = node.cli("audit", "subject", "export", "--issuer", ISSUER, input=f"{PATIENT_ID}\n")
     assert json.loads(again.output)["events"] == []
 
 
 def test_erase_of_an_unknown_person_changes_nothing(node: Node, db: NodeDatabase) -> None:
     store_instance(node, db, patient_dataset("someone-else"))
-    result = node.cli("audit", "subject", "erase", "--patient-id", "nobody", "--yes")
+    result = node.cli("audit", "subject", "erase", "--yes", input="nobody\n")
     assert result.exit_code == 0 and "nothing to erase" in result.output
     assert instance_count(db) == 1
 
@@ -120,6 +121,6 @@ def test_erase_refuses_paths_outside_the_spool(node: Node, db: NodeDatabase,
     with pytest.raises(DataRemovalError, match="not inside"):
         erase_subject(node.settings, node.trail, db, PATIENT_ID, ISSUER, actor="admin")
     assert outside.exists() and node.trail.lookup_pseudonym(PATIENT_ID, ISSUER)
-    result = node.cli("audit", "subject", "erase", "--patient-id", PATIENT_ID,
-                      "--issuer", ISSUER, "--yes")
+    result = node.cli("audit", "subject", "erase", "--issuer", ISSUER, "--yes",
+                      input=f"{PATIENT_ID}\n")
     assert result.exit_code == 1 and "refusing to delete" in result.output

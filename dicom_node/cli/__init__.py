@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -15,15 +16,21 @@ from dicom_node.cli.network import echo, send
 from dicom_node.cli.serve import serve, worker
 from dicom_node.cli.status import status
 from dicom_node.logs import configure_logging
+from dicom_node.private_state import UMASK
 
 
 @click.group()
 @click.version_option(__version__, prog_name="dicom-node")
 @click.option("--config", "-c", type=click.Path(path_type=Path), envvar="DICOM_NODE_CONFIG",
               help="YAML settings file (default: $DICOM_NODE_CONFIG, else built-in defaults).")
-def main(config: Path | None) -> None:
+@click.pass_context
+def main(ctx: click.Context, config: Path | None) -> None:
     """A DICOM node that analyses chest X-rays beside a PACS."""
     configure_logging()
+    # Whatever the command creates (state folder, databases, spool, results) is private;
+    # the umask is restored when the command ends, for callers that run it in-process.
+    previous = os.umask(UMASK)
+    ctx.call_on_close(lambda: os.umask(previous))
 
 
 for command in (serve, worker, status, jobs, echo, send, config, audit, analyze):

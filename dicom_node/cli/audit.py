@@ -1,7 +1,9 @@
 """``dicom-node audit``: query, verify and prune the audit trail; GDPR access and erasure.
 
-Every read is itself audited with the OS user as actor. A ``--patient-id`` is only ever
-turned into the patient's pseudonym; it is neither stored nor logged.
+Every read is itself audited with the OS user as actor. A patient ID is read from a hidden
+prompt, or one line of standard input, never from the command line (where ``ps`` and the
+shell's history would show it); it is only ever turned into the patient's pseudonym and is
+neither stored nor logged.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -27,6 +30,7 @@ from dicom_node.db import NodeDatabase
 from dicom_node.retention import purge_audit
 from dicom_node.subjects import erase_subject, export_subject
 
+F = TypeVar("F", bound=Callable[..., Any])
 AGE = re.compile(r"^(\d+)([smhdw])$")
 AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 TABLE_COLUMNS = ("id", "time", "event", "outcome", "actor", "remote", "pseudonym",
@@ -87,6 +91,34 @@ def _trail(ctx: click.Context) -> Iterator[AuditTrail]:
         trail.close()
 
 
+def patient_id_refused(usage: str) -> Callable[[F], F]:
+    """Return a hidden ``--patient-id`` option that refuses any value, saying to run ``usage``
+    and type the ID at its prompt or give it on standard input instead."""
+
+    def refuse(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            raise click.UsageError(
+                "a patient ID is not taken from the command line, where ps and the shell "
+                f"history show it: run 'dicom-node {usage}' and type it at the prompt, or give "
+                f"it as one line on standard input ('dicom-node {usage} < patient-id.txt')", ctx)
+
+    return click.option("--patient-id", hidden=True, expose_value=False, is_eager=True,
+                        callback=refuse)
+
+
+def read_patient_id() -> str:
+    """Return the patient ID typed at a hidden prompt when standard input is a terminal,
+    else its first line. Raises ``click.UsageError`` when it is empty."""
+    if sys.stdin.isatty():
+        patient_id = click.prompt("Patient ID", hide_input=True, err=True)
+    else:
+        patient_id = sys.stdin.readline().rstrip("\r\n")
+    if not patient_id.strip():
+        raise click.UsageError("no patient ID given: type it at the prompt or give it as one "
+                               "line on standard input")
+    return patient_id
+
+
 def _emit(rows: Sequence[dict[str, Any]], output: str, columns: Sequence[str],
           title: str, csv_columns: Sequence[str] | None = None) -> None:
     """Print ``rows`` as JSON (every field), CSV (``csv_columns``, default ``columns``)
@@ -135,7 +167,10 @@ def audit() -> None:
               help="Only this event type (repeatable).")
 @click.option("--ae", help="Only events whose actor is this calling AE (or user, or host).")
 @click.option("--study", help="Only events about this Study Instance UID.")
-@click.option("--patient-id", help="Only events about this patient (looked up by pseudonym).")
+@click.option("--patient", is_flag=True,
+              help="Only events about one patient (looked up by pseudonym), whose ID is read "
+                   "from a hidden prompt or one line of standard input.")
+@patient_id_refused("audit list --patient")
 @ISSUER_OPTION
 @click.option("--outcome", "outcomes", multiple=True,
               type=click.Choice([o.value for o in Outcome]), help="Only this outcome (repeatable).")
@@ -145,12 +180,13 @@ def audit() -> None:
 @node_errors_as_click
 def list_command(ctx: click.Context, since: datetime | None, until: datetime | None,
                  events: tuple[str, ...], ae: str | None, study: str | None,
-                 patient_id: str | None, issuer: str | None, outcomes: tuple[str, ...],
+                 patient: bool, issuer: str | None, outcomes: tuple[str, ...],
                  limit: int | None, output: str) -> None:
     """List events, oldest first."""
     criteria = EventFilter(since=since, until=until,
                            events=tuple(AuditEvent(e) for e in events), ae=ae,
-                           study_uid=study, patient_id=patient_id, issuer=issuer,
+                           study_uid=study, patient_id=read_patient_id() if patient else None,
+                           issuer=issuer,
                            outcomes=tuple(Outcome(o) for o in outcomes), limit=limit)
     with _trail(ctx) as trail:
         rows = list_events(trail, criteria, actor=os_user())
@@ -239,16 +275,18 @@ def purge_command(ctx: click.Context, older_than: timedelta) -> None:
 
 @audit.group("subject")
 def subject() -> None:
-    """GDPR duties towards one person, named by patient ID."""
+    """GDPR duties towards one person, whose patient ID is read from a hidden prompt or one
+    line of standard input."""
 
 
 @subject.command("export")
-@click.option("--patient-id", required=True, help="The person's Patient ID.")
+@patient_id_refused("audit subject export")
 @ISSUER_OPTION
 @click.pass_context
 @node_errors_as_click
-def export_command(ctx: click.Context, patient_id: str, issuer: str | None) -> None:
+def export_command(ctx: click.Context, issuer: str | None) -> None:
     """Print, as JSON, every event about the person and the images still held."""
+    patient_id = read_patient_id()
     settings = settings_from(ctx)
     db = NodeDatabase(settings.node_database_url)
     try:
@@ -260,13 +298,15 @@ def export_command(ctx: click.Context, patient_id: str, issuer: str | None) -> N
 
 
 @subject.command("erase")
-@click.option("--patient-id", required=True, help="The person's Patient ID.")
+@patient_id_refused("audit subject erase")
 @ISSUER_OPTION
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 @node_errors_as_click
-def erase_command(ctx: click.Context, patient_id: str, issuer: str | None, yes: bool) -> None:
-    """Delete the person's images and results and unlink their audit events."""
+def erase_command(ctx: click.Context, issuer: str | None, yes: bool) -> None:
+    """Delete the person's images, results, jobs and deliveries and unlink their audit events
+    (a confirmation, unless --yes, follows the patient ID)."""
+    patient_id = read_patient_id()
     if not yes:
         click.confirm("Erase this person's images and results, and unlink their audit "
                       "events? This cannot be undone", abort=True)

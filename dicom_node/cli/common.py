@@ -14,12 +14,14 @@ import click
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.errors import NodeError
+from dicom_node.private_state import tighten
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
-    """Return the effective settings for this invocation, with ``overrides`` from flags.
+    """Return the effective settings for this invocation, with ``overrides`` from flags; an
+    existing state folder and its databases are made private first (see :func:`tighten`).
 
     Raises ``click.ClickException`` naming the bad key when the configuration is invalid.
     """
@@ -28,6 +30,7 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
     except NodeError as exc:
         raise click.ClickException(str(exc)) from exc
     logging.getLogger().setLevel(settings.log_level)
+    tighten(settings)
     return settings
 
 
