@@ -1,8 +1,9 @@
 """What the ``analyze`` task does with one job: gate each instance, analyse, store results.
 
 Each instance gets a verdict (analysed / skipped with the gate's reason / failed
-with the error) and the job a final status. A job that is not queued any more is
-left alone, so a message delivered twice does nothing the second time.
+with the error's type and a fixed text, never a library's message) and the job a
+final status. A job that is not queued any more is left alone, so a message
+delivered twice does nothing the second time.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
 
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
+from dicom_node.audit.failures import failure_text, traceback_text
 from dicom_node.config import Destination, Settings
 from dicom_node.db import (
     Instance, Job, JobStatus, NodeDatabase, Verdict, queue_message, utcnow,
@@ -167,19 +169,25 @@ class Analyzer:
 
         Raises :class:`ResultsDiskFull` when its results do not fit on the disk (nothing of them is kept).
         """
+        stage = "reading the instance"
         try:
             dataset = dcmread(instance.path)
+            stage = "the quality gate"
             verdict = self.pipeline.accepts(dataset)
             folder = result_dir(self.results_root, instance.study_instance_uid,
                                 instance.sop_instance_uid)
             if not verdict.accepted:
+                stage = "the not-analysed note"
                 return self._skip(job_id, instance, dataset, folder, verdict.reason)
+            stage = "the pipeline"
             with STAGE_SECONDS.labels("decode").time():
                 image = self.pipeline.load(dataset)
             with STAGE_SECONDS.labels("pipeline").time():
                 result = self.pipeline.run([image])[0]
             if not result.verdict.accepted:
+                stage = "the not-analysed note"
                 return self._skip(job_id, instance, dataset, folder, result.verdict.reason)
+            stage = "the writers"
             with STAGE_SECONDS.labels("writers").time():
                 outputs = write_results(dataset, result, image.display, self.algorithm, caveats=verdict.caveats)
                 with _disk_full_deferred(folder):
@@ -191,11 +199,14 @@ class Analyzer:
         except ResultsDiskFull:
             raise
         except (PipelineError, InvalidDicomError) as exc:  # bad input: one line, the reason
-            logger.warning("Job %d: instance %s failed: %s", job_id, instance.sop_instance_uid, exc)
-            return InstanceOutcome(Verdict.FAILED, f"{type(exc).__name__}: {exc}"[:500])
+            reason = failure_text(exc, "not a readable DICOM file")
+            logger.warning("Job %d: instance %s failed: %s", job_id, instance.sop_instance_uid, reason)
+            return InstanceOutcome(Verdict.FAILED, reason)
         except Exception as exc:  # a model or node bug: a recorded failure (not a retry), with its traceback
-            logger.exception("Job %d: instance %s failed", job_id, instance.sop_instance_uid)
-            return InstanceOutcome(Verdict.FAILED, f"{type(exc).__name__}: {exc}"[:500])
+            reason = failure_text(exc, f"unexpected error in {stage}")
+            logger.error("Job %d: instance %s failed: %s\n%s", job_id, instance.sop_instance_uid,
+                         reason, traceback_text(exc))
+            return InstanceOutcome(Verdict.FAILED, reason)
 
     def _skip(self, job_id: int, instance: Instance, dataset: Dataset, folder: Path,
               reason: str) -> InstanceOutcome:

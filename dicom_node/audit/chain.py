@@ -2,7 +2,10 @@
 
 After a purge the chain starts at an anchor: the id and hash of the last deleted row.
 The purge's own DATA_PURGED event names that anchor (``chain-anchor=<id>``), so an anchor
-moved by hand is detected like any other change.
+moved by hand is detected like any other change. The head (last row) and the anchor are
+vouched for by a keyed hash updated with every append, so deleting the newest rows and
+rewinding the head is detected too; a head found unsigned when rows are appended is
+recorded (CHAIN_HEAD_UNSIGNED) rather than silently extended.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, delete, select
 
 from dicom_node.audit import store
 from dicom_node.audit.events import AuditEvent
@@ -44,23 +47,20 @@ class ChainReport:
         return not self.problems
 
 
-def anchor_token(anchor_id: int) -> str:
-    """Return the text a DATA_PURGED detail carries to vouch for a chain anchor."""
-    return f"chain-anchor={anchor_id}"
-
-
 def verify_chain(trail: AuditTrail) -> ChainReport:
     """Recompute every row's keyed hash from the anchor to the head; return what broke.
 
-    Detects altered rows (hash mismatch), deleted rows (a gap in the ids, or rows missing
-    after the last one), a moved anchor and an altered head. Raises nothing for a broken
-    chain: the report lists the problems, first row first.
+    Detects altered rows (hash mismatch), deleted rows (a gap in the ids, rows missing
+    after the last one, or a head the key does not vouch for), a moved anchor, and rows
+    appended to such a head. Raises nothing for a broken chain: the report lists the
+    problems, first row first.
     """
     report = ChainReport()
     with trail.connect() as connection:
-        state = connection.execute(select(store.chain)).one()
+        state = store.read_head(connection)
+        assert state is not None  # the trail made it when it opened the store
         previous_hash, expected_id = state.anchor_hash, state.anchor_id + 1
-        if state.anchor_id and not _anchor_vouched(connection, state.anchor_id):
+        if state.anchor_id and not store.anchor_vouched(connection, state.anchor_id):
             report.problems.append(ChainProblem(
                 state.anchor_id, "the chain anchor is not the one a purge recorded"))
         rows = connection.execution_options(yield_per=VERIFY_BATCH).execute(
@@ -78,7 +78,15 @@ def verify_chain(trail: AuditTrail) -> ChainReport:
                     expected_id, f"{missing} deleted (the next row is {row['id']})"))
             elif trail.keys.chain_hash(previous_hash, row) != row["hash"]:
                 report.problems.append(ChainProblem(row["id"], "row was altered (hash mismatch)"))
+            elif row["event"] == AuditEvent.CHAIN_HEAD_UNSIGNED.value:
+                report.problems.append(ChainProblem(
+                    row["id"], f"appended to a chain head not signed by the key: rows after "
+                               f"row {row['id'] - 1} may have been deleted at the end of the chain"))
             previous_hash, expected_id = row["hash"], row["id"] + 1
+    if not trail.keys.head_signed(*state):
+        report.problems.append(ChainProblem(
+            state.head_id, "chain head not signed by the key: rows after it may have been "
+                           "deleted at the end of the chain"))
     if state.head_id >= expected_id:
         report.problems.append(ChainProblem(
             expected_id, f"{_span(expected_id, state.head_id)} deleted at the end of the chain"))
@@ -110,24 +118,13 @@ def purge_before(trail: AuditTrail, cutoff: datetime, *, actor: str | None) -> i
         if last is not None:
             deleted = connection.execute(
                 delete(store.events).where(store.events.c.id <= last.id)).rowcount
-            connection.execute(update(store.chain).values(anchor_id=last.id,
-                                                          anchor_hash=last.hash))
+            trail.move_anchor(connection, last.id, last.hash)
             detail = f"deleted {deleted} audit rows recorded before {when}; " \
-                     f"{anchor_token(last.id)}"
+                     f"{store.HEAD_KEYED}; {store.anchor_token(last.id)}"
         trail.append(connection, Entry(AuditEvent.DATA_PURGED, actor=actor, detail=detail))
         return deleted
 
     return trail.write(work)
-
-
-def _anchor_vouched(connection: Connection, anchor_id: int) -> bool:
-    return connection.execute(
-        select(func.count()).select_from(store.events).where(
-            store.events.c.event == AuditEvent.DATA_PURGED.value,
-            store.events.c.id > anchor_id,
-            store.events.c.detail.endswith(anchor_token(anchor_id)),
-        )
-    ).scalar_one() > 0
 
 
 def _span(first: int, last: int) -> str:

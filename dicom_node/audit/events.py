@@ -48,6 +48,8 @@ class AuditEvent(enum.StrEnum):
     SUBJECT_EXPORTED = "subject-exported"
     SUBJECT_ERASED = "subject-erased"
     AUDIT_QUERIED = "audit-queried"
+    CHAIN_HEAD_KEYED = "chain-head-keyed"
+    CHAIN_HEAD_UNSIGNED = "chain-head-unsigned"
 
     @property
     def dicom_event_id(self) -> DicomCode:
@@ -81,6 +83,8 @@ _EVENT_IDS: dict[AuditEvent, DicomCode] = {
     AuditEvent.SUBJECT_EXPORTED: EXPORT,
     AuditEvent.SUBJECT_ERASED: PATIENT_RECORD,
     AuditEvent.AUDIT_QUERIED: AUDIT_LOG_USED,
+    AuditEvent.CHAIN_HEAD_KEYED: SECURITY_ALERT,  # the trail's protection changed
+    AuditEvent.CHAIN_HEAD_UNSIGNED: SECURITY_ALERT,  # the trail was altered: rows may be missing
 }
 
 _ACTIONS: dict[AuditEvent, str] = {
@@ -96,6 +100,7 @@ _ACTIONS: dict[AuditEvent, str] = {
     AuditEvent.SUBJECT_EXPORTED: "R",
     AuditEvent.SUBJECT_ERASED: "D",
     AuditEvent.AUDIT_QUERIED: "R",
+    AuditEvent.CHAIN_HEAD_KEYED: "U",
 }
 
 

@@ -2,7 +2,7 @@
 
 Three tables: ``audit_events`` (the chained rows), ``audit_pseudonyms`` (keyed hash of a
 patient's identifiers → random pseudonym) and ``audit_chain`` (one row: the chain's head,
-and the anchor left by the last purge). Writers take an exclusive lock for the whole
+the anchor left by the last purge, and the keyed hash vouching for both). Writers take an exclusive lock for the whole
 transaction: ``BEGIN IMMEDIATE`` on SQLite, ``pg_advisory_xact_lock`` on PostgreSQL.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -23,7 +23,9 @@ from sqlalchemy import (
     Text,
     bindparam,
     event,
+    func,
     insert,
+    inspect,
     select,
     text,
     update,
@@ -31,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.sql import Executable
 
+from dicom_node.audit.events import AuditEvent
 from dicom_node.db import UTCDateTime, make_engine
 
 T = TypeVar("T")
@@ -71,13 +74,28 @@ chain = Table(
     Column("head_hash", String(64), nullable=False),
     Column("anchor_id", Integer, nullable=False),
     Column("anchor_hash", String(64), nullable=False),
+    Column("head_mac", String(64)),  # NULL only in a store whose head_mac was removed
 )
 
 GENESIS_HASH = "0" * 64
+"""Where chains made before the head was keyed start; new chains start from a keyed hash."""
+HEAD_KEYED = "head keyed"
+"""What a DATA_PURGED detail carries, before its anchor token, when the purged store's head
+was keyed."""
+
+
+class ChainHead(NamedTuple):
+    """The ``audit_chain`` row: the last row, the purge anchor, and the head's keyed hash."""
+
+    head_id: int
+    head_hash: str
+    anchor_id: int
+    anchor_hash: str
+    head_mac: str | None
 
 
 def make_audit_engine(url: str) -> Engine:
-    """Return an engine for the audit store at ``url`` with its schema created.
+    """Return an engine for the audit store at ``url`` (its schema: :func:`create_schema`).
 
     SQLite files get WAL with ``synchronous=NORMAL``: a commit writes the WAL but does
     not fsync it, so a committed event survives a crash or kill of the node's process
@@ -109,9 +127,54 @@ def make_audit_engine(url: str) -> Engine:
                 cursor.execute("SET TIME ZONE 'UTC'")  # summaries by day are UTC days
             dbapi_connection.autocommit = autocommit
 
-    with writer_connection(engine) as connection:
-        run_locked(connection, _create_schema)
     return engine
+
+
+def create_schema(connection: Connection) -> bool:
+    """Create the tables that are missing; add ``head_mac`` to a store made without it.
+
+    Returns whether the column was added (the caller keys the head, or finds that the
+    column was removed). Run it under the write lock: it is idempotent, not concurrent.
+    """
+    metadata.create_all(connection)
+    if "head_mac" in {column["name"] for column in inspect(connection).get_columns(chain.name)}:
+        return False
+    connection.execute(text(f"ALTER TABLE {chain.name} ADD COLUMN head_mac VARCHAR(64)"))
+    return True
+
+
+def read_head(connection: Connection) -> ChainHead | None:
+    """Return the ``audit_chain`` row, or None in a store not yet initialised."""
+    row = connection.execute(select(*(chain.c[name] for name in ChainHead._fields))).first()
+    return ChainHead(*row) if row else None
+
+
+def anchor_token(anchor_id: int) -> str:
+    """Return the text a DATA_PURGED detail ends with to vouch for a chain anchor."""
+    return f"chain-anchor={anchor_id}"
+
+
+def anchor_vouched(connection: Connection, anchor_id: int, *, keyed: bool = False) -> bool:
+    """Return whether a DATA_PURGED row after the anchor names it (with ``keyed``: as the
+    anchor of a store whose head was keyed)."""
+    token = f"{HEAD_KEYED}; {anchor_token(anchor_id)}" if keyed else anchor_token(anchor_id)
+    return connection.execute(
+        select(func.count()).select_from(events).where(
+            events.c.event == AuditEvent.DATA_PURGED.value, events.c.id > anchor_id,
+            events.c.detail.endswith(token))
+    ).scalar_one() > 0
+
+
+def head_was_keyed(connection: Connection, head: ChainHead) -> bool:
+    """Return whether the chain itself shows that its head was keyed once: it starts from a
+    keyed genesis, its anchor was left by a purge of a keyed store, or it holds the event of
+    its keying. Such a store lacking ``head_mac`` had the column removed."""
+    if head.anchor_id == 0 and head.anchor_hash != GENESIS_HASH:
+        return True
+    if head.anchor_id and anchor_vouched(connection, head.anchor_id, keyed=True):
+        return True
+    return connection.execute(select(events.c.id).where(
+        events.c.event == AuditEvent.CHAIN_HEAD_KEYED.value).limit(1)).first() is not None
 
 
 def writer_connection(engine: Engine) -> Connection:
@@ -138,29 +201,32 @@ class ChainStatements:
     """
 
     def __init__(self, dialect: Dialect) -> None:
-        self._head = _DriverStatement(select(chain.c.head_id, chain.c.head_hash), dialect)
+        self._head = _DriverStatement(
+            select(*(chain.c[name] for name in ChainHead._fields)), dialect)
         self._insert = _DriverStatement(insert(events), dialect)
         self._move = _DriverStatement(update(chain).values(
-            head_id=bindparam("new_id"), head_hash=bindparam("new_hash")), dialect)
+            head_id=bindparam("new_id"), head_hash=bindparam("new_hash"),
+            head_mac=bindparam("new_mac")), dialect)
 
-    def head(self, connection: Connection) -> tuple[int, str]:
-        """Return the id and hash of the chain's last row (the genesis when empty)."""
+    def head(self, connection: Connection) -> ChainHead:
+        """Return the chain's head (the genesis when empty), anchor and head hash."""
         cursor = connection.connection.cursor()
         try:
             cursor.execute(self._head.sql)
-            head_id, head_hash = cursor.fetchone()
+            head = ChainHead(*cursor.fetchone())
         finally:
             cursor.close()
-        return head_id, head_hash
+        return head
 
-    def add(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Insert ``rows`` (complete event rows, in chain order) and make the last the head."""
+    def add(self, connection: Connection, rows: Sequence[Mapping[str, Any]], head_mac: str) -> None:
+        """Insert ``rows`` (complete event rows, in chain order); make the last the head,
+        vouched for by ``head_mac``."""
         last = rows[-1]
         cursor = connection.connection.cursor()
         try:
             cursor.executemany(self._insert.sql, [self._insert.parameters(row) for row in rows])
-            cursor.execute(self._move.sql,
-                           self._move.parameters({"new_id": last["id"], "new_hash": last["hash"]}))
+            cursor.execute(self._move.sql, self._move.parameters(
+                {"new_id": last["id"], "new_hash": last["hash"], "new_mac": head_mac}))
         finally:
             cursor.close()
 
@@ -190,10 +256,3 @@ def _create_private_file(database: str | None) -> None:
         os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
         pass
-
-
-def _create_schema(connection: Connection) -> None:
-    metadata.create_all(connection)
-    if connection.execute(select(chain.c.id)).first() is None:
-        connection.execute(insert(chain).values(id=1, head_id=0, head_hash=GENESIS_HASH,
-                                                anchor_id=0, anchor_hash=GENESIS_HASH))

@@ -12,12 +12,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy import Connection, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from dicom_node.audit import store
 from dicom_node.audit.events import AuditEvent, Outcome
-from dicom_node.audit.keys import AuditKeys, load_or_create_secret
+from dicom_node.audit.keys import KEY_FILE, AuditKeys, load_or_create_secret
 from dicom_node.errors import AuditError
 from dicom_node.metrics import STAGE_SECONDS
 
@@ -30,6 +30,9 @@ T = TypeVar("T")
 
 WRITE_ATTEMPTS = 6
 FIRST_BACKOFF_S = 0.05
+KEYED_HEAD_DETAIL = "chain head keyed from now on: rows deleted at the end are detected"
+UNSIGNED_HEAD_DETAIL = ("the chain head before this row was not signed by the key: "
+                        "rows may have been deleted at the end of the chain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,17 +82,19 @@ class AuditTrail:
         self._writer: Connection | None = None
         try:
             self.engine = store.make_audit_engine(url)
+            self._statements = store.ChainStatements(self.engine.dialect)
+            with store.writer_connection(self.engine) as connection:
+                store.run_locked(connection, self._open_chain)
         except (SQLAlchemyError, OSError) as exc:
             reason = exc.orig if isinstance(exc, DBAPIError) else exc  # no SQL, no parameters
             raise AuditError(f"cannot open the audit store: {reason}") from exc
-        self._statements = store.ChainStatements(self.engine.dialect)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuditTrail:
         """Return the trail the settings describe; a no-op trail when auditing is disabled.
 
-        The secret is ``audit.secret`` or, unset, the key generated once in the state
-        folder. Raises :class:`AuditError` when the key or the store cannot be opened.
+        The secret is :func:`audit_secret`'s. Raises :class:`AuditError` when the key or the
+        store cannot be opened.
         """
         if not settings.audit.enabled:
             return DisabledAuditTrail()
@@ -165,10 +170,20 @@ class AuditTrail:
             return connection.execute(query).first() is not None
 
     def append(self, connection: Connection, *entries: Entry) -> int:
-        """Append ``entries`` in order inside a transaction begun by :meth:`write`;
-        return the row id of the last.
+        """Append ``entries`` in order inside a transaction begun by :meth:`write`, and key
+        the new head; return the row id of the last.
+
+        A head the key does not vouch for (rows deleted at the end and the head rewound,
+        or the head edited) is not silently extended: CHAIN_HEAD_UNSIGNED goes first.
         """
-        last_id, last_hash = self._statements.head(connection)
+        head = self._statements.head(connection)
+        if not self._keys.head_signed(*head):
+            logger.error("the audit chain head (row %d) is not signed by the audit key: rows "
+                         "may have been deleted at the end of the chain; recorded as %s",
+                         head.head_id, AuditEvent.CHAIN_HEAD_UNSIGNED.value)
+            entries = (Entry(AuditEvent.CHAIN_HEAD_UNSIGNED, Outcome.MAJOR_FAILURE,
+                             detail=UNSIGNED_HEAD_DETAIL), *entries)
+        last_id, last_hash = head.head_id, head.head_hash
         rows = []
         for entry in entries:
             row = {**vars(entry), "id": last_id + 1, "time": datetime.now(UTC),
@@ -177,8 +192,41 @@ class AuditTrail:
             row["hash"] = self._keys.chain_hash(last_hash, row)
             last_id, last_hash = row["id"], row["hash"]
             rows.append(row)
-        self._statements.add(connection, rows)
+        self._statements.add(connection, rows, self._keys.head_mac(
+            last_id, last_hash, head.anchor_id, head.anchor_hash))
         return last_id
+
+    def move_anchor(self, connection: Connection, anchor_id: int, anchor_hash: str) -> None:
+        """Make row ``anchor_id`` (hash ``anchor_hash``) the chain's anchor inside a
+        transaction begun by :meth:`write`; the head stays keyed only if it was."""
+        head = self._statements.head(connection)
+        head_mac = head.head_mac
+        if self._keys.head_signed(*head):
+            head_mac = self._keys.head_mac(head.head_id, head.head_hash, anchor_id, anchor_hash)
+        connection.execute(update(store.chain).values(
+            anchor_id=anchor_id, anchor_hash=anchor_hash, head_mac=head_mac))
+
+    def _open_chain(self, connection: Connection) -> None:
+        """Create the schema and the chain's first state; key the head of a store made
+        before heads were keyed (recording CHAIN_HEAD_KEYED), but not of one whose
+        ``head_mac`` was removed: that head stays unsigned, and verification fails."""
+        added = store.create_schema(connection)
+        head = store.read_head(connection)
+        if head is None:
+            genesis = self._keys.genesis_hash()
+            connection.execute(insert(store.chain).values(
+                id=1, head_id=0, head_hash=genesis, anchor_id=0, anchor_hash=genesis,
+                head_mac=self._keys.head_mac(0, genesis, 0, genesis)))
+        elif added and store.head_was_keyed(connection, head):
+            logger.error("the audit chain head's keyed hash (audit_chain.head_mac) was removed "
+                         "from %s; the head stays unsigned and audit verify fails",
+                         self.engine.url.render_as_string())
+        elif added:
+            connection.execute(update(store.chain).values(head_mac=self._keys.head_mac(
+                head.head_id, head.head_hash, head.anchor_id, head.anchor_hash)))
+            self.append(connection, Entry(AuditEvent.CHAIN_HEAD_KEYED, detail=KEYED_HEAD_DETAIL))
+            logger.warning("audit chain head (row %d) keyed from now on: rows deleted at the "
+                           "end of the chain are detected by audit verify", head.head_id)
 
     def write(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in a transaction that holds the write lock; return its result.
@@ -270,10 +318,16 @@ class DisabledAuditTrail(AuditTrail):
 
 
 def audit_secret(settings: Settings) -> bytes:
-    """Return the configured audit secret, or the one generated in the state folder."""
+    """Return ``audit.secret``, else the key in ``audit.key_file``, else the key in the state
+    folder (generated there on first use; a configured key file is never generated).
+
+    Raises :class:`AuditError` when the key file is missing, empty or unreadable.
+    """
     if settings.audit.secret is not None:
         return settings.audit.secret.get_secret_value().encode()
-    return load_or_create_secret(settings.state_dir)
+    if settings.audit.key_file is not None:
+        return load_or_create_secret(settings.audit.key_file, create=False)
+    return load_or_create_secret(settings.state_dir / KEY_FILE, create=True)
 
 
 def _pseudonym_of(connection: Connection, key: str) -> str | None:

@@ -43,7 +43,7 @@ def load_dataset(dataset: Dataset) -> ImageInput:
     try:
         stored = dataset.pixel_array
     except Exception as exc:  # pydicom raises many types for missing plugins / bad data
-        raise InputError(f"cannot decode pixel data: {exc}") from exc
+        raise InputError(f"cannot decode pixel data: {type(exc).__name__}") from exc
     if stored.ndim != 2:
         raise InputError(f"expected one 2-D frame, got pixel array of shape {stored.shape}")
     pixels = np.asarray(apply_modality_lut(stored, dataset), dtype=np.float32)
@@ -232,7 +232,7 @@ def _voi_lut(pixels: np.ndarray, item: Dataset) -> np.ndarray:
         entries, first, bits = (int(v) for v in item.LUTDescriptor)
         data = item.LUTData
     except (AttributeError, TypeError, ValueError) as exc:
-        raise InputError(f"malformed VOI LUT: {exc}") from exc
+        raise InputError(f"malformed VOI LUT: {type(exc).__name__}") from exc
     if isinstance(data, bytes):
         data = np.frombuffer(data, dtype=np.uint8 if bits <= 8 and len(data) == (entries or 65536) else np.uint16)
     lut = np.asarray(data, dtype=np.float32).ravel()

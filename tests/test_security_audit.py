@@ -1,0 +1,181 @@
+"""The audit trail against someone who can write audit.db but lacks the key, and against
+patient data in exception text: real `serve` runs, real SQLite files edited with sqlite3."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from dicom_node.audit import AuditEvent, AuditTrail
+from dicom_node.audit.chain import verify_chain
+from dicom_node.audit.keys import AuditKeys
+from dicom_node.audit.store import GENESIS_HASH, events, pseudonyms
+from dicom_node.db import JobStatus
+from tests.conftest import NodeProcess, dcmtk_tool, run_tool, wait_for
+from tests.dicom_factory import TEST_PATIENT_ID, TEST_PATIENT_NAME, write_cr, write_rg1_study
+
+pytestmark = pytest.mark.slow
+
+MALFORMED_BIRTH_DATE = "01.02.1970"
+TRUNCATE_AND_REWIND = (
+    "DELETE FROM audit_events WHERE id > (SELECT MAX(id) - 3 FROM audit_events); "
+    "UPDATE audit_chain SET head_id = (SELECT MAX(id) FROM audit_events), "
+    "head_hash = (SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1)")
+
+
+def edit(database: Path, sql: str) -> None:
+    """Change ``database`` as an attacker would: with the sqlite3 tool."""
+    subprocess.run(["sqlite3", str(database), sql], check=True, timeout=30)
+
+
+def verify(node: NodeProcess) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node", "--config", str(node.config),
+                           "audit", "verify"], capture_output=True, text=True, timeout=120)
+
+
+def send(node: NodeProcess, *files: Path) -> None:
+    sent = run_tool(dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", "DICOM_NODE",
+                    "127.0.0.1", str(node.port), *map(str, files))
+    assert sent.returncode == 0, sent.stderr
+
+
+def finished_job(node: NodeProcess, study: str, timeout: float = 120):
+    return wait_for(lambda: next((j for j in node.jobs(study) if j.status.finished), None),
+                    timeout, "the study's job to finish")
+
+
+def test_deleting_the_newest_rows_and_rewinding_the_head_fails_verify(node_factory, tmp_path):
+    node = node_factory().start()
+    skipped = write_cr(tmp_path / "hand.dcm", body_part="HAND")  # the gate skips it: quick
+    send(node, tmp_path / "hand.dcm")
+    finished_job(node, skipped.StudyInstanceUID)
+    assert node.stop() == 0
+    intact = verify(node)
+    assert intact.returncode == 0 and "audit trail intact" in intact.stdout, intact.stderr
+    audit_db = node.state_dir / "audit.db"
+    rows_before = sqlite3.connect(audit_db).execute("SELECT MAX(id) FROM audit_events").fetchone()[0]
+
+    edit(audit_db, TRUNCATE_AND_REWIND)
+    cut = verify(node)
+    assert cut.returncode == 1, cut.stdout
+    assert (f"BROKEN row {rows_before - 3}: chain head not signed by the key: rows after it "
+            "may have been deleted at the end of the chain") in cut.stderr
+    # verify's own audit row did not heal the cut: it went after a CHAIN_HEAD_UNSIGNED row
+    again = verify(node)
+    assert again.returncode == 1
+    assert (f"BROKEN row {rows_before - 2}: appended to a chain head not signed by the key: "
+            f"rows after row {rows_before - 3} may have been deleted") in again.stderr
+
+
+def test_key_file_outside_the_state_folder(node_factory, tmp_path):
+    key_file = tmp_path / "keys" / "audit.key"
+    key_file.parent.mkdir()
+    key_file.write_text(os.urandom(32).hex())
+    key_file.chmod(0o600)
+    node = node_factory({"audit": {"secret": None, "key_file": str(key_file)}}).start()
+    assert node.stop() == 0
+    assert not (node.state_dir / "audit.key").exists()
+    intact = verify(node)
+    assert intact.returncode == 0, intact.stderr
+
+    key_file.write_text(os.urandom(32).hex())  # someone forges with a key of their own
+    forged = verify(node)
+    assert forged.returncode == 1
+    assert "BROKEN row 1: row was altered (hash mismatch)" in forged.stderr
+    assert "chain head not signed by the key" in forged.stderr
+
+
+def test_a_configured_key_file_that_is_missing_stops_serve(node_factory, tmp_path):
+    key_file = tmp_path / "keys" / "audit.key"
+    node = node_factory({"audit": {"secret": None, "key_file": str(key_file)}})
+    with pytest.raises(pytest.fail.Exception, match="serve exited with 1"):
+        node.start()
+    assert f"the audit key file {key_file} (audit.key_file) does not exist" in node.log.read_text()
+    assert not key_file.exists() and not (node.state_dir / "audit.key").exists()
+
+
+def test_no_patient_data_from_a_library_error_reaches_the_databases(node_factory, tmp_path):
+    """highdicom quotes a malformed birth date in its error; the rows must not."""
+    node = node_factory().start()
+    ds = write_rg1_study(tmp_path / "rg1.dcm", PatientBirthDate=MALFORMED_BIRTH_DATE,
+                         PatientName=TEST_PATIENT_NAME, PatientID=TEST_PATIENT_ID)
+    send(node, tmp_path / "rg1.dcm")
+    job = finished_job(node, ds.StudyInstanceUID, timeout=300)
+    assert node.stop() == 0
+    assert job.status is JobStatus.FAILED, job.reason
+    verdict = node.cli("jobs", "show", str(job.id))
+    assert "ValueError: unexpected error in the writers" in verdict
+
+    for name in ("audit.db", "node.db"):
+        connection = sqlite3.connect(node.state_dir / name)
+        dump = "\n".join(connection.iterdump())
+        connection.close()
+        for secret in (MALFORMED_BIRTH_DATE, TEST_PATIENT_NAME, TEST_PATIENT_ID):
+            assert secret not in dump, f"{secret!r} in {name}"
+    log = node.log.read_text()
+    assert "ValueError: (message withheld" in log  # the traceback's frames are kept
+    for secret in (MALFORMED_BIRTH_DATE, TEST_PATIENT_NAME, TEST_PATIENT_ID):
+        assert secret not in log, f"{secret!r} in the log"
+
+
+def legacy_store(path: Path, secret: bytes, rows: int) -> None:
+    """Write an audit store as the node wrote it before the head was keyed: no head_mac, a
+    chain starting from zeros."""
+    engine = create_engine(f"sqlite:///{path}")
+    keys = AuditKeys(secret)
+    with engine.begin() as connection:
+        events.create(connection)
+        pseudonyms.create(connection)
+        connection.execute(text(
+            "CREATE TABLE audit_chain (id INTEGER PRIMARY KEY, head_id INTEGER NOT NULL, "
+            "head_hash VARCHAR(64) NOT NULL, anchor_id INTEGER NOT NULL, "
+            "anchor_hash VARCHAR(64) NOT NULL)"))
+        previous = GENESIS_HASH
+        for number in range(1, rows + 1):
+            row = {"id": number, "time": datetime(2026, 1, 1, tzinfo=UTC), "event": "node-started",
+                   "event_id": "110100", "outcome": "success", "actor": "host", "remote": None,
+                   "pseudonym": None, "study_uid": None, "series_uid": None, "sop_uid": None,
+                   "job_id": None, "detail": f"start {number}"}
+            previous = keys.chain_hash(previous, row)
+            connection.execute(events.insert().values(**row, hash=previous))
+        connection.execute(text(
+            "INSERT INTO audit_chain VALUES (1, :id, :hash, 0, :genesis)"),
+            {"id": rows, "hash": previous, "genesis": GENESIS_HASH})
+    engine.dispose()
+
+
+def test_a_store_of_the_previous_version_is_keyed_at_open(tmp_path, caplog):
+    path = tmp_path / "audit.db"
+    legacy_store(path, b"secret", 5)
+    with caplog.at_level("WARNING"):
+        trail = AuditTrail(f"sqlite:///{path}", b"secret")
+    assert "audit chain head (row 5) keyed from now on" in caplog.text
+    report = verify_chain(trail)
+    assert report.ok and report.rows_checked == 6, report.problems
+    trail.close()
+    AuditTrail(f"sqlite:///{path}", b"secret").close()  # keyed once, not again
+    assert sqlite3.connect(path).execute(
+        "SELECT COUNT(*) FROM audit_events WHERE event = 'chain-head-keyed'").fetchone() == (1,)
+
+    edit(path, TRUNCATE_AND_REWIND)
+    assert not verify_chain(AuditTrail(f"sqlite:///{path}", b"secret")).ok
+
+
+def test_removing_the_head_mac_does_not_pass_for_an_old_store(tmp_path):
+    path = tmp_path / "audit.db"
+    trail = AuditTrail(f"sqlite:///{path}", b"secret")
+    for number in range(6):
+        trail.record(AuditEvent.NODE_STARTED, actor="host", detail=f"start {number}")
+    trail.close()
+    edit(path, f"{TRUNCATE_AND_REWIND}; ALTER TABLE audit_chain DROP COLUMN head_mac")
+    report = verify_chain(AuditTrail(f"sqlite:///{path}", b"secret"))
+    assert [str(p) for p in report.problems] == [
+        "row 3: chain head not signed by the key: rows after it may have been deleted at the "
+        "end of the chain"]
