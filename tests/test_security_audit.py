@@ -17,6 +17,8 @@ from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.audit.chain import verify_chain
 from dicom_node.audit.keys import AuditKeys
 from dicom_node.audit.store import GENESIS_HASH, events, pseudonyms
+from dicom_node.audit.trail import audit_secret
+from dicom_node.config import load_settings
 from dicom_node.db import JobStatus
 from tests.conftest import NodeProcess, dcmtk_tool, run_tool, wait_for
 from tests.dicom_factory import TEST_PATIENT_ID, TEST_PATIENT_NAME, write_cr, write_rg1_study
@@ -179,3 +181,21 @@ def test_removing_the_head_mac_does_not_pass_for_an_old_store(tmp_path):
     assert [str(p) for p in report.problems] == [
         "row 3: chain head not signed by the key: rows after it may have been deleted at the "
         "end of the chain"]
+
+
+def test_key_file_permissions_are_checked_and_the_secret_setting_wins(tmp_path, caplog):
+    key_file = tmp_path / "audit.key"
+    key_file.write_text("k" * 64)
+    key_file.chmod(0o644)
+    settings = load_settings(state_dir=tmp_path / "state", audit={"key_file": str(key_file)})
+    with caplog.at_level("WARNING"):
+        assert audit_secret(settings) == b"k" * 64
+    assert f"the audit key {key_file} is readable by others (mode 0644)" in caplog.text
+    caplog.clear()
+    key_file.chmod(0o600)
+    audit_secret(settings)
+    assert "readable" not in caplog.text
+    key_file.unlink()
+    assert audit_secret(load_settings(state_dir=tmp_path / "state", audit={
+        "key_file": str(key_file), "secret": "s3cret"})) == b"s3cret"
+    assert not (tmp_path / "state" / "audit.key").exists()

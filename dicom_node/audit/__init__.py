@@ -3,7 +3,8 @@
 ``from dicom_node.audit import AuditTrail, AuditEvent, Outcome`` is all a writer needs.
 Inside: ``events`` (event types and their PS3.15 A.5 codes), ``keys`` (the secret and the
 keyed hashes), ``store`` (tables, engine, write lock), ``trail`` (pseudonyms and appends),
-``chain`` (verification and purge) and ``query`` (audited reads).
+``chain`` (verification and purge), ``query`` (audited reads) and ``failures`` (what a
+row or a log line may say about an exception).
 """
 
 from dicom_node.audit.events import AuditEvent, DicomCode, Outcome
