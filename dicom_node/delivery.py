@@ -6,7 +6,9 @@ destination goes with it.
 
 Transient failures (out of resources, association refused or aborted, timeouts)
 are retried with exponential back-off and jitter until ``max_age_s``; other
-failures ``max_failures`` times; then the delivery is dead-lettered. A retry is
+failures ``max_failures`` times; then the delivery is dead-lettered. An object the
+destination accepts in none of the transfer syntaxes offered (see :mod:`dicom_node.scu`)
+is dead-lettered at once: no retry changes that. A retry is
 an outbox message due at its time, so it survives broker and node restarts.
 A delivery is claimed with a lease before it is sent, so a message delivered
 twice never sends an object twice at once, and a finished one is left alone.
@@ -184,6 +186,8 @@ class Deliverer:
                    now: datetime, jitter: float) -> tuple[DeliveryStatus, datetime | None]:
         if disposition is Disposition.DELIVERED:
             return DeliveryStatus.DELIVERED, None
+        if disposition is Disposition.NOT_ACCEPTED:
+            return DeliveryStatus.DEAD, None
         wait = min(self.policy.first_retry_s * 2 ** (attempts - 1), self.policy.max_retry_interval_s)
         retry_at = now + timedelta(seconds=wait * (1 + self.policy.jitter * jitter))
         if disposition is Disposition.RETRY:

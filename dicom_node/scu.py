@@ -5,6 +5,12 @@ delivered (success, and every warning: 0xB000-0xBFFF and the general warnings su
 as 0x0107 and 0x0116 mean the peer stored the object), retry (out of resources,
 resource limitation, association refused or aborted, timeouts), or give up (any
 other failure: retrying will not change the answer).
+
+Every object is offered in its own transfer syntax and in Explicit and Implicit VR
+Little Endian, and sent in what the peer accepted: as stored when it took the
+object's own syntax, else decoded (the same object, under the same SOP Instance
+UID). A peer that accepts none of them for the object's SOP class will not take it
+later either: :attr:`Disposition.NOT_ACCEPTED`.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom import Dataset, dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
@@ -30,7 +36,9 @@ from dicom_node.errors import PeerError
 logger = logging.getLogger(__name__)
 
 ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
-UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+#: What every object is offered in beside its own transfer syntax, in order of preference.
+FALLBACK_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: Presentation contexts one association may request (odd context ids 1 to 255).
 MAX_CONTEXTS = 128
 
 
@@ -59,6 +67,8 @@ class Disposition(enum.StrEnum):
     DELIVERED = "delivered"
     RETRY = "retry"
     GIVE_UP = "give-up"
+    #: The peer accepts the object's SOP class in none of the transfer syntaxes offered.
+    NOT_ACCEPTED = "not-accepted"
 
 
 def classify(status: int | None) -> Disposition:
@@ -124,67 +134,112 @@ def echo(peer: Peer, *, calling_ae: str, timeout_s: float = 30) -> int:
     return int(response.Status)
 
 
+@dataclass(frozen=True)
+class _Header:
+    sop_class: UID
+    sop_instance_uid: str
+    transfer_syntax: UID
+
+
 def store_files(paths: Iterable[Path], peer: Peer, *, calling_ae: str,
                 timeout_s: float = 60) -> list[StoreOutcome]:
-    """Send DICOM files over one association, as stored (no transcoding).
+    """Send DICOM files over one association, each in a transfer syntax the peer accepted.
 
-    Returns one outcome per file; files that cannot be read are GIVE_UP, and every
-    file is RETRY when the association cannot be established or breaks.
+    Each file is offered in its own transfer syntax and in Explicit and Implicit VR Little
+    Endian, one presentation context per SOP class and syntax, so that the peer picks.
+    Returns one outcome per file: GIVE_UP for files that cannot be read or decoded,
+    NOT_ACCEPTED for files the peer accepts in none of those syntaxes, and RETRY for every
+    file when the association cannot be established or breaks. Raises ``ValueError`` when
+    the files need more presentation contexts than one association has.
     """
     paths = list(paths)
     outcomes: dict[Path, StoreOutcome] = {}
-    # One presentation context per (SOP class, transfer syntax), as DCMTK does: a peer
-    # that prefers its own first syntax cannot then leave a compressed file unsendable.
-    requested: set[tuple[str, str]] = set()
-    headers: dict[Path, tuple[str, str, str]] = {}
+    headers: dict[Path, _Header] = {}
     for path in paths:
         try:
             ds = dcmread(path, stop_before_pixels=True)
-            headers[path] = (str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                             str(ds.file_meta.TransferSyntaxUID))
+            headers[path] = _Header(UID(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                    UID(ds.file_meta.TransferSyntaxUID))
         except Exception as exc:
             outcomes[path] = StoreOutcome(path, None, None, Disposition.GIVE_UP,
                                           f"not a readable DICOM file: {type(exc).__name__}")
-            continue
-        sop_class, _, syntax = headers[path]
-        requested.add((sop_class, syntax))
-        if syntax in UNCOMPRESSED:
-            requested.update((sop_class, other) for other in UNCOMPRESSED)
+    # One presentation context per (SOP class, transfer syntax), as DCMTK does: the peer
+    # accepts or refuses each syntax on its own, rather than picking one of several.
+    requested = sorted({(h.sop_class, syntax) for h in headers.values()
+                        for syntax in (h.transfer_syntax, *FALLBACK_SYNTAXES)})
     if len(requested) > MAX_CONTEXTS:
         raise ValueError(f"{len(requested)} SOP class and transfer syntax pairs exceed one "
                          f"association's {MAX_CONTEXTS} presentation contexts")
     if headers:
         ae = _scu_ae(calling_ae, timeout_s)
-        for sop_class, syntax in sorted(requested):
+        for sop_class, syntax in requested:
             ae.add_requested_context(sop_class, syntax)
         outcomes.update(_send(ae, peer, headers))
     return [outcomes[path] for path in paths]
 
 
-def _send(ae: AE, peer: Peer, headers: dict[Path, tuple[str, str, str]]) -> dict[Path, StoreOutcome]:
+def _not_accepted(header: _Header) -> str:
+    offered = ", ".join(UID(s).name for s in dict.fromkeys((header.transfer_syntax, *FALLBACK_SYNTAXES)))
+    return f"the peer accepts no presentation context for {header.sop_class.name} (offered in {offered})"
+
+
+def _in_accepted_syntax(path: Path, header: _Header, accepted: set[UID]) -> Path | Dataset | None:
+    """Return what to send of ``path``: the file when the peer accepted its transfer syntax, or
+    an uncompressed syntax that pynetdicom converts it to as it sends; else its data set decoded
+    to Explicit VR Little Endian, same SOP Instance UID (pynetdicom sends that as Implicit VR
+    where only that was accepted). None when the peer accepted none of them."""
+    fallback = [syntax for syntax in FALLBACK_SYNTAXES if syntax in accepted]
+    if header.transfer_syntax in accepted or (fallback and not header.transfer_syntax.is_compressed):
+        return path
+    if not fallback:
+        return None
+    dataset = dcmread(path)
+    dataset.decompress(generate_instance_uid=False)
+    logger.info("%s decoded from %s for a peer that accepts only %s", header.sop_instance_uid,
+                header.transfer_syntax.name, " or ".join(syntax.name for syntax in fallback))
+    return dataset
+
+
+def _send(ae: AE, peer: Peer, headers: dict[Path, _Header]) -> dict[Path, StoreOutcome]:
     assoc = _associate(ae, peer)
     if not assoc.is_established:
+        if assoc.rejected_contexts and not assoc.accepted_contexts:  # pynetdicom aborts such an association
+            return {p: StoreOutcome(p, h.sop_instance_uid, None, Disposition.NOT_ACCEPTED, _not_accepted(h))
+                    for p, h in headers.items()}
         reason = _association_failure(assoc)
-        return {p: StoreOutcome(p, h[1], None, Disposition.RETRY, reason)
+        return {p: StoreOutcome(p, h.sop_instance_uid, None, Disposition.RETRY, reason)
                 for p, h in headers.items()}
     outcomes: dict[Path, StoreOutcome] = {}
     try:
-        for path, (_, sop_uid, _) in headers.items():
-            if not assoc.is_established:
-                outcomes[path] = StoreOutcome(path, sop_uid, None, Disposition.RETRY,
-                                              _association_failure(assoc))
-                continue
-            try:
-                response = assoc.send_c_store(path)
-            except (ValueError, RuntimeError) as exc:  # no accepted context, or aborted
-                outcomes[path] = StoreOutcome(path, sop_uid, None, Disposition.GIVE_UP
-                                              if isinstance(exc, ValueError) else Disposition.RETRY,
-                                              str(exc)[:200])
-                continue
-            status = int(response.Status) if "Status" in response else None
-            detail = "" if status is not None else "no response (timeout or abort)"
-            outcomes[path] = StoreOutcome(path, sop_uid, status, classify(status), detail)
+        for path, header in headers.items():
+            outcomes[path] = _store(assoc, path, header)
     finally:
         if assoc.is_established:
             assoc.release()
     return outcomes
+
+
+def _store(assoc: Association, path: Path, header: _Header) -> StoreOutcome:
+    """Send one file over ``assoc`` in a transfer syntax the peer accepted; return what became of it."""
+    sop_uid = header.sop_instance_uid
+    if not assoc.is_established:
+        return StoreOutcome(path, sop_uid, None, Disposition.RETRY, _association_failure(assoc))
+    accepted = {UID(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+                if cx.abstract_syntax == header.sop_class}
+    try:
+        sendable = _in_accepted_syntax(path, header, accepted)
+    except Exception as exc:  # any codec failure: the object cannot be decoded for this peer
+        return StoreOutcome(path, sop_uid, None, Disposition.GIVE_UP,
+                            f"cannot decode {header.transfer_syntax.name} for the peer: {type(exc).__name__}")
+    if sendable is None:
+        return StoreOutcome(path, sop_uid, None, Disposition.NOT_ACCEPTED, _not_accepted(header))
+    try:
+        response = assoc.send_c_store(sendable)
+    except ValueError:  # pynetdicom cannot encode it in the accepted syntax
+        return StoreOutcome(path, sop_uid, None, Disposition.GIVE_UP,
+                            "cannot be encoded in the accepted transfer syntax")
+    except RuntimeError:  # the association ended before the request
+        return StoreOutcome(path, sop_uid, None, Disposition.RETRY, _association_failure(assoc))
+    status = int(response.Status) if "Status" in response else None
+    detail = "" if status is not None else "no response (timeout or abort)"
+    return StoreOutcome(path, sop_uid, status, classify(status), detail)

@@ -8,21 +8,28 @@ run and tested on a numpy array.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 
 
 def pixel_spacing(dataset: Dataset) -> tuple[float, float] | None:
-    """Return the data set's Pixel Spacing, or else its Imager Pixel Spacing, in mm, when valid
-    (two values > 0): RG1's ``0\\0`` is none."""
+    """Return the data set's Pixel Spacing, or else its Imager Pixel Spacing, in mm, when usable:
+    two finite values > 0. Anything else is no spacing (None): RG1's ``0\\0``, one value,
+    a negative, NaN or infinite value, or one that is not a number (``a\\b``)."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = dataset.get(keyword)
-        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
-            return float(value[0]), float(value[1])
+        try:
+            value = dataset.get(keyword)
+            values = [float(v) for v in value] if isinstance(value, MultiValue) else []
+        except (TypeError, ValueError):  # not numbers: pydicom cannot convert the DS values
+            continue
+        if len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values):
+            return values[0], values[1]
     return None
 
 

@@ -192,19 +192,23 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
 
 
 class DcmtkStoreSCP:
-    """DCMTK's storescp, bit-preserving and accepting every transfer syntax: a real peer."""
+    """DCMTK's storescp, bit-preserving: a real peer. It accepts every transfer syntax (``+xa``),
+    or with ``accept_all=False`` only those of DCMTK's defaults (uncompressed ones), as many
+    older PACS do."""
 
-    def __init__(self, root: Path, ae_title: str = "RECEIVER", port: int | None = None) -> None:
+    def __init__(self, root: Path, ae_title: str = "RECEIVER", port: int | None = None,
+                 accept_all: bool = True) -> None:
         self.ae_title = ae_title
         self.port = port or free_port()
+        self.accept_all = accept_all
         self.folder = root / f"received-{self.port}"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DcmtkStoreSCP:
         self.process = subprocess.Popen(
-            [dcmtk_tool("storescp"), "+B", "+xa", "-aet", self.ae_title, "-od", str(self.folder),
-             str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [dcmtk_tool("storescp"), "+B", *(["+xa"] if self.accept_all else []), "-aet", self.ae_title,
+             "-od", str(self.folder), str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for(lambda: run_tool(dcmtk_tool("echoscu"), "-aec", self.ae_title, "127.0.0.1",
                                   str(self.port), timeout=10).returncode == 0,

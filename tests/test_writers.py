@@ -21,11 +21,13 @@ from pydicom.data import get_testdata_file
 
 from dicom_node.writers import AI_DISCLAIMER, OutputKind, write_not_analysed, write_results
 from dicom_node.writers.common import PATIENT_STUDY_TYPE2, series_description
-from pipelines.base import Verdict
+from pipelines.base import Verdict, pixel_spacing
 from dicom_node.writers.render import viewing_contrast
 from dicom_node.writers.sc import _shown_heat
 from pipelines.chest_xray.overlay import render_overlay
-from tests.writers_fixtures import ALGORITHM, HOT_SPOT, LUNGS, dciodvfy, display_of, read_source, synthetic_result
+from tests.writers_fixtures import (
+    ALGORITHM, HOT_SPOT, LUNGS, dciodvfy, display_of, put_raw, read_source, synthetic_result,
+)
 
 #: dciodvfy warnings left, and why:
 #: - Referring Physician's Name "ward" is a "retired person name form": copied verbatim
@@ -395,3 +397,58 @@ def test_series_dates_study_description_timezone_and_contribution_time(tmp_path:
         assert ours.ContributionDateTime, kind
         if kind is OutputKind.SEG:
             assert read.DeviceSerialNumber != ALGORITHM.version
+
+
+# --- sources with awkward values: analysed, never a traceback -----------------------------------------
+
+def _reread(source: pydicom.Dataset, path: Path) -> pydicom.Dataset:
+    """Return ``source`` as read back from a file: its raw values unconverted, as the node reads them."""
+    source.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path)
+
+
+@pytest.mark.parametrize(("value", "spacing"), [
+    (b"0.2\\0.3", (0.2, 0.3)), (b"a\\b", None), (b"0\\0", None), (b"-0.2\\0.2", None), (b"nan\\0.2", None),
+    (b"inf\\0.2", None), (b"0.2", None), (b"0.2\\0.2\\0.2", None), (b"", None),
+])
+def test_an_unusable_pixel_spacing_is_no_spacing(tmp_path: Path, value: bytes, spacing) -> None:
+    source = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"), stop_before_pixels=True)
+    put_raw(source, "PixelSpacing", "DS", value)
+    source = _reread(source, tmp_path / "source.dcm")
+    assert pixel_spacing(source) == spacing
+    source.ImagerPixelSpacing = [0.15, 0.16]  # the fallback, where Pixel Spacing is unusable
+    assert pixel_spacing(source) == (spacing or (0.15, 0.16))
+
+
+#: Source values highdicom refused (the instance failed with a traceback), as raw bytes, and what the
+#: objects carry instead.
+AWKWARD_SOURCES = {
+    "spacing a\\b": (("PixelSpacing", "DS", b"a\\b"), "PixelSpacing", None),
+    "charset ISO_IR 999": (("SpecificCharacterSet", "CS", b"ISO_IR 999"), "PatientName", "CompressedSamples^RG1"),
+    "birth date 01.02.1970": (("PatientBirthDate", "DA", b"01.02.1970"), "PatientBirthDate", ""),
+    "patient sex X": (("PatientSex", "CS", b"X"), "PatientSex", ""),
+    "Latin-1 name": (("PatientName", "PN", "Müller^Jörg".encode("latin-1")), "PatientName", "Müller^Jörg"),
+}
+
+
+@pytest.mark.parametrize("awkward", AWKWARD_SOURCES.values(), ids=AWKWARD_SOURCES.keys())
+def test_awkward_source_values_give_valid_utf8_objects(tmp_path: Path, awkward) -> None:
+    """Invalid copied values are left empty (type 2) or out; text is decoded from the source's character
+    set, leniently, into UTF-8 (ISO_IR 192); every object passes dciodvfy."""
+    raw, keyword, expected = awkward
+    source = read_source("RG1_UNCI.dcm")
+    source.PixelSpacing = [0.171, 0.171]
+    put_raw(source, *raw)
+    source = _reread(source, tmp_path / "source.dcm")
+    for kind, dataset in write_results(source, synthetic_result(source), display_of(source), ALGORITHM).items():
+        path = tmp_path / f"{kind}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        errors, warnings = dciodvfy(path)
+        assert errors == [], (kind, errors)
+        assert [w for w in warnings if not any(p.search(w) for p in ACCEPTED_WARNINGS)] == [], kind
+        read = pydicom.dcmread(path)
+        assert read.SpecificCharacterSet == "ISO_IR 192", kind
+        if expected is None:
+            assert keyword not in read, kind
+        else:
+            assert read[keyword].value == expected, kind

@@ -10,6 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
 from dicom_node.writers import AlgorithmIdentity
 from pipelines.base import Finding, ImageResult
@@ -25,6 +27,14 @@ HOT_SPOT = (1100, 470, 190)
 def read_source(name: str) -> pydicom.Dataset:
     """Return the pydicom test file ``name`` (RG1_UNCI.dcm, RG1_J2KR.dcm), pixel data included."""
     return pydicom.dcmread(get_testdata_file(name))
+
+
+def put_raw(dataset: pydicom.Dataset, keyword: str, vr: str, value: bytes) -> None:
+    """Put ``value`` into ``dataset`` as if read from a file: pydicom neither checks nor converts it
+    until it is used (``a\\b`` as a Pixel Spacing, ``01.02.1970`` as a date)."""
+    tag = Tag(keyword)
+    value += b" " * (len(value) % 2)
+    dataset[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
 
 
 def display_of(source: pydicom.Dataset) -> np.ndarray:

@@ -23,10 +23,15 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
-from pydicom import Dataset
+from pydicom import Dataset, config
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
 from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
+from pydicom.valuerep import IS, VR, DSfloat, PersonName, validate_value
 
 from dicom_node import __version__ as WRITERS_VERSION
 from pipelines.base import Finding, ImageResult, Pipeline
@@ -218,7 +223,7 @@ def contributing_equipment(algorithm: AlgorithmIdentity) -> hd.ContributingEquip
 def instance_kwargs(source: Dataset, algorithm: AlgorithmIdentity, kind: OutputKind,
                     headline: str, content: Sequence[str]) -> dict[str, Any]:
     """Return the highdicom constructor arguments every output shares: identity, UIDs (from
-    ``content``, see :func:`derive_uid`), series, equipment."""
+    ``content``, see :func:`derive_uid`), series, equipment, character set."""
     source_uid = source.SOPInstanceUID
     return {
         "series_instance_uid": derive_uid(source_uid, algorithm, kind, "series", content),
@@ -230,6 +235,7 @@ def instance_kwargs(source: Dataset, algorithm: AlgorithmIdentity, kind: OutputK
         "software_versions": list(algorithm.software_versions),
         "series_description": series_description(headline, kind),
         "contributing_equipment": [contributing_equipment(algorithm)],
+        "specific_character_set": CHARACTER_SET,
     }
 
 
@@ -296,20 +302,73 @@ def segmented_findings(result: ImageResult) -> list[Finding]:
 
 
 #: The Type 2 attributes of the Patient and General Study modules: present in every object,
-#: empty when the source does not know them (anonymised feeds omit several).
+#: empty when the source does not know them (anonymised feeds omit several) or states them invalidly.
 PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                        "ReferringPhysicianName", "StudyID", "AccessionNumber")
+#: The character set of every object the writers make (UTF-8), whatever the source's: copied text is
+#: decoded from the source's character set, leniently (an unknown one as pydicom's default, with a warning).
+CHARACTER_SET = "ISO_IR 192"
+SPECIFIC_CHARACTER_SET = Tag("SpecificCharacterSet")
+#: Copied attributes whose values are enumerated (highdicom refuses any other).
+ENUMERATED = {"PatientSex": ("M", "F", "O")}
+#: The values that pydicom keeps as text and checks against their VR (numbers in binary VRs always fit).
+_TEXT_VALUES = (str, PersonName, DSfloat, IS)
+
+
+def _valid(element: DataElement) -> bool:
+    """Return whether every value of ``element`` is valid for its VR (and enumerated values allowed)."""
+    values = element.value if isinstance(element.value, MultiValue) else [element.value]
+    allowed = ENUMERATED.get(element.keyword)
+    try:
+        for value in values:
+            if isinstance(value, _TEXT_VALUES):
+                validate_value(element.VR, str(value), config.RAISE)
+                if allowed and value and value not in allowed:
+                    return False
+    except ValueError:
+        return False
+    return True
+
+
+def _decoded(dataset: Dataset, tag: BaseTag, invalid: list[str]) -> DataElement | None:
+    """Return ``dataset``'s element ``tag`` with its text decoded (sequence items too), or None, naming it
+    in ``invalid``, when its value cannot be read or is invalid for its VR."""
+    try:
+        element = dataset[tag]  # a raw element is converted here: text decoded with the data set's set
+    except (ValueError, TypeError, UnicodeError):
+        element = None
+    if element is not None and element.VR == VR.SQ:
+        items = []
+        for item in element.value:
+            copy = Dataset()
+            for item_tag in item.keys():
+                if (nested := _decoded(item, item_tag, invalid)) is not None:
+                    copy.add(nested)
+            items.append(copy)
+        return DataElement(tag, VR.SQ, items)
+    if element is None or not _valid(element):
+        invalid.append(keyword_for_tag(tag) or str(tag))
+        return None
+    return element
 
 
 def reference_of(source: Dataset) -> Dataset:
-    """Return what the writers copy from ``source``: a shallow copy without its pixel data (which
-    may be compressed), with each absent attribute of :data:`PATIENT_STUDY_TYPE2` present and empty."""
+    """Return what the writers copy from ``source``: its attributes without pixel data (which may be
+    compressed), text decoded into :data:`CHARACTER_SET`, those whose values are invalid for their VR
+    left out (a PatientBirthDate ``01.02.1970``, a PixelSpacing ``a\\b``), and each attribute of
+    :data:`PATIENT_STUDY_TYPE2` present (empty when absent or invalid)."""
     meta = Dataset()
     meta.file_meta = getattr(source, "file_meta", Dataset())
-    for element in source:
-        if element.tag.group != 0x7FE0:
-            meta.add(element)
+    invalid: list[str] = []
+    for tag in source.keys():
+        if tag.group != 0x7FE0 and tag != SPECIFIC_CHARACTER_SET:
+            if (element := _decoded(source, tag, invalid)) is not None:
+                meta.add(element)
+    meta.SpecificCharacterSet = CHARACTER_SET
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in meta:
             setattr(meta, keyword, None)
+    if invalid:
+        logger.debug("source %s: attributes with invalid values not copied (type 2 left empty): %s",
+                    source.SOPInstanceUID, ", ".join(invalid))
     return meta
