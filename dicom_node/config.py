@@ -84,8 +84,9 @@ class ScpSettings(Section):
     max_pdu_bytes: int = Field(1_048_576, ge=0, description="0: no limit")
     max_dataset_mb: float = Field(256, gt=0, le=4096)
     max_image_megapixels: float = Field(
-        50, gt=0, description="Rows x Columns x frames, in millions, of an image the node keeps "
-        "and decodes; larger ones are refused (0xA700) and skipped by the gate")
+        25, gt=0, description="Rows x Columns x frames, in millions, of an image the node keeps "
+        "and decodes; larger ones are refused (0xA700) and skipped by the gate. At 25 the analysis "
+        "worker peaks near 1.4 GiB; each megapixel more costs it about 35 MiB")
     min_free_disk_mb: float = Field(1024, ge=0)
     acse_timeout_s: float = Field(
         10, gt=0, description="from connection to a decided association request, TLS handshake included")

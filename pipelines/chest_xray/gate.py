@@ -36,7 +36,7 @@ _NOT_FRONTAL_MEANINGS = ("lateral", "oblique", "lordotic", "decubitus")
 _AGE = re.compile(r"^0*(\d{1,3})\s*([YMWD])?$")
 _PER_YEAR = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}
 AGE_DATES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
-DEFAULT_MAX_MEGAPIXELS = 50.0
+DEFAULT_MAX_MEGAPIXELS = 25.0
 """The pixel budget (Rows x Columns x frames, in millions) when none is given: the node's
 ``scp.max_image_megapixels``."""
 

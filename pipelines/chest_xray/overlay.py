@@ -24,12 +24,20 @@ _LUT = np.stack([np.interp(np.linspace(0, 1, 256), _ANCHORS, _COLOURS[:, i]) for
                 axis=-1).astype(np.float32)
 
 
+#: Rows blended at a time: the float temporaries of a band stay a few MiB at any image size.
+BLEND_ROWS = 256
+
+
 def blend_heatmap(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """Return ``rgb`` (uint8, H x W x 3) with ``heat`` ([0, 1], H x W) blended in as a colour map."""
-    heat = np.asarray(heat, np.float32)
-    alpha = (np.clip((heat - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0) * MAX_ALPHA)[..., None]
-    colours = _LUT[np.round(np.clip(heat, 0.0, 1.0) * 255).astype(np.uint8)]
-    return np.round(rgb * (1.0 - alpha) + colours * alpha).astype(np.uint8)
+    blended = np.empty_like(rgb)
+    for top in range(0, rgb.shape[0], BLEND_ROWS):
+        rows = slice(top, top + BLEND_ROWS)
+        band = np.asarray(heat[rows], np.float32)
+        alpha = (np.clip((band - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0) * MAX_ALPHA)[..., None]
+        colours = _LUT[np.round(np.clip(band, 0.0, 1.0) * 255).astype(np.uint8)]
+        blended[rows] = np.round(rgb[rows] * (1.0 - alpha) + colours * alpha)
+    return blended
 
 
 def draw_contour(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> None:
