@@ -7,6 +7,7 @@ budget before anything decodes it. Each bomb's peak RSS (VmHWM) is asserted and 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sqlite3
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from openjpeg import encode
+from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
@@ -75,8 +76,9 @@ def write_deflate_bomb(path: Path, inflated: int = BOMB_INFLATED) -> Dataset:
 def write_pixel_bomb(path: Path, side: int = PIXEL_BOMB_SIDE) -> Dataset:
     """Write a JPEG 2000 lossless chest CR of a few hundred bytes that declares (and whose codestream
     decodes to) ``side`` x ``side`` pixels: a 64 x 64 codestream whose SIZ marker is made to say so."""
-    codestream = bytearray(encode(np.zeros((64, 64), np.uint16), bits_stored=12, photometric_interpretation=2,
-                                  use_mct=False, codec_format=0))
+    encoded = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64), np.uint16)).save(encoded, "JPEG2000", no_jp2=True, irreversible=False)
+    codestream = bytearray(encoded.getvalue())
     siz = codestream.find(b"\xff\x51")
     struct.pack_into(">6I", codestream, siz + 6, side, side, 0, 0, side, side)  # image and tile size
     ds = make_cr(size=64)
