@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 from sqlalchemy import create_engine, text
 
 from dicom_node.audit import AuditEvent, AuditTrail
@@ -26,6 +28,7 @@ from tests.dicom_factory import TEST_PATIENT_ID, TEST_PATIENT_NAME, write_cr, wr
 pytestmark = pytest.mark.slow
 
 MALFORMED_BIRTH_DATE = "01.02.1970"
+WINDOW_CENTER = 0x00281050
 TRUNCATE_AND_REWIND = (
     "DELETE FROM audit_events WHERE id > (SELECT MAX(id) - 3 FROM audit_events); "
     "UPDATE audit_chain SET head_id = (SELECT MAX(id) FROM audit_events), "
@@ -104,16 +107,21 @@ def test_a_configured_key_file_that_is_missing_stops_serve(node_factory, tmp_pat
 
 
 def test_no_patient_data_from_a_library_error_reaches_the_databases(node_factory, tmp_path):
-    """highdicom quotes a malformed birth date in its error; the rows must not."""
+    """A malformed birth date, and a WindowCenter holding the patient ID (a malformed DS):
+    the pipeline fails on the latter with Python's ``could not convert string to float:
+    'PID-...'``; neither value may reach a row or the log."""
     node = node_factory().start()
     ds = write_rg1_study(tmp_path / "rg1.dcm", PatientBirthDate=MALFORMED_BIRTH_DATE,
                          PatientName=TEST_PATIENT_NAME, PatientID=TEST_PATIENT_ID)
+    ds[WINDOW_CENTER] = RawDataElement(Tag(WINDOW_CENTER), "DS", len(TEST_PATIENT_ID),
+                                       TEST_PATIENT_ID.encode(), 0, True, True)
+    ds.save_as(tmp_path / "rg1.dcm")
     send(node, tmp_path / "rg1.dcm")
     job = finished_job(node, ds.StudyInstanceUID, timeout=300)
     assert node.stop() == 0
-    assert job.status is JobStatus.FAILED, job.reason
-    verdict = node.cli("jobs", "show", str(job.id))
-    assert "ValueError: unexpected error in the writers" in verdict
+    assert job.status is JobStatus.FAILED, (
+        f"{job.reason}: the malformed WindowCenter no longer fails the pipeline; make another "
+        "library error quote the data set")
 
     for name in ("audit.db", "node.db"):
         connection = sqlite3.connect(node.state_dir / name)
@@ -121,6 +129,7 @@ def test_no_patient_data_from_a_library_error_reaches_the_databases(node_factory
         connection.close()
         for secret in (MALFORMED_BIRTH_DATE, TEST_PATIENT_NAME, TEST_PATIENT_ID):
             assert secret not in dump, f"{secret!r} in {name}"
+    assert "ValueError: unexpected error in the pipeline" in node.cli("jobs", "show", str(job.id))
     log = node.log.read_text()
     assert "ValueError: (message withheld" in log  # the traceback's frames are kept
     for secret in (MALFORMED_BIRTH_DATE, TEST_PATIENT_NAME, TEST_PATIENT_ID):
