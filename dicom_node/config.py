@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from dicom_node.errors import ConfigError
+from dicom_node.tls_subject import parse_subject
 
 ENV_PREFIX = "DICOM_NODE_"
 CONFIG_FILE_ENV = "DICOM_NODE_CONFIG"
@@ -53,6 +54,13 @@ class AllowedPeer(Section):
         "'CN=PACS1,O=Hospital'; needs scp.tls with ca_certificates")
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("certificate_subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_subject(value)
+        return value
 
 
 class TlsSettings(Section):
@@ -98,6 +106,14 @@ class ScpSettings(Section):
     tls: TlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @model_validator(mode="after")
+    def _subjects_need_a_ca(self) -> ScpSettings:
+        if any(p.certificate_subject for p in self.allowed_peers) and not (
+                self.tls and self.tls.ca_certificates):
+            raise ValueError("allowed_peers.certificate_subject needs scp.tls.ca_certificates "
+                             "(client certificates are checked only against a CA)")
+        return self
 
     @property
     def state_wait_limit_s(self) -> float:

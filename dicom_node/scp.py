@@ -8,6 +8,7 @@ after its file is durable in the spool and its row is committed.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import ssl
 import tempfile
@@ -40,12 +41,11 @@ from pynetdicom.sop_class import (
     Verification,
 )
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
-from dicom_node.config import ScpSettings, TlsSettings
+from dicom_node.config import AllowedPeer, ScpSettings, TlsSettings
 from dicom_node.db import Instance, Job, NodeDatabase, utcnow
 from dicom_node.errors import (
     AuditError,
@@ -54,13 +54,16 @@ from dicom_node.errors import (
     DuplicateInstanceError,
     ImageTooLargeError,
     InvalidUIDError,
+    NodeError,
     PortInUseError,
     SOPClassMismatchError,
     UnreadableDatasetError,
 )
 from dicom_node.metrics import INSTANCES, STAGE_SECONDS
 from dicom_node.scp_connection import PDU_HEADER_ALLOWANCE, DeadlineWatch, Dropped, guard_receive
+from dicom_node.scp_server import ConnectionGuard, GuardedAssociationServer
 from dicom_node.spool import InstanceHeader, Spool, check_image_size, read_header
+from dicom_node.tls_subject import certificate_subject, parse_subject
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,10 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_BUSY = (0x02, 0x03, 0x02)
 
+NOT_LOOPBACK = "not a loopback peer, and no scp.allowed_peers (closed by default)"
+AE_NOT_ALLOWED = "calling AE not allowed"
+WRONG_CERTIFICATE = "client certificate subject is not the one allowed for this calling AE"
+
 
 def _server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -122,6 +129,23 @@ def _prefer_requestor_order(proposed: list[PresentationContext]) -> None:
             context.transfer_syntax = supported[:1]
 
 
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def _certificate_fits(peer: AllowedPeer, assoc: Association) -> bool:
+    """Return whether ``assoc`` came over TLS with a certificate of ``peer``'s pinned subject
+    (True when it pins none)."""
+    if peer.certificate_subject is None:
+        return True
+    connection = assoc.dul.socket.socket if assoc.dul.socket else None
+    if not isinstance(connection, ssl.SSLSocket):
+        return False
+    return certificate_subject(connection.getpeercert()) == parse_subject(peer.certificate_subject)
+
+
 class StorageSCP:
     """The node's listening AE; collaborators are passed in, handlers bound to them."""
 
@@ -140,8 +164,9 @@ class StorageSCP:
         self.deadlines = DeadlineWatch(settings)
         # Connections whose association request reached the policy (accepted or rejected, audited).
         self._decided: WeakSet[Association] = WeakSet()
+        self.guard = ConnectionGuard(settings.max_pending_per_host, self._report_refused)
         self.ae = self._build_ae()
-        self.server: ThreadedAssociationServer | None = None
+        self.server: GuardedAssociationServer | None = None
 
     def _build_ae(self) -> AE:
         s = self.settings
@@ -152,7 +177,8 @@ class StorageSCP:
         ae.maximum_pdu_size = s.max_pdu_bytes
         # The node's own policy (EVT_REQUESTED) enforces the association limit on the
         # associations it accepted, and audits it. pynetdicom's check, which also counts
-        # associations still negotiating or being rejected, stays as a flood backstop.
+        # associations still negotiating or being rejected, stays as a flood backstop; the
+        # per-host limit at accept (scp_server) keeps unauthenticated connections below it.
         ae.maximum_associations = 2 * s.max_associations + 10
         ae.acse_timeout = s.acse_timeout_s
         ae.dimse_timeout = s.dimse_timeout_s
@@ -185,15 +211,20 @@ class StorageSCP:
         ]
         tls = _server_tls_context(self.settings.tls) if self.settings.tls else None
         try:
-            self.server = self.ae.start_server(
-                (self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
-                ssl_context=tls,
+            # As AE.start_server(block=False), with the node's server class.
+            self.server = self.ae.make_server(
+                (self.settings.host, self.settings.port), evt_handlers=handlers, ssl_context=tls,
+                server_class=GuardedAssociationServer, guard=self.guard,
+                handshake_timeout_s=self.settings.acse_timeout_s,
             )
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise
             raise PortInUseError(f"port {self.settings.port} on {self.settings.host} is in use "
                                  "by another program (scp.port)") from None
+        self.guard.start()
+        threading.Thread(target=self.server.serve_forever, name="scp-accept", daemon=True).start()
+        self.ae._servers.append(self.server)  # AE.shutdown() and the server's shutdown() use it
         self.deadlines.start(lambda: [a for a in self.ae.active_associations if a.is_acceptor])
         logger.info("SCP %s listening on %s:%d", self.settings.ae_title,
                     self.settings.host, self.port)
@@ -209,6 +240,7 @@ class StorageSCP:
             time.sleep(0.05)
         for association in self.ae.active_associations:
             association.abort()
+        self.guard.stop()
         self.server = None
 
     def active_associations(self) -> int:
@@ -216,12 +248,21 @@ class StorageSCP:
 
     # -- association policy -------------------------------------------------
 
-    def _peer_allowed(self, calling_ae: str, address: str) -> bool:
+    def _refusal(self, assoc: Association, calling_ae: str, address: str) -> str:
+        """Return why the peer may not associate ("" when it may).
+
+        With no ``allowed_peers`` only loopback peers may, unless ``accept_any_peer``. An allowed
+        peer that pins a certificate subject must present, over TLS, a certificate of it.
+        """
         peers = self.settings.allowed_peers
         if not peers:
-            return True
-        return any(p.ae_title == calling_ae and (p.host is None or p.host == address)
-                   for p in peers)
+            return "" if self.settings.accept_any_peer or _is_loopback(address) else NOT_LOOPBACK
+        matching = [p for p in peers if p.ae_title == calling_ae and p.host in (None, address)]
+        if not matching:
+            return AE_NOT_ALLOWED
+        if any(_certificate_fits(p, assoc) for p in matching):
+            return ""
+        return WRONG_CERTIFICATE
 
     def _take_slot(self, assoc: Association, calling_ae: str, address: str) -> str:
         """Count ``assoc`` among the accepted associations unless a limit is reached; return
@@ -241,7 +282,7 @@ class StorageSCP:
     # -- connections ----------------------------------------------------------
 
     def _on_opened(self, event: Event) -> None:
-        self.deadlines.opened(event.assoc)
+        self.deadlines.opened(event.assoc, self.guard.opened_at(event.assoc))
         limit = self.settings.max_pdu_bytes + PDU_HEADER_ALLOWANCE if self.settings.max_pdu_bytes else None
         guard_receive(event.assoc, limit, self.spool)
 
@@ -251,7 +292,7 @@ class StorageSCP:
     def _on_requested(self, event: Event) -> None:
         """Accept or reject the association request by the node's policy, and audit it.
 
-        Rejected as transient (busy): over a limit, the spool's disk below its free-space
+        Rejected as "calling AE not recognised": a peer :meth:`_refusal` names. Rejected as transient (busy): over a limit, the spool's disk below its free-space
         minimum, or an acceptance the audit trail cannot record (no unaudited association).
         """
         assoc = event.assoc
@@ -260,9 +301,9 @@ class StorageSCP:
         called_ae = request.called_ae_title.strip()
         address = assoc.requestor.address
         self._decided.add(assoc)
-        reason = ""
-        if not self._peer_allowed(calling_ae, address):
-            reject, reason = REJECT_CALLING_AE, "calling AE not allowed"
+        self.guard.decided(assoc)
+        if reason := self._refusal(assoc, calling_ae, address):
+            reject = REJECT_CALLING_AE
         elif self.settings.check_called_ae and called_ae != self.settings.ae_title:
             reject, reason = REJECT_CALLED_AE, "called AE title does not match"
         elif self.spool.free_bytes() < self.spool.min_free_bytes:
@@ -289,6 +330,16 @@ class StorageSCP:
                               actor=calling_ae, remote=address, detail=reason)
         except AuditError as exc:
             logger.error("The rejection of an association from %s could not be audited: %s", address, exc)
+
+    def _report_refused(self, host: str, reason: str, count: int) -> None:
+        """Log and audit ``count`` connections from ``host`` closed before any association
+        request, for ``reason`` (a fixed text of :mod:`dicom_node.scp_server`)."""
+        logger.warning("Closed %d connection(s) from %s: %s", count, host, reason)
+        try:
+            self.audit.record(AuditEvent.ASSOCIATION_REJECTED, outcome=Outcome.MINOR_FAILURE,
+                              remote=host, detail=reason if count == 1 else f"{reason} ({count} connections)")
+        except AuditError as exc:
+            logger.error("Refused connections from %s could not be audited: %s", host, exc)
 
     def _audit_undecided(self, assoc: Association) -> None:
         """Audit a connection that closed before its association request reached the policy: the
@@ -332,11 +383,11 @@ class StorageSCP:
             kind = type(message).__name__.replace("_", "-")
             calling_ae = event.assoc.requestor.ae_title.strip()
             logger.warning("Aborting the association from %s: an invalid %s (%s)",
-                           calling_ae, kind, str(exc)[:200])
+                           calling_ae, kind, type(exc).__name__)
             self.audit.record(
                 AuditEvent.INSTANCE_REJECTED if kind == "C-STORE-RQ" else AuditEvent.ASSOCIATION_REJECTED,
                 outcome=Outcome.MINOR_FAILURE, actor=calling_ae, remote=event.assoc.requestor.address,
-                detail=f"invalid {kind}, association aborted: {str(exc)[:200]}")
+                detail=f"invalid {kind}, association aborted: {type(exc).__name__}")
 
     def _on_echo(self, event: Event) -> int:
         """Answer C-ECHO. Statuses: 0x0000."""
@@ -435,12 +486,14 @@ class StorageSCP:
                 header: InstanceHeader | None, calling_ae: str, address: str) -> int:
         received.unlink(missing_ok=True)
         INSTANCES.labels("rejected").inc()
-        logger.warning("Refused an instance from %s with 0x%04X: %s", calling_ae, status, error)
+        # The node's own errors carry fixed texts; anything else is named by its type only.
+        why = str(error) if isinstance(error, NodeError) else type(error).__name__
+        logger.warning("Refused an instance from %s with 0x%04X: %s", calling_ae, status, why)
         self.audit.record(
             AuditEvent.INSTANCE_REJECTED, outcome=Outcome.MINOR_FAILURE, actor=calling_ae,
             remote=address, sop_uid=header.sop_instance_uid if header else None,
             study_uid=header.study_instance_uid if header else None,
-            detail=f"status 0x{status:04X}: {error}",
+            detail=f"status 0x{status:04X}: {why}",
         )
         return status
 

@@ -128,8 +128,10 @@ class DeadlineWatch:
         self._cut: WeakSet[Association] = WeakSet()
         self._watching = threading.Event()
 
-    def opened(self, assoc: Association) -> None:
-        self._opened[assoc] = time.monotonic()
+    def opened(self, assoc: Association, at: float | None = None) -> None:
+        """Start the negotiation deadline of ``assoc`` at ``at`` (when its connection was
+        accepted, before any TLS handshake; default now)."""
+        self._opened[assoc] = time.monotonic() if at is None else at
 
     def received_pdu(self, assoc: Association) -> None:
         self._last_pdu[assoc] = time.monotonic()

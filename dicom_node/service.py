@@ -160,11 +160,23 @@ class Node:
             logger.warning("Discarded %d partial file(s) never acknowledged", discarded)
         serve_metrics(self.settings.metrics.host, self.settings.metrics.serve_port)
         self.scp.start()
+        self._announce_exposure()
         self.scheduler.start()
         for worker in self.workers:
             worker.start()
         self.audit.record(AuditEvent.NODE_STARTED, actor=getpass.getuser(),
                           detail=f"AE {self.settings.scp.ae_title} port {self.scp.port}")
+
+    def _announce_exposure(self) -> None:
+        """Log who may associate, in one line, and warn of every acknowledged risk in effect."""
+        scp = self.settings.scp
+        if scp.allowed_peers:
+            logger.info("SCP admits the %d calling AE(s) of scp.allowed_peers only", len(scp.allowed_peers))
+        elif not scp.accept_any_peer:
+            logger.info("SCP closed: no scp.allowed_peers, so only peers on this machine's loopback "
+                        "may associate")
+        for risk in self.settings.risks_taken():
+            logger.warning("Acknowledged risk in effect: %s", risk)
 
     def stop(self) -> None:
         logger.info("Stopping: no new associations; finishing those in flight")

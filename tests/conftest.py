@@ -361,3 +361,44 @@ class OrthancInNamespace:
             self.process.terminate()
             self.process.wait(30)
             self.process = None
+
+
+class LinkedNamespaces:
+    """Two network namespaces joined by a veth pair: ``node`` at ``node_address`` and ``peer`` at
+    ``peer_address`` (a /30), each with its loopback up. A node run in ``node`` sees a peer in
+    ``peer`` as another host."""
+
+    def __init__(self, node: str, peer: str, node_address: str, peer_address: str) -> None:
+        self.node, self.peer = node, peer
+        self.node_address, self.peer_address = node_address, peer_address
+
+
+@pytest.fixture
+def linked_namespaces() -> Iterator[LinkedNamespaces]:
+    """Make two namespaces joined by a veth pair (10.231.N.1/30 and .2/30); removed at teardown.
+    Skips the test where namespaces or veth pairs cannot be made."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2's ip")
+    tag = uuid.uuid4().hex[:8]
+    made: list[str] = []
+    try:
+        for name in (f"dn-node-{tag}", f"dn-peer-{tag}"):
+            done = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot make a network namespace here: {done.stderr.strip()}")
+            made.append(name)
+            subprocess.run(in_namespace(name, "ip", "link", "set", "lo", "up"), check=True)
+        node, peer = made
+        link = subprocess.run(["ip", "link", "add", "dn0", "netns", node, "type", "veth",
+                               "peer", "name", "dn1", "netns", peer], capture_output=True, text=True)
+        if link.returncode != 0:
+            pytest.skip(f"cannot make a veth pair here: {link.stderr.strip()}")
+        subnet = int(tag[:2], 16)
+        pair = LinkedNamespaces(node, peer, f"10.231.{subnet}.1", f"10.231.{subnet}.2")
+        for name, device, address in ((node, "dn0", pair.node_address), (peer, "dn1", pair.peer_address)):
+            subprocess.run(["ip", "-n", name, "addr", "add", f"{address}/30", "dev", device], check=True)
+            subprocess.run(["ip", "-n", name, "link", "set", device, "up"], check=True)
+        yield pair
+    finally:
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], check=False)
