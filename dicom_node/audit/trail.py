@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from dicom_node.audit import store
 from dicom_node.audit.events import AuditEvent, Outcome
 from dicom_node.audit.keys import KEY_FILE, AuditKeys, load_or_create_secret
+from dicom_node.config import redact_url
 from dicom_node.errors import AuditError
 from dicom_node.metrics import STAGE_SECONDS
 
@@ -99,6 +100,11 @@ class AuditTrail:
         if not settings.audit.enabled:
             return DisabledAuditTrail()
         return cls(settings.audit_database_url, audit_secret(settings))
+
+    @property
+    def _store_name(self) -> str:
+        """The store's URL for a log line, its password and secret query values hidden."""
+        return redact_url(self.engine.url.render_as_string(hide_password=False))
 
     @property
     def keys(self) -> AuditKeys:
@@ -220,7 +226,7 @@ class AuditTrail:
         elif added and store.head_was_keyed(connection, head):
             logger.error("the audit chain head's keyed hash (audit_chain.head_mac) was removed "
                          "from %s; the head stays unsigned and audit verify fails",
-                         self.engine.url.render_as_string())
+                         self._store_name)
         elif added:
             connection.execute(update(store.chain).values(head_mac=self._keys.head_mac(
                 head.head_id, head.head_hash, head.anchor_id, head.anchor_hash)))
@@ -263,7 +269,7 @@ class AuditTrail:
                 self._drop_writer()  # the next attempt starts on a fresh connection
                 if attempt == WRITE_ATTEMPTS:
                     logger.error("audit store %s unwritable after %d attempts: %s",
-                                 self.engine.url.render_as_string(), attempt, exc.orig)
+                                 self._store_name, attempt, exc.orig)
                     raise AuditError("the audit store cannot be written") from exc
                 logger.warning("audit store busy (attempt %d): %s", attempt, exc.orig)
                 time.sleep(FIRST_BACKOFF_S * 2 ** (attempt - 1))
