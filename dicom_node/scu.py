@@ -179,7 +179,7 @@ def store_files(paths: Iterable[Path], peer: Peer, *, calling_ae: str,
 
 
 def _not_accepted(header: _Header) -> str:
-    offered = ", ".join(UID(s).name for s in dict.fromkeys((header.transfer_syntax, *FALLBACK_SYNTAXES)))
+    offered = ", ".join(s.name for s in dict.fromkeys((header.transfer_syntax, *FALLBACK_SYNTAXES)))
     return f"the peer accepts no presentation context for {header.sop_class.name} (offered in {offered})"
 
 
