@@ -71,6 +71,16 @@ def test_percentile_window_when_no_voi() -> None:
     assert image.display.min() == 0 and image.display.max() == 255
 
 
+@pytest.mark.parametrize("center, width", [("abc", "400"), ("2000", "x1"), ("nan", "400"), ("2000", "inf")])
+def test_an_unusable_window_falls_back_to_percentiles(center: str, width: str) -> None:
+    dataset = synthetic(RAMP)
+    dataset.add_new(0x00281050, "DS", None)
+    dataset.add_new(0x00281051, "DS", None)
+    dataset[0x00281050]._value, dataset[0x00281051]._value = center, width  # as a feed writes them, unchecked
+    image = load_dataset(dataset)
+    assert image.display.min() == 0 and image.display.max() == 255
+
+
 def test_monochrome1_is_inverted() -> None:
     plain = load_dataset(synthetic(RAMP, WindowCenter=2048, WindowWidth=4096))
     inverted = load_dataset(synthetic(RAMP, "MONOCHROME1", WindowCenter=2048, WindowWidth=4096))

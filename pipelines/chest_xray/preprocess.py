@@ -9,6 +9,7 @@ see the windowed ``display`` image, which is what their 8-bit training images ar
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,12 +218,12 @@ def _dicom_display(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
     if "VOILUTSequence" in dataset:
         return _voi_lut(pixels, dataset.VOILUTSequence[0])
     if "WindowCenter" in dataset and "WindowWidth" in dataset:
-        center = float(_first(dataset.WindowCenter))
-        width = float(_first(dataset.WindowWidth))
+        center, width = _number(dataset.WindowCenter), _number(dataset.WindowWidth)
         function = str(dataset.get("VOILUTFunction", "LINEAR")).upper()
-        if width > 0:
+        if center is not None and width is not None and width > 0:
             return _voi_window(pixels, center, width, function)
-        logger.warning("ignoring window width %s; using a percentile window", width)
+        logger.warning("ignoring an unusable VOI window (a width of at most 0, or not a finite number); "
+                       "using a percentile window")
     return window(pixels, *np.percentile(pixels, PERCENTILES))
 
 
@@ -256,7 +257,13 @@ def window(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def _first(value: object) -> object:
-    return value[0] if isinstance(value, pydicom.multival.MultiValue) else value
+def _number(value: object) -> float | None:
+    """Return the first value of a DS/IS element as a finite float; None when it is not one."""
+    first = value[0] if isinstance(value, pydicom.multival.MultiValue) and len(value) else value
+    try:
+        number = float(first)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
