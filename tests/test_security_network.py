@@ -1,6 +1,7 @@
 """Who may connect, against a real ``serve``: closed to other hosts by default, opened only on
 purpose; TLS handshakes and silent connections that cannot keep legitimate peers out; client
-certificates required with a CA, and pinned to an allowed peer's subject.
+certificates required with a CA, and pinned to an allowed peer's subject; audit rows that never quote
+a library's message.
 
 A peer on another host is a DCMTK tool or Python client in a second network namespace
 (``linked_namespaces``); the node listens in the first."""
@@ -8,6 +9,7 @@ A peer on another host is a DCMTK tool or Python client in a second network name
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -17,12 +19,15 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 from dicom_node.scp import NOT_LOOPBACK, WRONG_CERTIFICATE
 from dicom_node.scp_server import HANDSHAKE_FAILED, TOO_MANY_PENDING
-from tests.conftest import dcmtk_tool, in_namespace, run_tool, wait_for
+from tests.conftest import dataset_bytes, dcmtk_tool, in_namespace, run_tool, wait_for
+from tests.dicom_factory import write_cr
+from tests.test_scp_bad_input import _raw_c_store_request
 
 NO_WORKER = {"worker": {"embedded": False}}
 CLOSED = {**NO_WORKER, "scp": {"host": "0.0.0.0", "allowed_peers": []}}
@@ -203,3 +208,27 @@ def test_client_certificates_required_and_pinned_to_a_subject(node_factory, pki)
 
     assert _tls_echo(node.port, pki, "pacs1", calling_ae="PACS1") == "echoed"
     assert _tls_echo(node.port, pki, "intruder", calling_ae="TESTSCU") == "echoed"  # pins nothing
+
+
+# -- fixed audit texts ----------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:The value length")
+def test_an_undecodable_request_is_audited_with_a_fixed_text(start_scp, tmp_path):
+    """A C-STORE-RQ whose SOP Instance UID has 65 characters cannot become a DIMSE primitive: the audit
+    row names the exception's type, never the library's message (which quoted the value)."""
+    scp = start_scp()
+    sop_uid = "1." + "2" * 63
+    write_cr(tmp_path / "long-uid.dcm", sop_uid=sop_uid)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    assoc.dul.socket.socket.sendall(_raw_c_store_request(
+        assoc.accepted_contexts[0].context_id, ComputedRadiographyImageStorage, sop_uid,
+        dataset_bytes(tmp_path / "long-uid.dcm")))
+    wait_for(lambda: assoc.is_aborted or not assoc.is_alive(), 30, "the node to abort the association")
+    with scp.audit.connect() as connection:
+        [(detail,)] = wait_for(lambda: connection.exec_driver_sql(
+            "SELECT detail FROM audit_events WHERE event = 'instance-rejected'").all(), 30, "the request to be audited")
+    assert re.fullmatch(r"invalid C-STORE-RQ, association aborted: [A-Za-z]+", detail), detail
