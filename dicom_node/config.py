@@ -86,9 +86,9 @@ class ScpSettings(Section):
     check_called_ae: bool = True
     max_associations: int = Field(10, ge=1)
     max_associations_per_peer: int = Field(5, ge=1, description="per calling AE and per host")
-    max_pending_per_host: int = Field(
-        4, ge=1, description="connections from one host not yet through TLS and association "
-        "negotiation; more are closed at accept")
+    max_pending_per_host: int | None = Field(
+        None, ge=1, description="connections from one host not yet through TLS and association "
+        "negotiation; more are closed at accept. Default: max_associations_per_peer")
     max_pdu_bytes: int = Field(1_048_576, ge=0, description="0: no limit")
     max_dataset_mb: float = Field(256, gt=0, le=4096)
     max_image_megapixels: float = Field(
@@ -114,6 +114,11 @@ class ScpSettings(Section):
             raise ValueError("allowed_peers.certificate_subject needs scp.tls.ca_certificates "
                              "(client certificates are checked only against a CA)")
         return self
+
+    @property
+    def pending_limit_per_host(self) -> int:
+        """``max_pending_per_host``, or by default as many as one peer may hold associations."""
+        return self.max_pending_per_host or self.max_associations_per_peer
 
     @property
     def state_wait_limit_s(self) -> float:

@@ -164,7 +164,7 @@ class StorageSCP:
         self.deadlines = DeadlineWatch(settings)
         # Connections whose association request reached the policy (accepted or rejected, audited).
         self._decided: WeakSet[Association] = WeakSet()
-        self.guard = ConnectionGuard(settings.max_pending_per_host, self._report_refused)
+        self.guard = ConnectionGuard(settings.pending_limit_per_host, self._report_refused)
         self.ae = self._build_ae()
         self.server: GuardedAssociationServer | None = None
 
