@@ -5,14 +5,18 @@ IDs that never travel on the command line."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from pydicom import dcmread
 from sqlalchemy import or_
 
@@ -156,3 +160,45 @@ def test_erasure_leaves_no_row_or_file_naming_the_subjects_images(node_factory) 
     for uid in named:  # secure delete: not even in free pages or the write-ahead log
         assert uid.encode() not in stored, uid
     assert node.stop() == 0
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"audit": {"enabled": False}}, "acknowledged_risks"),
+    ({"scp": {"accept_any_peer": True}}, "acknowledged_risks"),
+    ({"scp": {"max_dataset_mb": 8192}}, "scp.max_dataset_mb"),
+])
+def test_risky_settings_are_refused_unless_confirmed(tmp_path: Path, settings: dict, named: str) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), **settings}))
+    checked = dicom_node(config, "config", "check")
+    assert checked.returncode == 1 and named in checked.stderr, checked.stderr
+
+
+def test_serve_warns_of_a_confirmed_risk_at_every_start(node_factory) -> None:
+    node = node_factory({"audit": {"enabled": False}, "acknowledged_risks": ["audit-disabled"]})
+    node.start()
+    assert node.stop() == 0
+    node.start()
+    assert node.stop() == 0
+    warnings = [line for line in node.log.read_text().splitlines()
+                if "Acknowledged risk in effect: audit.enabled: false" in line]
+    assert len(warnings) == 1, "the log is rewritten at each start: one warning per start"
+
+
+def test_every_dependency_is_pinned_with_hashes_and_no_old_openjpeg() -> None:
+    """The install the README and .ci/run use: every runtime and test dependency of
+    pyproject.toml (torch, installed alone first, aside) pinned to one version with hashes."""
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    wanted = {canonicalize_name(Requirement(spec).name)
+              for spec in project["dependencies"] + project["optional-dependencies"]["dev"]} - {"torch"}
+    lock = (root / "requirements.lock").read_text()
+    pins = {canonicalize_name(name): (version, block) for name, version, block in re.findall(
+        r"^([A-Za-z0-9_.-]+)==(\S+) \\\n((?:\s+--hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", lock, re.M)}
+    assert wanted <= set(pins), f"not pinned: {sorted(wanted - set(pins))}"
+    entries = [line for line in lock.splitlines() if re.match(r"^[A-Za-z0-9]", line)]
+    assert len(entries) == len(pins), "every entry is name==version with its hashes"
+    assert "pylibjpeg-openjpeg" not in pins
+    assert int(pins["pillow"][0].split(".")[0]) >= 12  # bundles OpenJPEG >= 2.5.3
+    for install in ((root / ".ci" / "run").read_text(), (root / "README.md").read_text()):
+        assert re.search(r"pip install (-q )?--require-hashes -r requirements\.lock", install)
