@@ -3,7 +3,8 @@
 Each instance gets a verdict (analysed / skipped with the gate's reason / failed
 with the error's type and a fixed text, never a library's message) and the job a
 final status. A job that is not queued any more is left alone, so a message
-delivered twice does nothing the second time.
+delivered twice does nothing the second time. The jobs' state changes are
+:mod:`dicom_node.workflow`'s.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ from sqlalchemy import select, update
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.audit.failures import failure_text, traceback_text
 from dicom_node.config import Destination, Settings
-from dicom_node.db import (
-    Instance, Job, JobStatus, NodeDatabase, Verdict, queue_message, utcnow,
-)
-from dicom_node.delivery import queue_deliveries
+from dicom_node.db import Instance, InstanceVerdict, Job, JobStatus, NodeDatabase
 from dicom_node.metrics import JOBS, STAGE_SECONDS
 from dicom_node.results import findings_summary, result_dir, save_result
-from dicom_node.worker_identity import worker_is_gone
+from dicom_node.workflow import (
+    claim_job, defer_job, finish_job, queue_deliveries, requeue_interrupted_jobs,
+)
 from dicom_node.writers import AlgorithmIdentity, OutputKind, write_not_analysed, write_results
 from pipelines.base import Pipeline
 from pipelines.errors import PipelineError
@@ -38,10 +38,9 @@ from pipelines.chest_xray.gate import is_chest
 
 logger = logging.getLogger(__name__)
 
-VERDICT_EVENTS = {Verdict.ANALYSED: AuditEvent.JOB_COMPLETED,
-                  Verdict.SKIPPED: AuditEvent.JOB_SKIPPED, Verdict.FAILED: AuditEvent.JOB_FAILED}
-JOB_LEASE = timedelta(minutes=30)
-"""A job running longer than this is taken to belong to a dead worker."""
+VERDICT_EVENTS = {InstanceVerdict.ANALYSED: AuditEvent.JOB_COMPLETED,
+                  InstanceVerdict.SKIPPED: AuditEvent.JOB_SKIPPED,
+                  InstanceVerdict.FAILED: AuditEvent.JOB_FAILED}
 NO_SPACE_RETRY = timedelta(minutes=1)
 """A job whose results did not fit on the disk runs again after this long."""
 
@@ -52,7 +51,7 @@ class ResultsDiskFull(Exception):
 
 @dataclass
 class InstanceOutcome:
-    verdict: Verdict
+    verdict: InstanceVerdict
     reason: str
 
 
@@ -87,39 +86,13 @@ class Analyzer:
                    note_skipped=settings.outputs.not_analysed_note)
 
     def requeue_interrupted(self) -> list[int]:
-        """Queue again the jobs dead workers left: those this worker's name or a worker process
-        of this host that no longer runs was running, and queued ones whose message a dead
-        worker had taken (a broker without redelivery loses those). A message that still
-        waits in the broker makes a duplicate, which is a no-op. Returns the ids."""
-        with self.db.session() as session:
-            rows = session.execute(select(Job.id, Job.status, Job.worker).where(
-                Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))).all()
-            interrupted = [job_id for job_id, status, worker in rows if status is JobStatus.QUEUED
-                           or worker == self.worker or worker_is_gone(worker)]
-            for job_id in interrupted:
-                session.execute(update(Job).where(Job.id == job_id)
-                                .values(status=JobStatus.QUEUED, started_at=None))
-                queue_message(session, "analyze", job_id)
-        if interrupted:
-            logger.warning("Queued %d interrupted job(s) again", len(interrupted))
-        return list(interrupted)
-
-    def _claim(self, job_id: int) -> Job | None:
-        """Mark the job running by this worker; a job running longer than the lease
-        belongs to a worker that died, and a redelivered message takes it over."""
-        now = utcnow()
-        with self.db.session() as session:
-            claimed = session.execute(
-                update(Job).where(Job.id == job_id).where(
-                    (Job.status == JobStatus.QUEUED)
-                    | ((Job.status == JobStatus.RUNNING) & (Job.started_at < now - JOB_LEASE)))
-                .values(status=JobStatus.RUNNING, started_at=now, worker=self.worker)
-            ).rowcount
-            return session.get(Job, job_id) if claimed else None
+        """Queue again the jobs dead workers left, this worker's name included (see
+        :func:`~dicom_node.workflow.requeue_interrupted_jobs`); return their ids."""
+        return requeue_interrupted_jobs(self.db, worker=self.worker)
 
     def run(self, job_id: int) -> JobStatus | None:
         """Analyse the job's instances; return its final status, or None if nothing to do."""
-        job = self._claim(job_id)
+        job = claim_job(self.db, job_id, worker=self.worker)
         if job is None:
             logger.info("Job %d is not queued: nothing to do", job_id)
             return None
@@ -143,9 +116,7 @@ class Analyzer:
             self._audit_verdict(job_id, instance, outcome)
             outcomes.append(outcome)
         status, reason = _job_status(outcomes)
-        with self.db.session() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(
-                status=status, finished_at=utcnow(), reason=reason))
+        finish_job(self.db, job_id, status, reason)
         JOBS.labels(status.value).inc()
         logger.info("Job %d %s", job_id, status.value)
         return status
@@ -153,10 +124,7 @@ class Analyzer:
     def _defer(self, job: Job, instance: Instance, error: ResultsDiskFull) -> JobStatus:
         """Queue the job again for :data:`NO_SPACE_RETRY` from now (its undecided instances are
         analysed then); audit that it could not finish. Returns QUEUED."""
-        with self.db.session() as session:
-            session.execute(update(Job).where(Job.id == job.id).values(
-                status=JobStatus.QUEUED, started_at=None, reason=str(error)))
-            queue_message(session, "analyze", job.id, not_before=utcnow() + NO_SPACE_RETRY)
+        defer_job(self.db, job.id, reason=str(error), delay=NO_SPACE_RETRY)
         logger.warning("Job %d: %s; it runs again in %s", job.id, error, NO_SPACE_RETRY)
         self.audit.record(AuditEvent.JOB_FAILED, outcome=Outcome.MINOR_FAILURE, actor=self.worker,
                           job_id=job.id, pseudonym=instance.patient_pseudonym,
@@ -195,18 +163,18 @@ class Analyzer:
                 self._queue_outputs(job_id, instance, folder, outputs)
             scores = ", ".join(f"{f['name']}={f['probability']:.2f}{' FLAGGED' if f['flagged'] else ''}"
                                for f in findings_summary(result))
-            return InstanceOutcome(Verdict.ANALYSED, "; ".join([scores, *verdict.caveats]))
+            return InstanceOutcome(InstanceVerdict.ANALYSED, "; ".join([scores, *verdict.caveats]))
         except ResultsDiskFull:
             raise
         except (PipelineError, InvalidDicomError) as exc:  # bad input: one line, the reason
             reason = failure_text(exc, "not a readable DICOM file")
             logger.warning("Job %d: instance %s failed: %s", job_id, instance.sop_instance_uid, reason)
-            return InstanceOutcome(Verdict.FAILED, reason)
+            return InstanceOutcome(InstanceVerdict.FAILED, reason)
         except Exception as exc:  # a model or node bug: a recorded failure (not a retry), with its traceback
             reason = failure_text(exc, f"unexpected error in {stage}")
             logger.error("Job %d: instance %s failed: %s\n%s", job_id, instance.sop_instance_uid,
                          reason, traceback_text(exc))
-            return InstanceOutcome(Verdict.FAILED, reason)
+            return InstanceOutcome(InstanceVerdict.FAILED, reason)
 
     def _skip(self, job_id: int, instance: Instance, dataset: Dataset, folder: Path,
               reason: str) -> InstanceOutcome:
@@ -214,7 +182,7 @@ class Analyzer:
         if self.note_skipped and is_chest(dataset):
             note = write_not_analysed(dataset, reason, self.algorithm)
             self._queue_outputs(job_id, instance, folder, {OutputKind.NOT_ANALYSED: note})
-        return InstanceOutcome(Verdict.SKIPPED, reason)
+        return InstanceOutcome(InstanceVerdict.SKIPPED, reason)
 
     def _record_verdict(self, instance: Instance, outcome: InstanceOutcome) -> None:
         with self.db.session() as session:
@@ -232,7 +200,7 @@ class Analyzer:
                 event, job_id=job_id, sop_uid=instance.sop_instance_uid):
             return
         self.audit.record(
-            event, outcome=Outcome.SERIOUS_FAILURE if outcome.verdict is Verdict.FAILED
+            event, outcome=Outcome.SERIOUS_FAILURE if outcome.verdict is InstanceVerdict.FAILED
             else Outcome.SUCCESS, actor=self.worker, job_id=job_id,
             pseudonym=instance.patient_pseudonym, study_uid=instance.study_instance_uid,
             series_uid=instance.series_instance_uid, sop_uid=instance.sop_instance_uid,
@@ -281,10 +249,10 @@ def _disk_full(error: BaseException | None) -> bool:
 
 def _job_status(outcomes: list[InstanceOutcome]) -> tuple[JobStatus, str]:
     verdicts = [o.verdict for o in outcomes]
-    if Verdict.FAILED in verdicts:
-        failed = sum(v == Verdict.FAILED for v in verdicts)
+    if InstanceVerdict.FAILED in verdicts:
+        failed = sum(v == InstanceVerdict.FAILED for v in verdicts)
         return JobStatus.FAILED, f"{failed} of {len(verdicts)} instance(s) failed"
-    if Verdict.ANALYSED in verdicts:
-        return JobStatus.DONE, f"{verdicts.count(Verdict.ANALYSED)} instance(s) analysed"
+    if InstanceVerdict.ANALYSED in verdicts:
+        return JobStatus.DONE, f"{verdicts.count(InstanceVerdict.ANALYSED)} instance(s) analysed"
     reasons = sorted({o.reason for o in outcomes})
     return JobStatus.SKIPPED, "; ".join(reasons) or "no instances"

@@ -60,8 +60,9 @@ class JobStatus(enum.StrEnum):
         return self in {JobStatus.DONE, JobStatus.SKIPPED, JobStatus.FAILED}
 
 
-class Verdict(enum.StrEnum):
-    """What became of one instance inside its job."""
+class InstanceVerdict(enum.StrEnum):
+    """What became of one instance inside its job (not a pipeline's gate verdict, which says
+    whether an image may be analysed)."""
 
     ANALYSED = "analysed"
     SKIPPED = "skipped"
@@ -101,7 +102,7 @@ class Instance(Base):
     patient_pseudonym: Mapped[str | None] = mapped_column(String(40), index=True)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
-    verdict: Mapped[Verdict | None] = mapped_column(_enum(Verdict))
+    verdict: Mapped[InstanceVerdict | None] = mapped_column(_enum(InstanceVerdict))
     verdict_reason: Mapped[str | None] = mapped_column(Text)
 
 
@@ -144,6 +145,14 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
 
 
+class Task(enum.StrEnum):
+    """What an outbox message asks a worker to do with its target: the one vocabulary of
+    ``outbox.task`` (the target is a job or a delivery id)."""
+
+    ANALYZE = "analyze"
+    DELIVER = "deliver"
+
+
 class OutboxMessage(Base):
     """A task message committed with the row it is about, published afterwards."""
 
@@ -157,7 +166,7 @@ class OutboxMessage(Base):
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
 
 
-def queue_message(session: Session, task: str, target_id: int, *,
+def queue_message(session: Session, task: Task, target_id: int, *,
                   not_before: datetime | None = None) -> None:
     """Add an outbox message in the caller's transaction; it is published after commit."""
     session.add(OutboxMessage(task=task, target_id=target_id, not_before=not_before))

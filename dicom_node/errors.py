@@ -64,3 +64,11 @@ class AuditError(NodeError):
 
 class DataRemovalError(NodeError):
     """Spooled images or results cannot be deleted safely."""
+
+
+class NoSuchJobError(NodeError):
+    """No job has the id asked for."""
+
+
+class StateChangeError(NodeError):
+    """A job's or delivery's state does not allow the change asked for."""

@@ -19,29 +19,30 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from dicom_node.db import (
-    Delivery, DeliveryStatus, Job, JobStatus, NodeDatabase, OutboxMessage, queue_message, utcnow,
+    Delivery, DeliveryStatus, Job, JobStatus, NodeDatabase, OutboxMessage, Task, queue_message,
+    utcnow,
 )
 
 logger = logging.getLogger(__name__)
 
-WaitingMessages = Callable[[str], "int | None"]
+WaitingMessages = Callable[[Task], "int | None"]
 """How many messages of an outbox task wait in the broker; None when it cannot tell."""
 
 
-def requeue_lost(db: NodeDatabase, waiting: WaitingMessages, grace: timedelta) -> dict[str, list[int]]:
+def requeue_lost(db: NodeDatabase, waiting: WaitingMessages, grace: timedelta) -> dict[Task, list[int]]:
     """Queue again the work the broker lost; return the ids queued, by task."""
     cutoff = utcnow() - grace
-    requeued: dict[str, list[int]] = {}
+    requeued: dict[Task, list[int]] = {}
     with db.session() as session:
-        carried = {(task, target) for task, target in session.execute(
+        carried = {(Task(task), target) for task, target in session.execute(
             select(OutboxMessage.task, OutboxMessage.target_id).where(
                 or_(OutboxMessage.published_at.is_(None), OutboxMessage.published_at > cutoff)))}
-        candidates: dict[str, list[tuple[int, list[int]]]] = {}
-        if waiting("analyze") == 0:
-            candidates["analyze"] = [(job_id, [job_id]) for job_id in session.scalars(
+        candidates: dict[Task, list[tuple[int, list[int]]]] = {}
+        if waiting(Task.ANALYZE) == 0:
+            candidates[Task.ANALYZE] = [(job_id, [job_id]) for job_id in session.scalars(
                 select(Job.id).where(Job.status == JobStatus.QUEUED))]
-        if waiting("deliver") == 0:
-            candidates["deliver"] = _due_delivery_groups(session, cutoff)
+        if waiting(Task.DELIVER) == 0:
+            candidates[Task.DELIVER] = _due_delivery_groups(session, cutoff)
         for task, groups in candidates.items():
             lost = [lead for lead, members in groups
                     if not any((task, member) in carried for member in members)]

@@ -19,7 +19,7 @@ from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.audit.chain import purge_before
 from dicom_node.config import Settings
 from dicom_node.db import (
-    Delivery, DeliveryStatus, Instance, Job, JobStatus, NodeDatabase, OutboxMessage,
+    Delivery, DeliveryStatus, Instance, Job, JobStatus, NodeDatabase, OutboxMessage, Task,
 )
 from dicom_node.errors import DataRemovalError
 from dicom_node.results import result_dir
@@ -84,8 +84,8 @@ def delete_instance_records(session: Session, instances: Sequence[Instance]) -> 
     deliveries = list(session.scalars(select(Delivery.id).where(
         Delivery.source_sop_instance_uid.in_(sop_uids) | Delivery.job_id.in_(emptied))))
     session.execute(delete(OutboxMessage).where(
-        ((OutboxMessage.task == "deliver") & OutboxMessage.target_id.in_(deliveries))
-        | ((OutboxMessage.task == "analyze") & OutboxMessage.target_id.in_(emptied))))
+        ((OutboxMessage.task == Task.DELIVER) & OutboxMessage.target_id.in_(deliveries))
+        | ((OutboxMessage.task == Task.ANALYZE) & OutboxMessage.target_id.in_(emptied))))
     session.execute(delete(Delivery).where(Delivery.id.in_(deliveries)))
     session.execute(delete(Job).where(Job.id.in_(emptied)))
     return Removed(jobs=len(emptied), deliveries=len(deliveries))

@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.db import (
-    Instance, Job, JobStatus, NodeDatabase, OutboxMessage, queue_message, utcnow,
+    Instance, Job, JobStatus, NodeDatabase, OutboxMessage, Task, queue_message, utcnow,
 )
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class Scheduler:
             session.flush()
             for instance in instances:
                 instance.job_id = job.id
-            queue_message(session, "analyze", job.id)
+            queue_message(session, Task.ANALYZE, job.id)
             return job.id, instances[0].patient_pseudonym, len(instances)
 
     def publish_outbox(self) -> int:

@@ -20,7 +20,7 @@ from kombu.transport import sqlalchemy as kombu_sqlalchemy
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import Settings
-from dicom_node.db import NodeDatabase, OutboxMessage
+from dicom_node.db import NodeDatabase, OutboxMessage, Task
 from dicom_node.delivery import Deliverer
 from dicom_node.errors import WeightsCheckError
 from dicom_node.metrics import serve_metrics
@@ -36,10 +36,11 @@ app = Celery("dicom_node")
 
 ANALYZE = "dicom_node.analyze"
 DELIVER = "dicom_node.deliver"
-TASKS = {"analyze": (ANALYZE, "job_id"), "deliver": (DELIVER, "delivery_id")}
-"""Outbox task name → (Celery task name, keyword argument that carries the id)."""
-QUEUES = {ANALYZE: "analyze", DELIVER: "deliver"}
-"""Each task has its own queue, so that a slow destination never holds up analysis."""
+TASKS = {Task.ANALYZE: (ANALYZE, "job_id"), Task.DELIVER: (DELIVER, "delivery_id")}
+"""Outbox task → (Celery task name, keyword argument that carries the id)."""
+QUEUES = {name: task.value for task, (name, _) in TASKS.items()}
+"""Each task has its own queue, named as the outbox task, so that a slow destination never
+holds up analysis."""
 LANES = {"analysis": (QUEUES[ANALYZE],), "delivery": (QUEUES[DELIVER],), "both": (QUEUES[ANALYZE], QUEUES[DELIVER])}
 """The queues a worker process consumes, by ``dicom-node worker --lane``."""
 
@@ -93,7 +94,7 @@ def broker_reachable() -> bool:
         return False
 
 
-def waiting_messages(task: str) -> int | None:
+def waiting_messages(task: Task) -> int | None:
     """Return how many messages of an outbox task wait in the broker; None when it cannot tell."""
     queue = QUEUES[TASKS[task][0]]
     try:
@@ -109,7 +110,7 @@ def waiting_messages(task: str) -> int | None:
 
 def publish(message: OutboxMessage) -> None:
     """Send one outbox message as a task; raises when the broker cannot take it."""
-    name, argument = TASKS[message.task]
+    name, argument = TASKS[Task(message.task)]
     app.send_task(name, kwargs={argument: message.target_id}, queue=QUEUES[name])
 
 

@@ -17,8 +17,9 @@ from dicom_node.config import load_settings
 from dicom_node.db import (
     Delivery, DeliveryStatus, Job, JobStatus, NodeDatabase, OutboxMessage, utcnow,
 )
-from dicom_node.delivery import Deliverer, queue_deliveries
+from dicom_node.delivery import Deliverer
 from dicom_node.scu import Disposition, classify
+from dicom_node.workflow import queue_deliveries
 from tests.dicom_factory import write_cr
 from tests.receiving_scp import ReceivingSCP
 
@@ -142,6 +143,10 @@ def test_refused_is_dead_lettered_and_listed(node, pacs):
     assert '"dead": 1' in listed.output
     shown = CliRunner().invoke(main, ["--config", str(config), "jobs", "show", "1"])
     assert "0xC000" in shown.output and "dead" in shown.output
+    audited = CliRunner().invoke(main, ["--config", str(config), "audit", "list", "--event", "result-failed",
+                                        "--event", "result-dead-lettered", "--format", "json"])
+    assert [(e["event"], e["outcome"]) for e in json.loads(audited.output)] == [
+        ("result-failed", "minor-failure")] * 2 + [("result-dead-lettered", "serious-failure")]
     # resend makes a dead-lettered delivery pending again
     pacs.status = 0x0000
     resent = CliRunner().invoke(main, ["--config", str(config), "jobs", "resend", "1"])
@@ -160,10 +165,11 @@ def test_retry_and_resend_are_audited_with_the_os_user(node):
                                        "--format", "json"])
     assert listed.exit_code == 0, listed.output
     events = {e["event"]: e for e in json.loads(listed.output)}
-    assert events["job-queued"]["detail"] == "queued again by an administrator (jobs retry)"
-    assert events["job-queued"]["actor"] == getpass.getuser() and events["job-queued"]["job_id"] == 1
-    assert events["result-queued"]["sop_uid"] == sop_uid
-    assert events["result-queued"]["detail"] == "sc to pacs queued again by an administrator (jobs resend)"
+    assert events["job-retried"]["detail"] == "queued again by an administrator (jobs retry)"
+    assert events["job-retried"]["actor"] == getpass.getuser() and events["job-retried"]["job_id"] == 1
+    assert events["result-resent"]["sop_uid"] == sop_uid
+    assert events["result-resent"]["actor"] == getpass.getuser()
+    assert events["result-resent"]["detail"] == "sc to pacs queued again by an administrator (jobs resend)"
 
 
 def test_transient_failures_stop_at_max_age(node, pacs):

@@ -31,7 +31,8 @@ from pynetdicom.events import Event
 from dicom_node.audit import AuditTrail
 from dicom_node.config import load_settings
 from dicom_node.db import Delivery, DeliveryStatus, Job, JobStatus, NodeDatabase
-from dicom_node.delivery import Deliverer, queue_deliveries
+from dicom_node.delivery import Deliverer
+from dicom_node.workflow import queue_deliveries
 from tests.conftest import (
     OrthancInNamespace, dcmtk_tool, free_port, in_namespace, run_tool, sample_file, wait_for,
 )

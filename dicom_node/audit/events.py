@@ -41,15 +41,19 @@ class AuditEvent(enum.StrEnum):
     JOB_STARTED = "job-started"
     JOB_COMPLETED = "job-completed"
     JOB_FAILED = "job-failed"
+    JOB_RETRIED = "job-retried"
     RESULT_SENT = "result-sent"
     RESULT_FAILED = "result-failed"
     RESULT_QUEUED = "result-queued"
+    RESULT_RESENT = "result-resent"
+    RESULT_DEAD_LETTERED = "result-dead-lettered"
     DATA_PURGED = "data-purged"
     SUBJECT_EXPORTED = "subject-exported"
     SUBJECT_ERASED = "subject-erased"
     AUDIT_QUERIED = "audit-queried"
     CHAIN_HEAD_KEYED = "chain-head-keyed"
     CHAIN_HEAD_UNSIGNED = "chain-head-unsigned"
+    SCHEMA_UPGRADED = "schema-upgraded"
 
     @property
     def dicom_event_id(self) -> DicomCode:
@@ -76,15 +80,19 @@ _EVENT_IDS: dict[AuditEvent, DicomCode] = {
     AuditEvent.JOB_STARTED: INSTANCES_ACCESSED,
     AuditEvent.JOB_COMPLETED: INSTANCES_ACCESSED,
     AuditEvent.JOB_FAILED: INSTANCES_ACCESSED,
+    AuditEvent.JOB_RETRIED: INSTANCES_ACCESSED,  # an administrator has the instances read again
     AuditEvent.RESULT_SENT: INSTANCES_TRANSFERRED,
     AuditEvent.RESULT_FAILED: INSTANCES_TRANSFERRED,
     AuditEvent.RESULT_QUEUED: INSTANCES_TRANSFERRED,
+    AuditEvent.RESULT_RESENT: INSTANCES_TRANSFERRED,  # an administrator has a result sent again
+    AuditEvent.RESULT_DEAD_LETTERED: INSTANCES_TRANSFERRED,  # the node gave up sending a result
     AuditEvent.DATA_PURGED: STUDY_DELETED,
     AuditEvent.SUBJECT_EXPORTED: EXPORT,
     AuditEvent.SUBJECT_ERASED: PATIENT_RECORD,
     AuditEvent.AUDIT_QUERIED: AUDIT_LOG_USED,
     AuditEvent.CHAIN_HEAD_KEYED: SECURITY_ALERT,  # the trail's protection changed
     AuditEvent.CHAIN_HEAD_UNSIGNED: SECURITY_ALERT,  # the trail was altered: rows may be missing
+    AuditEvent.SCHEMA_UPGRADED: SECURITY_ALERT,  # EventTypeCode 110131 Software Configuration
 }
 
 _ACTIONS: dict[AuditEvent, str] = {
@@ -96,11 +104,15 @@ _ACTIONS: dict[AuditEvent, str] = {
     AuditEvent.RESULT_SENT: "R",
     AuditEvent.RESULT_FAILED: "R",
     AuditEvent.RESULT_QUEUED: "R",
+    AuditEvent.JOB_RETRIED: "R",
+    AuditEvent.RESULT_RESENT: "R",
+    AuditEvent.RESULT_DEAD_LETTERED: "R",
     AuditEvent.DATA_PURGED: "D",
     AuditEvent.SUBJECT_EXPORTED: "R",
     AuditEvent.SUBJECT_ERASED: "D",
     AuditEvent.AUDIT_QUERIED: "R",
     AuditEvent.CHAIN_HEAD_KEYED: "U",
+    AuditEvent.SCHEMA_UPGRADED: "U",
 }
 
 

@@ -1,4 +1,7 @@
-"""``jobs list|show|retry|resend``: look at jobs and their deliveries, and act on them."""
+"""``jobs list|show|retry|resend``: look at jobs and their deliveries, and act on them.
+
+The commands parse and print; what they change is :mod:`dicom_node.workflow`'s.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +14,20 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import select, update
 
-from dicom_node.audit import AuditEvent, AuditTrail
+from dicom_node import workflow
+from dicom_node.audit import AuditTrail
 from dicom_node.cli.common import node_errors_as_click, os_user, settings_from
-from dicom_node.db import (
-    Delivery,
-    DeliveryStatus,
-    Instance,
-    Job,
-    JobStatus,
-    NodeDatabase,
-    queue_message,
-    utcnow,
-)
+from dicom_node.db import Delivery, Job, JobStatus, NodeDatabase
 
 
-def _db(ctx: click.Context) -> NodeDatabase:
-    return NodeDatabase(settings_from(ctx).node_database_url)
+@contextmanager
+def _db(ctx: click.Context) -> Iterator[NodeDatabase]:
+    db = NodeDatabase(settings_from(ctx).node_database_url)
+    try:
+        yield db
+    finally:
+        db.dispose()
 
 
 @contextmanager
@@ -78,18 +77,11 @@ def jobs() -> None:
 @node_errors_as_click
 def list_jobs(ctx: click.Context, statuses: tuple[str, ...], limit: int, fmt: str) -> None:
     """List the newest jobs with their delivery counts."""
-    db = _db(ctx)
-    with db.session() as session:
-        query = select(Job).order_by(Job.id.desc()).limit(limit)
-        job_states = [s for s in statuses if s != "dead-letter"]
-        if "dead-letter" in statuses:
-            dead = select(Delivery.job_id).where(Delivery.status == DeliveryStatus.DEAD)
-            query = query.where(Job.id.in_(dead) | Job.status.in_(job_states))
-        elif job_states:
-            query = query.where(Job.status.in_(job_states))
-        rows = [_job_row(job, list(session.scalars(
-            select(Delivery).where(Delivery.job_id == job.id)))) for job in session.scalars(query)]
-    db.dispose()
+    with _db(ctx) as db:
+        jobs_found = workflow.list_jobs(
+            db, statuses=[JobStatus(s) for s in statuses if s != "dead-letter"],
+            dead_lettered="dead-letter" in statuses, limit=limit)
+    rows = [_job_row(job, deliveries) for job, deliveries in jobs_found]
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
         return
@@ -109,20 +101,13 @@ def list_jobs(ctx: click.Context, statuses: tuple[str, ...], limit: int, fmt: st
 @node_errors_as_click
 def show(ctx: click.Context, job_id: int, fmt: str) -> None:
     """Show one job: its instances with their verdicts, and every delivery."""
-    db = _db(ctx)
-    with db.session() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise click.ClickException(f"no job {job_id}")
-        deliveries = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)
-                                          .order_by(Delivery.id)))
-        report = _job_row(job, deliveries)
-        report["instances"] = [
-            {"sop_instance_uid": i.sop_instance_uid, "verdict": i.verdict and i.verdict.value,
-             "reason": i.verdict_reason}
-            for i in session.scalars(select(Instance).where(Instance.job_id == job_id))]
-        report["deliveries"] = [_delivery_row(d) for d in deliveries]
-    db.dispose()
+    with _db(ctx) as db:
+        job, instances, deliveries = workflow.job_details(db, job_id)
+    report = _job_row(job, deliveries)
+    report["instances"] = [
+        {"sop_instance_uid": i.sop_instance_uid, "verdict": i.verdict and i.verdict.value,
+         "reason": i.verdict_reason} for i in instances]
+    report["deliveries"] = [_delivery_row(d) for d in deliveries]
     if fmt == "json":
         click.echo(json.dumps(report, indent=2))
         return
@@ -148,24 +133,9 @@ def show(ctx: click.Context, job_id: int, fmt: str) -> None:
 @node_errors_as_click
 def retry(ctx: click.Context, job_id: int) -> None:
     """Analyse a finished job again (its outputs keep their UIDs and replace the old ones); audited."""
-    db = _db(ctx)
-    with db.session() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise click.ClickException(f"no job {job_id}")
-        if not job.status.finished:
-            raise click.ClickException(f"job {job_id} is {job.status.value}: not finished yet")
-        session.execute(update(Job).where(Job.id == job_id).values(
-            status=JobStatus.QUEUED, started_at=None, finished_at=None, reason=None))
-        session.execute(update(Instance).where(Instance.job_id == job_id).values(
-            verdict=None, verdict_reason=None))
-        queue_message(session, "analyze", job_id)
-        study = job.study_instance_uid
-    db.dispose()
-    with _audit(ctx) as audit:
-        audit.record(AuditEvent.JOB_QUEUED, actor=os_user(), job_id=job_id, study_uid=study,
-                     detail="queued again by an administrator (jobs retry)")
-    click.echo(f"job {job_id} queued again")
+    with _db(ctx) as db, _audit(ctx) as audit:
+        job = workflow.retry_job(db, audit, job_id, actor=os_user())
+    click.echo(f"job {job.id} queued again")
 
 
 @jobs.command("resend")
@@ -174,26 +144,6 @@ def retry(ctx: click.Context, job_id: int) -> None:
 @node_errors_as_click
 def resend(ctx: click.Context, job_id: int) -> None:
     """Send every result of a job again, dead-lettered ones included; audited per result."""
-    db = _db(ctx)
-    with db.session() as session:
-        deliveries = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)))
-        if not deliveries:
-            raise click.ClickException(f"job {job_id} has no deliveries")
-        leads: dict[str, int] = {}  # one message per destination sends all of its results
-        for delivery in deliveries:
-            delivery.status, delivery.attempts, delivery.created_at = (
-                DeliveryStatus.PENDING, 0, utcnow())
-            delivery.next_attempt_at = delivery.delivered_at = None
-            delivery.last_status = delivery.last_error = None
-            leads.setdefault(delivery.destination, delivery.id)
-        for lead in leads.values():
-            queue_message(session, "deliver", lead)
-        queued = [(d.sop_instance_uid, d.kind, d.destination) for d in deliveries]
-        study = session.scalar(select(Job.study_instance_uid).where(Job.id == job_id))
-    db.dispose()
-    with _audit(ctx) as audit:
-        for sop_uid, kind, destination in queued:
-            audit.record(AuditEvent.RESULT_QUEUED, actor=os_user(), job_id=job_id, study_uid=study,
-                         sop_uid=sop_uid, detail=f"{kind} to {destination} queued again by an administrator "
-                         "(jobs resend)")
+    with _db(ctx) as db, _audit(ctx) as audit:
+        deliveries = workflow.resend_job(db, audit, job_id, actor=os_user())
     click.echo(f"{len(deliveries)} deliveries of job {job_id} queued again")

@@ -1,0 +1,344 @@
+"""Every state change of jobs and deliveries, in one place.
+
+A job: ``queued`` → ``running`` (:func:`claim_job`) → ``done`` | ``skipped`` | ``failed``
+(:func:`finish_job`); back to ``queued`` when its worker died (:func:`requeue_interrupted_jobs`),
+when its results did not fit on the disk (:func:`defer_job`), or when an administrator has a
+finished job analysed again (:func:`retry_job`).
+
+A delivery: ``pending`` (:func:`queue_deliveries`) → claimed with a lease
+(:func:`claim_deliveries`) → ``delivered``, ``retrying`` at a back-off time or ``dead``
+(dead-lettered) by :func:`next_step` and :func:`record_attempt`; back to ``pending`` when an
+administrator has a job's results sent again (:func:`resend_job`).
+
+Whatever queues work adds its outbox message (a :class:`~dicom_node.db.Task`) in the same
+transaction. Each change is audited: the administrator's (retry, resend) here with the OS
+user as actor, a delivery attempt here with the worker as actor, a job's start, verdicts and
+deferral by the analysis, which knows its instances.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from dicom_node.audit import AuditEvent, AuditTrail, Outcome
+from dicom_node.config import DeliverySettings, Destination
+from dicom_node.db import (
+    Delivery, DeliveryStatus, Instance, Job, JobStatus, NodeDatabase, OutboxMessage, Task,
+    queue_message, utcnow,
+)
+from dicom_node.errors import NoSuchJobError, StateChangeError
+from dicom_node.scu import Disposition
+from dicom_node.worker_identity import worker_is_gone
+
+logger = logging.getLogger(__name__)
+
+JOB_LEASE = timedelta(minutes=30)
+"""A job running longer than this is taken to belong to a dead worker."""
+UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.RETRYING)
+FINISHED_JOB = tuple(status for status in JobStatus if status.finished)
+DELIVERY_EVENTS: dict[DeliveryStatus, tuple[AuditEvent, Outcome]] = {
+    DeliveryStatus.DELIVERED: (AuditEvent.RESULT_SENT, Outcome.SUCCESS),
+    DeliveryStatus.RETRYING: (AuditEvent.RESULT_FAILED, Outcome.MINOR_FAILURE),
+    DeliveryStatus.DEAD: (AuditEvent.RESULT_DEAD_LETTERED, Outcome.SERIOUS_FAILURE),
+}
+"""How an attempt's outcome is audited, by the delivery's new status."""
+RETRIED = "queued again by an administrator (jobs retry)"
+RESENT = "queued again by an administrator (jobs resend)"
+
+Step = tuple[DeliveryStatus, datetime | None]
+"""A delivery's new status and, when retrying, the time of its next attempt."""
+
+
+class Answer(Protocol):
+    """What the destination answered to one object: its status (None: no answer) and a
+    fixed text saying why it failed (empty when it did not)."""
+
+    @property
+    def status(self) -> int | None: ...
+
+    @property
+    def detail(self) -> str: ...
+
+
+# Jobs
+
+def claim_job(db: NodeDatabase, job_id: int, *, worker: str) -> Job | None:
+    """Mark a queued job running by ``worker`` and return it; a job running longer than
+    :data:`JOB_LEASE` belongs to a worker that died, and is taken over. Returns None when
+    the job is not queued (finished, or running in a live worker): nothing to do."""
+    now = utcnow()
+    with db.session() as session:
+        claimed = session.execute(
+            update(Job).where(Job.id == job_id).where(
+                (Job.status == JobStatus.QUEUED)
+                | ((Job.status == JobStatus.RUNNING) & (Job.started_at < now - JOB_LEASE)))
+            .values(status=JobStatus.RUNNING, started_at=now, worker=worker)
+        ).rowcount
+        return session.get(Job, job_id) if claimed else None
+
+
+def requeue_interrupted_jobs(db: NodeDatabase, *, worker: str) -> list[int]:
+    """Queue again the jobs dead workers left: those ``worker`` (this name) or a worker process
+    of this host that no longer runs was running, and queued ones whose message a dead worker
+    had taken (a broker without redelivery loses those). A message that still waits in the
+    broker makes a duplicate, which is a no-op. Returns the ids."""
+    with db.session() as session:
+        rows = session.execute(select(Job.id, Job.status, Job.worker).where(
+            Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))).all()
+        interrupted = [job_id for job_id, status, owner in rows if status is JobStatus.QUEUED
+                       or owner == worker or worker_is_gone(owner)]
+        for job_id in interrupted:
+            session.execute(update(Job).where(Job.id == job_id)
+                            .values(status=JobStatus.QUEUED, started_at=None))
+            queue_message(session, Task.ANALYZE, job_id)
+    if interrupted:
+        logger.warning("Queued %d interrupted job(s) again", len(interrupted))
+    return interrupted
+
+
+def defer_job(db: NodeDatabase, job_id: int, *, reason: str, delay: timedelta) -> None:
+    """Queue a running job again, due ``delay`` from now, noting ``reason``."""
+    with db.session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(
+            status=JobStatus.QUEUED, started_at=None, reason=reason))
+        queue_message(session, Task.ANALYZE, job_id, not_before=utcnow() + delay)
+
+
+def finish_job(db: NodeDatabase, job_id: int, status: JobStatus, reason: str) -> None:
+    """Record a job's final status (done, skipped or failed) and its reason."""
+    if not status.finished:
+        raise ValueError(f"a job finishes done, skipped or failed, not {status.value}")
+    with db.session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(
+            status=status, finished_at=utcnow(), reason=reason))
+
+
+def retry_job(db: NodeDatabase, audit: AuditTrail, job_id: int, *, actor: str) -> Job:
+    """Queue a finished job to be analysed again (its instances' verdicts cleared; its outputs
+    keep their UIDs and replace the old ones) and audit it as ``actor``; return the job.
+
+    Raises :class:`NoSuchJobError` for an unknown id, :class:`StateChangeError` when the job
+    is not finished (queued or running: it is being analysed already).
+    """
+    with db.session() as session:
+        retried = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(FINISHED_JOB))
+                                  .values(status=JobStatus.QUEUED, started_at=None,
+                                          finished_at=None, reason=None)).rowcount
+        job = session.get(Job, job_id)
+        if job is None:
+            raise NoSuchJobError(f"no job {job_id}")
+        if not retried:
+            raise StateChangeError(f"job {job_id} is {job.status.value}: only a finished job "
+                                   "can be analysed again")
+        session.execute(update(Instance).where(Instance.job_id == job_id).values(
+            verdict=None, verdict_reason=None))
+        queue_message(session, Task.ANALYZE, job_id)
+    logger.info("Job %d queued again by %s", job_id, actor)
+    audit.record(AuditEvent.JOB_RETRIED, actor=actor, job_id=job_id,
+                 study_uid=job.study_instance_uid, detail=RETRIED)
+    return job
+
+
+# Deliveries
+
+def queue_deliveries(session: Session, *, job_id: int, source_sop_uid: str,
+                     outputs: Iterable[tuple[str, str, Path]],
+                     destinations: Iterable[Destination]) -> list[int]:
+    """Create (or reset, for a re-run) one delivery per output and destination, each with
+    its outbox message, in the caller's transaction. ``outputs`` are (kind, SOP Instance
+    UID, file). One message per destination carries all of its deliveries. Returns the
+    delivery ids."""
+    ids = []
+    outputs = list(outputs)
+    for destination in destinations:
+        lead = None
+        for kind, sop_uid, path in outputs:
+            if kind not in destination.outputs:
+                continue
+            row = session.scalar(select(Delivery).where(
+                Delivery.destination == destination.name, Delivery.sop_instance_uid == sop_uid))
+            if row is None:
+                row = Delivery(destination=destination.name, sop_instance_uid=sop_uid)
+                session.add(row)
+            row.job_id, row.source_sop_instance_uid, row.kind, row.path = (
+                job_id, source_sop_uid, kind, str(path))
+            _make_pending(row)
+            session.flush()
+            lead = lead or row.id
+            ids.append(row.id)
+        if lead is not None:
+            queue_message(session, Task.DELIVER, lead)
+    return ids
+
+
+def _make_pending(row: Delivery) -> None:
+    row.status, row.attempts, row.created_at = DeliveryStatus.PENDING, 0, utcnow()
+    row.next_attempt_at = row.delivered_at = row.last_status = row.last_error = None
+
+
+def claim_deliveries(db: NodeDatabase, delivery_id: int, *, lease: timedelta) -> list[Delivery]:
+    """Claim the named delivery and its due siblings (same job and destination) for ``lease``:
+    no other message sends them meanwhile. Returns those claimed, in id order (none when the
+    delivery is finished, not due or being sent)."""
+    with db.session() as session:
+        named = session.get(Delivery, delivery_id)
+        if named is None:
+            return []
+        siblings = session.scalars(select(Delivery.id).where(
+            Delivery.job_id == named.job_id, Delivery.destination == named.destination,
+            Delivery.status.in_(UNFINISHED)).order_by(Delivery.id)).all()
+    return [claimed for sibling in siblings
+            if (claimed := _claim_delivery(db, sibling, lease)) is not None]
+
+
+def _claim_delivery(db: NodeDatabase, delivery_id: int, lease: timedelta) -> Delivery | None:
+    now = utcnow()
+    with db.session() as session:
+        claimed = session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.status.in_(UNFINISHED),
+                   or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now))
+            .values(next_attempt_at=now + lease)
+        ).rowcount
+        return session.get(Delivery, delivery_id) if claimed else None
+
+
+def next_step(policy: DeliverySettings, delivery: Delivery, disposition: Disposition,
+              now: datetime, jitter: float) -> Step:
+    """Return where an attempt that ended in ``disposition`` takes the delivery: delivered;
+    dead at once when no syntax was accepted; else retrying after an exponential back-off with
+    ``jitter`` (0..1) while transient failures are younger than ``max_age_s`` and other
+    failures fewer than ``max_failures``; dead after that."""
+    if disposition is Disposition.DELIVERED:
+        return DeliveryStatus.DELIVERED, None
+    if disposition is Disposition.NOT_ACCEPTED:
+        return DeliveryStatus.DEAD, None
+    attempts = delivery.attempts + 1
+    wait = min(policy.first_retry_s * 2 ** (attempts - 1), policy.max_retry_interval_s)
+    retry_at = now + timedelta(seconds=wait * (1 + policy.jitter * jitter))
+    if disposition is Disposition.RETRY:
+        if retry_at - delivery.created_at <= timedelta(seconds=policy.max_age_s):
+            return DeliveryStatus.RETRYING, retry_at
+    elif attempts < policy.max_failures:
+        return DeliveryStatus.RETRYING, retry_at
+    return DeliveryStatus.DEAD, None
+
+
+def record_attempt(db: NodeDatabase, audit: AuditTrail, delivery: Delivery, outcome: Answer,
+                   step: Step, *, actor: str, remote: str | None, now: datetime) -> None:
+    """Store what one attempt came to (delivered, a retry scheduled, dead-lettered) and audit
+    it (see :data:`DELIVERY_EVENTS`) as ``actor``; the retry's message is :func:`queue_retries`'."""
+    status, retry_at = step
+    with db.session() as session:
+        session.execute(update(Delivery).where(Delivery.id == delivery.id).values(
+            status=status, attempts=delivery.attempts + 1, next_attempt_at=retry_at,
+            last_status=outcome.status, last_error=outcome.detail or None,
+            delivered_at=now if status is DeliveryStatus.DELIVERED else None))
+        source = session.scalar(select(Instance).where(
+            Instance.sop_instance_uid == delivery.source_sop_instance_uid))
+    answered = "no answer" if outcome.status is None else f"status 0x{outcome.status:04X}"
+    detail = (f"{delivery.kind} to {delivery.destination}: {answered}"
+              + (f" ({outcome.detail})" if outcome.detail else "")
+              + (f"; retry at {retry_at:%H:%M:%S}" if retry_at else ""))
+    logger.info("Delivery %d %s: %s", delivery.id, status.value, detail)
+    event, audit_outcome = DELIVERY_EVENTS[status]
+    audit.record(event, outcome=audit_outcome, actor=actor, job_id=delivery.job_id, remote=remote,
+                 sop_uid=delivery.sop_instance_uid,
+                 study_uid=source.study_instance_uid if source else None,
+                 pseudonym=source.patient_pseudonym if source else None, detail=detail)
+
+
+def queue_retries(db: NodeDatabase, steps: Mapping[int, Step]) -> None:
+    """Queue one outbox message per distinct retry time of ``steps`` (by delivery id), due then:
+    deliveries due together go together."""
+    leads: dict[datetime, int] = {}
+    for delivery_id, (_, retry_at) in sorted(steps.items()):
+        if retry_at is not None:
+            leads.setdefault(retry_at, delivery_id)
+    with db.session() as session:
+        for retry_at, lead in leads.items():
+            queue_message(session, Task.DELIVER, lead, not_before=retry_at)
+
+
+def requeue_abandoned_deliveries(db: NodeDatabase) -> list[int]:
+    """Queue again unfinished deliveries whose lease or retry time has passed without a
+    message to carry them (a worker died mid-send); return their ids."""
+    now = utcnow()
+    with db.session() as session:
+        waiting = set(session.scalars(select(OutboxMessage.target_id).where(
+            OutboxMessage.task == Task.DELIVER, OutboxMessage.published_at.is_(None))))
+        abandoned = [d for d in session.scalars(select(Delivery.id).where(
+            Delivery.status.in_(UNFINISHED),
+            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now)))
+            if d not in waiting]
+        for delivery_id in abandoned:
+            queue_message(session, Task.DELIVER, delivery_id)
+    return abandoned
+
+
+def resend_job(db: NodeDatabase, audit: AuditTrail, job_id: int, *, actor: str) -> list[Delivery]:
+    """Make every delivery of a job pending again, dead-lettered and delivered ones included,
+    with one message per destination, and audit each as ``actor``; return the deliveries.
+
+    Raises :class:`NoSuchJobError` for an unknown id, :class:`StateChangeError` when the job
+    has no deliveries.
+    """
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise NoSuchJobError(f"no job {job_id}")
+        deliveries = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)
+                                          .order_by(Delivery.id)))
+        if not deliveries:
+            raise StateChangeError(f"job {job_id} has no deliveries")
+        leads: dict[str, int] = {}  # one message per destination sends all of its results
+        for delivery in deliveries:
+            _make_pending(delivery)
+            leads.setdefault(delivery.destination, delivery.id)
+        for lead in leads.values():
+            queue_message(session, Task.DELIVER, lead)
+    logger.info("%d deliveries of job %d queued again by %s", len(deliveries), job_id, actor)
+    for delivery in deliveries:
+        audit.record(AuditEvent.RESULT_RESENT, actor=actor, job_id=job_id,
+                     study_uid=job.study_instance_uid, sop_uid=delivery.sop_instance_uid,
+                     detail=f"{delivery.kind} to {delivery.destination} {RESENT}")
+    return deliveries
+
+
+# What the administrator looks at
+
+def list_jobs(db: NodeDatabase, *, statuses: Iterable[JobStatus] = (), dead_lettered: bool = False,
+              limit: int = 50) -> list[tuple[Job, list[Delivery]]]:
+    """Return the newest jobs with their deliveries: all, or those in ``statuses`` and, with
+    ``dead_lettered``, those with a dead-lettered delivery."""
+    statuses = list(statuses)
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if dead_lettered:
+        dead = select(Delivery.job_id).where(Delivery.status == DeliveryStatus.DEAD)
+        query = query.where(Job.id.in_(dead) | Job.status.in_(statuses))
+    elif statuses:
+        query = query.where(Job.status.in_(statuses))
+    with db.session() as session:
+        return [(job, list(session.scalars(select(Delivery).where(Delivery.job_id == job.id)
+                                           .order_by(Delivery.id))))
+                for job in session.scalars(query)]
+
+
+def job_details(db: NodeDatabase, job_id: int) -> tuple[Job, list[Instance], list[Delivery]]:
+    """Return a job, its instances and its deliveries; raises :class:`NoSuchJobError`."""
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise NoSuchJobError(f"no job {job_id}")
+        instances = list(session.scalars(select(Instance).where(Instance.job_id == job_id)
+                                         .order_by(Instance.id)))
+        deliveries = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)
+                                          .order_by(Delivery.id)))
+    return job, instances, deliveries
