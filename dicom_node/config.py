@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote_plus
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator,
+    BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -25,6 +26,7 @@ from pydantic_settings import (
 )
 
 from dicom_node.errors import ConfigError
+from dicom_node.senders.base import installed_kinds
 from dicom_node.tls_subject import parse_subject
 
 ENV_PREFIX = "DICOM_NODE_"
@@ -126,19 +128,37 @@ class ScpSettings(Section):
         return min(self.state_wait_s, min(self.network_timeout_s, self.dimse_timeout_s) / 2)
 
 
-class Destination(Section):
-    """A peer the results are sent to, and which of them."""
+class DestinationBase(Section):
+    """What every kind of destination has: its name, and which results it takes."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    outputs: list[Literal["sc", "seg", "sr", "not-analysed"]] = Field(
+        default_factory=lambda: ["sc", "seg", "sr", "not-analysed"])
+
+
+class DimseDestination(DestinationBase):
+    """A DICOM peer the results are sent to with C-STORE."""
+
+    type: Literal["dimse"] = "dimse"
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
     calling_ae: str | None = Field(None, description="default: scp.ae_title")
     tls: TlsSettings | None = None
-    outputs: list[Literal["sc", "seg", "sr", "not-analysed"]] = Field(
-        default_factory=lambda: ["sc", "seg", "sr", "not-analysed"])
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+
+def _dimse_by_default(value: Any) -> Any:
+    """Return a destination's settings with ``type: dimse`` where they name no type."""
+    if isinstance(value, dict) and "type" not in value:
+        return {**value, "type": "dimse"}
+    return value
+
+
+#: A destination, of the kind its ``type`` names (``dimse`` where absent); each kind is
+#: sent by the sender installed under that name (see :mod:`dicom_node.senders`).
+Destination = Annotated[DimseDestination, Field(discriminator="type"), BeforeValidator(_dimse_by_default)]
 
 
 class DeliverySettings(Section):
@@ -265,6 +285,17 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(
                 f"{RISKY_SETTINGS[risk]}: confirm it by adding '{risk}' to acknowledged_risks"
                 for risk in taken))
+        return self
+
+    @model_validator(mode="after")
+    def _senders_installed(self) -> Settings:
+        installed = installed_kinds()
+        missing = [d for d in self.destinations if d.type not in installed]
+        if missing:
+            raise ValueError("; ".join(
+                f"destination '{d.name}' is of type '{d.type}', for which no sender is installed "
+                f"(installed: {', '.join(sorted(installed)) or 'none'}); install the package that "
+                f"provides it" for d in missing))
         return self
 
     def risks_taken(self) -> list[str]:

@@ -7,8 +7,9 @@ destination goes with it.
 Transient failures (out of resources, association refused or aborted, timeouts)
 are retried with exponential back-off and jitter until ``max_age_s``; other
 failures ``max_failures`` times; then the delivery is dead-lettered. An object the
-destination accepts in none of the transfer syntaxes offered (see :mod:`dicom_node.scu`)
-is dead-lettered at once: no retry changes that. A retry is
+destination does not accept (for DICOM: in none of the transfer syntaxes offered, see
+:mod:`dicom_node.scu`) is dead-lettered at once: no retry changes that. The destination's
+sender (see :mod:`dicom_node.senders`) says which of these each object met. A retry is
 an outbox message due at its time, so it survives broker and node restarts.
 A delivery is claimed with a lease before it is sent, so a message delivered
 twice never sends an object twice at once, and a finished one is left alone.
@@ -19,15 +20,16 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from dicom_node.audit import AuditTrail
-from dicom_node.config import DeliverySettings, Destination, Settings
+from dicom_node.audit.failures import failure_text, traceback_text
+from dicom_node.config import DeliverySettings, Settings
 from dicom_node.db import Delivery, DeliveryStatus, NodeDatabase, utcnow
 from dicom_node.metrics import DELIVERIES, STAGE_SECONDS
-from dicom_node.scu import Disposition, Peer, StoreOutcome, store_files
+from dicom_node.senders.base import Disposition, Sender, SendObject, SendOutcome, build_sender
 from dicom_node.workflow import (
     Step, claim_deliveries, next_step, queue_retries, record_attempt, requeue_abandoned_deliveries,
 )
@@ -38,22 +40,23 @@ logger = logging.getLogger(__name__)
 class Deliverer:
     """Sends deliveries and records what became of them."""
 
-    def __init__(self, db: NodeDatabase, audit: AuditTrail, destinations: Iterable[Destination],
-                 policy: DeliverySettings, *, calling_ae: str, worker: str,
+    def __init__(self, db: NodeDatabase, audit: AuditTrail, senders: Mapping[str, Sender],
+                 policy: DeliverySettings, *, worker: str,
                  jitter: Callable[[], float] = random.random) -> None:
         self.db = db
         self.audit = audit
-        self.destinations = {d.name: d for d in destinations}
+        self.senders = dict(senders)
         self.policy = policy
-        self.calling_ae = calling_ae
         self.worker = worker
         self.jitter = jitter
 
     @classmethod
     def from_settings(cls, settings: Settings, db: NodeDatabase, audit: AuditTrail, *,
                       worker: str) -> Deliverer:
-        return cls(db, audit, settings.destinations, settings.delivery,
-                   calling_ae=settings.scp.ae_title, worker=worker)
+        """Return a deliverer with the sender of each configured destination; raises
+        :class:`ConfigError` when a destination's type has no installed sender."""
+        senders = {d.name: build_sender(d, settings) for d in settings.destinations}
+        return cls(db, audit, senders, settings.delivery, worker=worker)
 
     def _lease(self) -> timedelta:
         return timedelta(seconds=2 * self.policy.timeout_s + 30)
@@ -66,35 +69,31 @@ class Deliverer:
             logger.info("Delivery %d is finished, not due or being sent: nothing to do",
                         delivery_id)
             return None
-        destination = self.destinations.get(group[0].destination)
-        peer = (Peer(destination.ae_title, destination.host, destination.port, destination.tls)
-                if destination else None)
-        outcomes = {d.id: self._unsendable(d, peer) for d in group}
+        sender = self.senders.get(group[0].destination)
+        outcomes = {d.id: self._unsendable(d, sender) for d in group}
         sendable = [d for d in group if outcomes[d.id] is None]
-        if sendable:
+        if sender is not None and sendable:
             with STAGE_SECONDS.labels("deliver").time():
-                sent = store_files([Path(d.path) for d in sendable], peer,
-                                   calling_ae=destination.calling_ae or self.calling_ae,
-                                   timeout_s=self.policy.timeout_s)
+                sent = _send(sender, [SendObject(Path(d.path), d.sop_instance_uid, d.kind)
+                                      for d in sendable])
             outcomes.update((d.id, outcome) for d, outcome in zip(sendable, sent, strict=True))
         now, jitter = utcnow(), self.jitter()
-        steps = {d.id: self._record(d, outcomes[d.id], peer, now, jitter) for d in group}
+        steps = {d.id: self._record(d, outcomes[d.id], sender, now, jitter) for d in group}
         queue_retries(self.db, steps)
         return steps[delivery_id][0] if delivery_id in steps else None
 
     @staticmethod
-    def _unsendable(delivery: Delivery, peer: Peer | None) -> StoreOutcome | None:
-        reason = ("destination no longer configured" if peer is None
+    def _unsendable(delivery: Delivery, sender: Sender | None) -> SendOutcome | None:
+        reason = ("destination no longer configured" if sender is None
                   else "result file missing (purged?)" if not Path(delivery.path).exists()
                   else None)
-        return (StoreOutcome(Path(delivery.path), delivery.sop_instance_uid, None,
-                             Disposition.GIVE_UP, reason) if reason else None)
+        return SendOutcome(Disposition.GIVE_UP, None, reason) if reason else None
 
-    def _record(self, delivery: Delivery, outcome: StoreOutcome, peer: Peer | None,
+    def _record(self, delivery: Delivery, outcome: SendOutcome, sender: Sender | None,
                 now: datetime, jitter: float) -> Step:
         step = next_step(self.policy, delivery, outcome.disposition, now, jitter)
         record_attempt(self.db, self.audit, delivery, outcome, step, actor=self.worker,
-                       remote=str(peer) if peer else None, now=now)
+                       remote=sender.remote if sender else None, now=now)
         DELIVERIES.labels(step[0].value).inc()
         return step
 
@@ -102,3 +101,17 @@ class Deliverer:
         """Queue again the deliveries a dead worker left (see
         :func:`~dicom_node.workflow.requeue_abandoned_deliveries`); return their ids."""
         return requeue_abandoned_deliveries(self.db)
+
+
+def _send(sender: Sender, objects: list[SendObject]) -> list[SendOutcome]:
+    """Return the sender's outcome for each object; when it raises, or answers for other
+    objects than it was given, a failure for each, with a fixed detail."""
+    try:
+        outcomes = sender.send(objects)
+        if len(outcomes) != len(objects):
+            raise RuntimeError(f"{len(outcomes)} outcomes for {len(objects)} objects")
+    except Exception as exc:  # a sender's fault fails its objects, never the delivery task
+        logger.error("The sender to %s failed:\n%s", sender.remote, traceback_text(exc))
+        detail = f"sender failed: {failure_text(exc, 'message withheld')}"
+        return [SendOutcome(Disposition.GIVE_UP, None, detail) for _ in objects]
+    return outcomes

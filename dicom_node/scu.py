@@ -15,7 +15,6 @@ later either: :attr:`Disposition.NOT_ACCEPTED`.
 
 from __future__ import annotations
 
-import enum
 import logging
 import re
 import ssl
@@ -32,6 +31,7 @@ from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from dicom_node.config import TlsSettings
 from dicom_node.errors import PeerError
+from dicom_node.senders.base import Disposition
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +61,6 @@ class Peer:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
-
-
-class Disposition(enum.StrEnum):
-    DELIVERED = "delivered"
-    RETRY = "retry"
-    GIVE_UP = "give-up"
-    #: The peer accepts the object's SOP class in none of the transfer syntaxes offered.
-    NOT_ACCEPTED = "not-accepted"
 
 
 def classify(status: int | None) -> Disposition:
