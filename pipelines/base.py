@@ -34,7 +34,7 @@ def pixel_spacing(dataset: Dataset) -> tuple[float, float] | None:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class GateVerdict:
     """The quality gate's answer for one data set: accepted, or skipped with a reason.
 
     ``caveats`` are short phrases an accepted image's results must show (``age unknown``).
@@ -45,11 +45,11 @@ class Verdict:
     caveats: tuple[str, ...] = ()
 
     @classmethod
-    def accept(cls, caveats: tuple[str, ...] = ()) -> Verdict:
+    def accept(cls, caveats: tuple[str, ...] = ()) -> GateVerdict:
         return cls(True, "", tuple(caveats))
 
     @classmethod
-    def skip(cls, reason: str) -> Verdict:
+    def skip(cls, reason: str) -> GateVerdict:
         return cls(False, reason)
 
 
@@ -98,7 +98,7 @@ class ImageResult:
     sop_instance_uid: str
     lung_mask: np.ndarray
     findings: list[Finding] = field(default_factory=list)
-    verdict: Verdict = field(default_factory=Verdict.accept)
+    verdict: GateVerdict = field(default_factory=GateVerdict.accept)
 
     @property
     def flagged(self) -> list[Finding]:
@@ -114,7 +114,7 @@ class Pipeline(Protocol):
     model_versions: str
     """Each model's identity (name, architecture, weights digest), ``; ``-separated."""
 
-    def accepts(self, dataset: Dataset) -> Verdict:
+    def accepts(self, dataset: Dataset) -> GateVerdict:
         """Return whether ``dataset``'s attributes allow analysing it, and why not (the tag gate)."""
         ...
 

@@ -21,7 +21,7 @@ from pydicom.data import get_testdata_file
 
 from dicom_node.writers import AI_DISCLAIMER, OutputKind, write_not_analysed, write_results
 from dicom_node.writers.common import PATIENT_STUDY_TYPE2, series_description
-from pipelines.base import Verdict, pixel_spacing
+from pipelines.base import GateVerdict, pixel_spacing
 from dicom_node.writers.render import viewing_contrast
 from dicom_node.writers.sc import _shown_heat
 from pipelines.chest_xray.overlay import render_overlay
@@ -333,7 +333,7 @@ def test_any_content_input_changed_gives_new_uids_for_every_object_it_changes(fl
      "experimental"),
     (lambda c: (replace(c.result, findings=[replace(c.result.findings[0], region=np.zeros((4, 4), bool))]),
                 c.display), "region has shape"),
-    (lambda c: (replace(c.result, findings=[], verdict=Verdict.skip("image content: no lungs found")), c.display),
+    (lambda c: (replace(c.result, findings=[], verdict=GateVerdict.skip("image content: no lungs found")), c.display),
      "skipped .*no result objects"),
 ])
 def test_bad_arguments_are_rejected(flagged: Case, change, message: str) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.base import Verdict
+from pipelines.base import GateVerdict
 from pipelines.chest_xray.models import load_network
 from pipelines.chest_xray.preprocess import network_image
 from pipelines.errors import WeightsError
@@ -78,19 +78,19 @@ class ContentCheck:
         batch = content_batch(displays, self.size).to(self.device)
         return torch.sigmoid(self.network(batch)[:, 0]).float().cpu().numpy()
 
-    def verdicts(self, displays: Sequence[np.ndarray], lung_masks: Sequence[np.ndarray]) -> list[Verdict]:
+    def verdicts(self, displays: Sequence[np.ndarray], lung_masks: Sequence[np.ndarray]) -> list[GateVerdict]:
         """Return the content verdict of each display image with its lung mask (see the module docstring)."""
         scores = self.scores(displays)
         verdicts = []
         for display, mask, score in zip(displays, lung_masks, scores, strict=True):
             if (blank := blank_reason(display)) is not None:
-                verdicts.append(Verdict.skip(f"image content: {blank}"))
+                verdicts.append(GateVerdict.skip(f"image content: {blank}"))
             elif not mask.any():
-                verdicts.append(Verdict.skip("image content: no lungs found"))
+                verdicts.append(GateVerdict.skip("image content: no lungs found"))
             elif score < self.threshold:
-                verdicts.append(Verdict.skip(
+                verdicts.append(GateVerdict.skip(
                     f"image content: does not look like a frontal chest radiograph "
                     f"(view check {score:.2f}, needs {self.threshold:.2f})"))
             else:
-                verdicts.append(Verdict.accept())
+                verdicts.append(GateVerdict.accept())
         return verdicts

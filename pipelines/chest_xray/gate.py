@@ -17,7 +17,7 @@ from enum import StrEnum
 
 from pydicom import Dataset
 
-from pipelines.base import Verdict
+from pipelines.base import GateVerdict
 
 PROJECTION_MODALITIES = {"CR", "DX"}
 FRONTAL_VIEWS = {"PA", "AP"}
@@ -172,7 +172,7 @@ def _size_reason(dataset: Dataset, max_megapixels: float) -> str | None:
 
 def check_chest_radiograph(dataset: Dataset, *, min_age_years: float = 18.0,
                            unknown_age: UnknownAge | str = UnknownAge.ANALYSE,
-                           max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> Verdict:
+                           max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> GateVerdict:
     """Return the tag verdict for ``dataset``: a single-frame grayscale frontal (PA/AP) chest CR/DX
     of a patient of at least ``min_age_years``, of at most ``max_megapixels`` (Rows x Columns x
     frames, in millions: larger images are skipped before anything decodes them).
@@ -183,11 +183,11 @@ def check_chest_radiograph(dataset: Dataset, *, min_age_years: float = 18.0,
     """
     modality = _text(dataset, "Modality").upper()
     if modality not in PROJECTION_MODALITIES:
-        return Verdict.skip(f"modality {modality or 'missing'} is not CR or DX")
+        return GateVerdict.skip(f"modality {modality or 'missing'} is not CR or DX")
     if "PixelData" not in dataset and "FloatPixelData" not in dataset:
-        return Verdict.skip("no pixel data")
+        return GateVerdict.skip("no pixel data")
     if reason := _size_reason(dataset, max_megapixels):
-        return Verdict.skip(reason)
+        return GateVerdict.skip(reason)
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     photometric = _text(dataset, "PhotometricInterpretation").upper()
     reason = _first([
@@ -197,12 +197,12 @@ def check_chest_radiograph(dataset: Dataset, *, min_age_years: float = 18.0,
         None if photometric in GRAYSCALE else f"photometric interpretation {photometric or 'missing'} is not grayscale",
     ])
     if reason:
-        return Verdict.skip(reason)
+        return GateVerdict.skip(reason)
     age = patient_age_years(dataset)
     if age is not None and age < min_age_years:
-        return Verdict.skip(f"patient younger than {min_age_years:g} years (by PatientAge or PatientBirthDate)")
+        return GateVerdict.skip(f"patient younger than {min_age_years:g} years (by PatientAge or PatientBirthDate)")
     if age is None:
         if UnknownAge(unknown_age) is UnknownAge.SKIP:
-            return Verdict.skip("patient age unknown (no valid PatientAge or PatientBirthDate) and gate.unknown_age is skip")
-        return Verdict.accept(caveats=(AGE_UNKNOWN,))
-    return Verdict.accept()
+            return GateVerdict.skip("patient age unknown (no valid PatientAge or PatientBirthDate) and gate.unknown_age is skip")
+        return GateVerdict.accept(caveats=(AGE_UNKNOWN,))
+    return GateVerdict.accept()

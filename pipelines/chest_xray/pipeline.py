@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from pydicom import Dataset
 
-from pipelines.base import Finding, ImageInput, ImageResult, Verdict
+from pipelines.base import Finding, GateVerdict, ImageInput, ImageResult
 from pipelines.chest_xray.classification import FindingClassifier
 from pipelines.chest_xray.content import ContentCheck
 from pipelines.chest_xray.gate import DEFAULT_MAX_MEGAPIXELS, UnknownAge, check_chest_radiograph
@@ -100,7 +100,7 @@ class ChestXrayPipeline:
                    model_versions=models, min_age_years=min_age_years, unknown_age=unknown_age,
                    max_megapixels=max_megapixels)
 
-    def accepts(self, dataset: Dataset) -> Verdict:
+    def accepts(self, dataset: Dataset) -> GateVerdict:
         """Return the tag gate's verdict for ``dataset`` (frontal adult chest CR/DX within the pixel budget)."""
         return check_chest_radiograph(dataset, min_age_years=self.min_age_years, unknown_age=self.unknown_age,
                                       max_megapixels=self.max_megapixels)

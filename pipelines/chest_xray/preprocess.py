@@ -23,7 +23,7 @@ from pydicom import Dataset
 from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
-from pipelines.base import ImageInput, Verdict, pixel_spacing
+from pipelines.base import GateVerdict, ImageInput, pixel_spacing
 from pipelines.errors import InputError, SkippedByGate, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def load_image_file(path: Path) -> ImageInput:
     return ImageInput(sop_instance_uid=path.stem, pixels=pixels, display=display)
 
 
-def load_path(path: Path, gate: Callable[[Dataset], Verdict] | None = None) -> tuple[ImageInput, Verdict]:
+def load_path(path: Path, gate: Callable[[Dataset], GateVerdict] | None = None) -> tuple[ImageInput, GateVerdict]:
     """Return the :class:`ImageInput` of a DICOM, PNG or JPEG file (chosen by content/suffix) and
     the verdict of ``gate`` on a DICOM file (accepted when there is no gate, or for PNG/JPEG).
 
@@ -86,12 +86,12 @@ def load_path(path: Path, gate: Callable[[Dataset], Verdict] | None = None) -> t
     file is neither kind.
     """
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return load_image_file(path), Verdict.accept()
+        return load_image_file(path), GateVerdict.accept()
     try:
         dataset = pydicom.dcmread(path)
     except Exception as exc:
         raise InputError(f"{path.name} is neither a PNG/JPEG nor a readable DICOM file: {exc}") from exc
-    verdict = gate(dataset) if gate is not None else Verdict.accept()
+    verdict = gate(dataset) if gate is not None else GateVerdict.accept()
     if not verdict.accepted:
         raise SkippedByGate(verdict.reason)
     return load_dataset(dataset), verdict
