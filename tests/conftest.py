@@ -27,7 +27,7 @@ from dicom_node.config import load_settings
 from dicom_node.db import Delivery, Job, NodeDatabase
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
-from pipelines.chest_xray.datasets import hash_split
+from training.chest_xray.datasets import hash_split
 
 DCMTK_DIRS = ("/usr/bin", "/usr/local/bin")
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"

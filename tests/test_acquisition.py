@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.chest_xray.acquisition import CLASSIFIER_KINDS, KINDS, RandAcquisitiond
-from pipelines.chest_xray.metrics import worst_source_threshold, youden_threshold
+from training.chest_xray.acquisition import CLASSIFIER_KINDS, KINDS, RandAcquisitiond
+from training.chest_xray.metrics import worst_source_threshold, youden_threshold
 
 
 def _chest_like() -> np.ndarray:

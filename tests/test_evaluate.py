@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from pipelines.chest_xray.datasets import HELD_OUT, SPLITS, hash_split, masked_samples
-from pipelines.chest_xray.evaluate import main
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
+from training.chest_xray.datasets import HELD_OUT, SPLITS, hash_split, masked_samples
+from training.chest_xray.evaluate import main
 
 from tests.conftest import stems_in_split
 from tests.test_pipeline import MANIFEST

@@ -14,11 +14,11 @@ import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from pipelines.chest_xray import train_content
-from pipelines.chest_xray.datasets import hash_split
-from pipelines.chest_xray.evaluate import main as evaluate
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
 from pipelines.chest_xray.preprocess import load_dataset
+from training.chest_xray import train_content
+from training.chest_xray.datasets import hash_split
+from training.chest_xray.evaluate import main as evaluate
 from tests.conftest import stems_in_split
 from tests.test_pipeline import MANIFEST
 

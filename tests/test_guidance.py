@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from monai.networks.nets import DenseNet
 
 from pipelines.chest_xray.gradcam import LungGradCAM
-from pipelines.chest_xray.guidance import GUIDED_LAYER, ActivationMap, pointing_loss
 from pipelines.chest_xray.preprocess import InputSpec
-from pipelines.chest_xray.train import _guide_batches
+from training.chest_xray.guidance import GUIDED_LAYER, ActivationMap, pointing_loss
+from training.chest_xray.train import _guide_batches
 
 
 def _network() -> DenseNet:

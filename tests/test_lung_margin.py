@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.chest_xray.lung_margin import RandLungMargind
+from training.chest_xray.lung_margin import RandLungMargind
 
 
 def _box_and_keep() -> tuple[np.ndarray, np.ndarray]:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.chest_xray.datasets import masked_samples
-from pipelines.chest_xray.mask_folder import assemble, main
 from pipelines.errors import InputError
+from training.chest_xray.datasets import masked_samples
+from training.chest_xray.mask_folder import assemble, main
 
 
 def _grey(path: Path, size: tuple[int, int], value: int = 128) -> None:

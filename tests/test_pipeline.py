@@ -16,9 +16,9 @@ from skimage.measure import label
 
 from pipelines.base import ImageInput, ImageResult, Pipeline
 from pipelines.chest_xray.gradcam import peak
-from pipelines.chest_xray.metrics import dice
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
 from pipelines.errors import WeightsError
+from training.chest_xray.metrics import dice
 
 MANIFEST = Path(os.environ.get("TEST_WEIGHTS_MANIFEST", Path(__file__).resolve().parents[1] / "weights" / "manifest.yaml"))
 

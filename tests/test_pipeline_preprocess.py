@@ -12,8 +12,6 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from pipelines.chest_xray.datasets import hash_split
-from pipelines.chest_xray.metrics import binary_metrics, dice, with_ci
 from pipelines.chest_xray.preprocess import (
     InputSpec,
     classifier_input,
@@ -25,6 +23,8 @@ from pipelines.chest_xray.preprocess import (
     smoothed,
 )
 from pipelines.errors import InputError, WeightsError
+from training.chest_xray.datasets import hash_split
+from training.chest_xray.metrics import binary_metrics, dice, with_ci
 
 RAMP = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (64, 1))  # 64 × 64, 0..4032
 

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 
-from pipelines.chest_xray.datasets import hash_split
-from pipelines.chest_xray.metrics import worst_source_threshold
 from pipelines.chest_xray.models import load_network, read_manifest, write_manifest
 from pipelines.chest_xray.preprocess import InputSpec, smoothed
-from pipelines.chest_xray.train import (
+from training.chest_xray.datasets import hash_split
+from training.chest_xray.metrics import worst_source_threshold
+from training.chest_xray.train import (
     BALANCED_SAMPLING,
     HEADS,
     IGNORED,

@@ -67,7 +67,7 @@ def transformed(group: str, images: Iterable[tuple[str, np.ndarray]], names: Ite
 def anatomy_images() -> list[tuple[str, np.ndarray]]:
     """Return (file name, display) of :data:`ANATOMY_FILES`, colour ones as luminance.
 
-    Raises :class:`InputError` when pydicom-data (the ``dev`` extra) is not installed.
+    Raises :class:`InputError` when pydicom-data (the ``train`` extra) is not installed.
     """
     try:
         from pydicom import dcmread
@@ -78,7 +78,7 @@ def anatomy_images() -> list[tuple[str, np.ndarray]]:
     for name in ANATOMY_FILES:
         path = get_testdata_file(name)
         if path is None:
-            raise InputError(f"{name} not found: install pydicom-data (pip install -e '.[dev]')")
+            raise InputError(f"{name} not found: install pydicom-data (pip install -e '.[train]')")
         dataset = dcmread(path)
         try:
             images.append((name, load_dataset(dataset).display))

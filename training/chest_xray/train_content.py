@@ -1,6 +1,6 @@
 """Train the gate's view / body-part network and record it as ``content_check`` in the manifest.
 
-    python -m pipelines.chest_xray.train_content --data-dir ../shared/data --out weights/
+    python -m training.chest_xray.train_content --data-dir ../shared/data --out weights/
 
 Positives: the frontal chest images of the train split of every chest set. Negatives,
 made for each run from the same split and nothing of the evaluation corpus:
@@ -35,11 +35,11 @@ from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from pipelines.chest_xray import datasets, gate_corpus
 from pipelines.chest_xray.models import build_network, save_weights
 from pipelines.chest_xray.preprocess import load_image_file, network_image, window
-from pipelines.chest_xray.train import augmentations, cached, pick_device, update_manifest
 from pipelines.errors import InputError, WeightsError
+from training.chest_xray import datasets, gate_corpus
+from training.chest_xray.train import augmentations, cached, pick_device, update_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def train_content(data_dir: Path, out: Path, cache_dir: Path, epochs: int, batch
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line, train the view / body-part network, record it in the manifest."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.chest_xray.train_content", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m training.chest_xray.train_content", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("weights"))

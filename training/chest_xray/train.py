@@ -1,7 +1,7 @@
 """Train the chest X-ray models and record them in the weights manifest.
 
-    python -m pipelines.chest_xray.train lung --data-dir ../shared/data --out weights/
-    python -m pipelines.chest_xray.train classifier --data-dir ../shared/data --out weights/
+    python -m training.chest_xray.train lung --data-dir ../shared/data --out weights/
+    python -m training.chest_xray.train classifier --data-dir ../shared/data --out weights/
 
 Seeded; uses CUDA when present, else CPU. Decoded, resized images are cached as
 numpy arrays under ``--cache-dir`` (git-ignored) so that epochs are cheap.
@@ -38,18 +38,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
-from pipelines.chest_xray import datasets
-from pipelines.chest_xray.acquisition import (
-    CLASSIFIER_DESCRIPTION,
-    CLASSIFIER_KINDS,
-    DESCRIPTION as ACQUISITION_AUGMENTATION,
-    RandAcquisitiond,
-)
-from pipelines.chest_xray.datasets import Sample
 from pipelines.chest_xray.gradcam import GRADCAM_LAYER
-from pipelines.chest_xray.guidance import GUIDED_LAYER, ActivationMap, pointing_loss
-from pipelines.chest_xray.lung_margin import RandLungMargind, margin_text
-from pipelines.chest_xray.metrics import binary_metrics, dice, worst_source_threshold, youden_threshold
 from pipelines.chest_xray.models import build_network, load_network, read_manifest, save_weights, write_manifest
 from pipelines.chest_xray.preprocess import (
     REGIONS,
@@ -62,6 +51,17 @@ from pipelines.chest_xray.preprocess import (
 )
 from pipelines.chest_xray.segmentation import LungSegmenter
 from pipelines.errors import InputError, WeightsError
+from training.chest_xray import datasets
+from training.chest_xray.acquisition import (
+    CLASSIFIER_DESCRIPTION,
+    CLASSIFIER_KINDS,
+    DESCRIPTION as ACQUISITION_AUGMENTATION,
+    RandAcquisitiond,
+)
+from training.chest_xray.datasets import Sample
+from training.chest_xray.guidance import GUIDED_LAYER, ActivationMap, pointing_loss
+from training.chest_xray.lung_margin import RandLungMargind, margin_text
+from training.chest_xray.metrics import binary_metrics, dice, worst_source_threshold, youden_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def augmentations(
 ) -> Compose:
     """Return the geometric and acquisition-like intensity augmentations used in training; with
     ``flip``, images are also flipped left-right half of the time; ``acquisition``
-    (:mod:`pipelines.chest_xray.acquisition`) changes the image first; ``scale`` is the affine's
+    (:mod:`training.chest_xray.acquisition`) changes the image first; ``scale`` is the affine's
     scale range (± that share, zoomed out over a black surround).
     """
     image = keys[0]
@@ -360,7 +360,7 @@ class Head:
     epochs: int
     reference: bool = False
     gradcam_layer: str = GRADCAM_LAYER
-    guided: bool = False  # trained with opacity guidance (pipelines.chest_xray.guidance)
+    guided: bool = False  # trained with opacity guidance (training.chest_xray.guidance)
 
 
 HEADS = {
@@ -401,7 +401,7 @@ def classifier_arrays(
 ) -> dict[str, np.ndarray]:
     """Return uint8 inputs for each spec (key ``region-size``), labels and splits of ``samples``; a
     ``lung`` spec also gets its lung box unmasked (``…-crop``) and the mask it keeps (``…-keep``), for
-    :class:`~pipelines.chest_xray.lung_margin.RandLungMargind`.
+    :class:`~training.chest_xray.lung_margin.RandLungMargind`.
     """
     keys = [_spec_key(s) for s in specs]
     keys += [f"{_spec_key(s)}-{part}" for s in specs if s.region == "lung" for part in ("crop", "keep")]
@@ -572,14 +572,14 @@ def train_classifier(
     ``workers`` loader processes augment in parallel; with ``max_minutes`` training stops
     after the first epoch that ends past that time (the best epoch so far is kept). With
     ``guide`` (:func:`opacity_arrays`), every batch also carries :data:`GUIDE_BATCH` images of
-    its train split, whose :func:`~pipelines.chest_xray.guidance.pointing_loss` is added.
+    its train split, whose :func:`~training.chest_xray.guidance.pointing_loss` is added.
     With ``average``, the learning rate stays constant and the weights kept are the mean of
     those at the end of every epoch (stochastic weight averaging), with batch-norm statistics
     recomputed on the training split; otherwise the best validation epoch is kept. With
     ``balance_sources``, each epoch draws its images with replacement by
     :func:`source_balanced_weights` instead of shuffling them once each. With ``margin`` (px, ``lung``
     inputs only), each training image's lung mask edge moves by up to that much before masking
-    (:class:`~pipelines.chest_xray.lung_margin.RandLungMargind`).
+    (:class:`~training.chest_xray.lung_margin.RandLungMargind`).
     """
     device = pick_device()
     images = cached_inputs(arrays[_spec_key(head.spec)], head.spec)
@@ -843,7 +843,7 @@ def _sigma(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and train the chosen model(s)."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.chest_xray.train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m training.chest_xray.train", description=__doc__)
     parser.add_argument("model", choices=["lung", "classifier"])
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("weights"))

@@ -1,6 +1,6 @@
 """Assemble an ``evaluate lung`` folder from a set's images and another team's lung masks of them.
 
-    python -m pipelines.chest_xray.mask_folder --set DIR --masks DIR --out DIR
+    python -m training.chest_xray.mask_folder --set DIR --masks DIR --out DIR
 
 ``DIR/images.csv`` maps each image's stem (column ``image``) to the file name it had at its source
 (``original_filename``). A mask in ``--masks`` whose stem is that source name becomes
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipelines.chest_xray.datasets import image_files
 from pipelines.errors import InputError
+from training.chest_xray.datasets import image_files
 
 ASPECT_TOLERANCE = 0.01
 
@@ -87,7 +87,7 @@ def assemble(set_dir: Path, masks_dir: Path, out: Path) -> Assembled:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line, assemble the folder and print what was kept and left out as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.chest_xray.mask_folder", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m training.chest_xray.mask_folder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", dest="set_dir", type=Path, required=True,
                         help="a set with images/ and images.csv (image, original_filename)")

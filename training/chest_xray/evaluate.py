@@ -1,11 +1,11 @@
 """Score the chest X-ray models on a folder laid out like the sets in ``../shared/data``.
 
-    python -m pipelines.chest_xray.evaluate lung --data-dir DIR [--data-dir DIR ...] [--split test] [--json]
-    python -m pipelines.chest_xray.evaluate covid19 --data-dir DIR [--split test] [--negatives DIR] [--json]
-    python -m pipelines.chest_xray.evaluate pneumothorax --data-dir DIR [--split test] [--json]
-    python -m pipelines.chest_xray.evaluate localization --data-dir DIR [--split train] [--json]
-    python -m pipelines.chest_xray.evaluate gate --data-dir DATA [--split test] [--json]
-    python -m pipelines.chest_xray.evaluate sources --data-dir DATA [--json]
+    python -m training.chest_xray.evaluate lung --data-dir DIR [--data-dir DIR ...] [--split test] [--json]
+    python -m training.chest_xray.evaluate covid19 --data-dir DIR [--split test] [--negatives DIR] [--json]
+    python -m training.chest_xray.evaluate pneumothorax --data-dir DIR [--split test] [--json]
+    python -m training.chest_xray.evaluate localization --data-dir DIR [--split train] [--json]
+    python -m training.chest_xray.evaluate gate --data-dir DATA [--split test] [--json]
+    python -m training.chest_xray.evaluate sources --data-dir DATA [--json]
 
 Layouts: lung ``images/`` (PNG, JPEG or DICOM ``.dcm``) + ``masks-lung/``; covid19 ``COVID/`` + ``Normal/``;
 pneumothorax ``images/`` + ``labels.csv``; localization ``images/`` + ``masks-opacity/``;
@@ -36,16 +36,16 @@ from scipy import ndimage
 from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
-from pipelines.chest_xray import datasets, gate_corpus
 from pipelines.chest_xray.classification import FindingClassifier
-from pipelines.chest_xray.datasets import Sample
 from pipelines.chest_xray.gradcam import peak
-from pipelines.chest_xray.metrics import dice, mean_with_ci, proportion_with_ci, with_ci
 from pipelines.chest_xray.models import read_manifest
 from pipelines.chest_xray.overlay import render_overlay
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
 from pipelines.chest_xray.preprocess import IMAGE_SUFFIXES, load_dataset, load_path
 from pipelines.errors import InputError, WeightsError
+from training.chest_xray import datasets, gate_corpus
+from training.chest_xray.datasets import Sample
+from training.chest_xray.metrics import dice, mean_with_ci, proportion_with_ci, with_ci
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def _report(args: argparse.Namespace, pipeline: ChestXrayPipeline) -> dict[str, 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line, run one evaluation, print (or dump as JSON) its report."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.chest_xray.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m training.chest_xray.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["lung", "covid19", "pneumothorax", "localization", "gate", "sources"])
     parser.add_argument("--data-dir", type=Path, action="append", required=True)

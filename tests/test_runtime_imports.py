@@ -1,0 +1,92 @@
+"""What the runtime (dicom_node/ and pipelines/) imports, read from its source: no training code,
+no package of the train extra, every other package a declared runtime dependency, and no node
+code in the pipelines."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from functools import cache
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIME = ("dicom_node", "pipelines")
+FIRST_PARTY = {"dicom_node", "pipelines", "training"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Return the absolute module names a source file imports, at any depth (lazy imports too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def imports_of(*packages: str) -> dict[str, set[str]]:
+    """Return {file relative to the checkout: top-level modules it imports} for the packages' files."""
+    found = {}
+    for package in packages:
+        files = sorted((ROOT / package).rglob("*.py"))
+        assert files, f"no modules under {package}/"
+        for path in files:
+            found[str(path.relative_to(ROOT))] = {name.split(".")[0] for name in imported_modules(path)}
+    return found
+
+
+def distribution(requirement: str) -> str:
+    """Return the normalised distribution name of a PEP 508 requirement."""
+    return re.sub(r"[-_.]+", "-", re.split(r"[\s\[<>=!~;@]", requirement, maxsplit=1)[0]).lower()
+
+
+def declared() -> tuple[set[str], set[str]]:
+    """Return the distributions of the runtime dependencies and of the train extra."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    runtime = {distribution(r) for r in project["dependencies"]}
+    train = {distribution(r) for r in project["optional-dependencies"]["train"]}
+    return runtime, train
+
+
+@cache
+def providers() -> dict[str, list[str]]:
+    """Return {top-level module: installed distributions that provide it} (read once: it is slow)."""
+    return packages_distributions()
+
+
+def third_party(module: str) -> set[str]:
+    """Return the normalised distributions that provide a top-level module (empty if none)."""
+    return {distribution(d) for d in providers().get(module, [])}
+
+
+def test_runtime_imports_nothing_of_training() -> None:
+    runtime, train = declared()
+    train_only = train - runtime
+    assert {"scikit-image", "scikit-learn"} <= train_only
+    bad = {
+        file: sorted(m for m in modules if m == "training" or third_party(m) & train_only)
+        for file, modules in imports_of(*RUNTIME).items()
+    }
+    assert {file: mods for file, mods in bad.items() if mods} == {}
+
+
+def test_runtime_imports_only_declared_dependencies() -> None:
+    runtime, _ = declared()
+    undeclared = {}
+    for file, modules in imports_of(*RUNTIME).items():
+        missing = sorted(
+            m for m in modules - FIRST_PARTY - set(sys.stdlib_module_names) - {"__future__"}
+            if not third_party(m) & runtime
+        )
+        if missing:
+            undeclared[file] = missing
+    assert undeclared == {}
+
+
+def test_pipelines_import_nothing_of_the_node() -> None:
+    bad = {file: "dicom_node" for file, modules in imports_of("pipelines").items() if "dicom_node" in modules}
+    assert bad == {}
