@@ -23,9 +23,12 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from dicom_node import migrations
 
 
 def utcnow() -> datetime:
@@ -172,6 +175,9 @@ def queue_message(session: Session, task: Task, target_id: int, *,
     session.add(OutboxMessage(task=task, target_id=target_id, not_before=not_before))
 
 
+SCHEMA_LOCK_KEY = 0x6E6F6465  # "node"
+
+
 def make_engine(url: str, busy_timeout_s: float = 60.0) -> Engine:
     """Return an engine for ``url``; SQLite files get WAL, full sync, secure delete and a busy
     timeout, and a missing folder of theirs is made private (0700)."""
@@ -192,14 +198,43 @@ def make_engine(url: str, busy_timeout_s: float = 60.0) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+@contextmanager
+def schema_transaction(engine: Engine) -> Iterator[Connection]:
+    """Yield a connection in a transaction holding the node database's schema lock (``BEGIN
+    IMMEDIATE`` on SQLite, an advisory lock on PostgreSQL), committed when the block ends."""
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        elif engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        yield connection
+        connection.commit()
+
+
+def upgrade_schema(engine: Engine) -> migrations.SchemaState:
+    """Bring the node database to the newest schema revision; return where it stood
+    before. Raises :class:`SchemaVersionError` for a newer one."""
+    with schema_transaction(engine) as connection:
+        return migrations.upgrade(connection, migrations.NODE)
+
+
 class NodeDatabase:
-    """The node state database: schema creation and transactional sessions."""
+    """The node state database: its schema checked once, and transactional sessions."""
 
     def __init__(self, url: str, *, busy_timeout_s: float = 60.0) -> None:
-        """``busy_timeout_s``: how long a statement waits for an SQLite file another process locked."""
+        """``busy_timeout_s``: how long a statement waits for an SQLite file another process locked.
+
+        An empty database is created at the newest schema revision. Raises
+        :class:`SchemaVersionError` for one at another revision (``dicom-node db upgrade``).
+        """
         self.url = url
         self.engine = make_engine(url, busy_timeout_s)
-        Base.metadata.create_all(self.engine)
+        try:
+            with schema_transaction(self.engine) as connection:
+                migrations.prepare(connection, migrations.NODE)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -72,3 +72,7 @@ class NoSuchJobError(NodeError):
 
 class StateChangeError(NodeError):
     """A job's or delivery's state does not allow the change asked for."""
+
+
+class SchemaVersionError(NodeError):
+    """A database's schema is not the revision this code needs; the message says what to run."""

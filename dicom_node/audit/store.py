@@ -25,7 +25,6 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     select,
     text,
     update,
@@ -33,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.sql import Executable
 
+from dicom_node import migrations
 from dicom_node.audit.events import AuditEvent
 from dicom_node.db import UTCDateTime, make_engine
 
@@ -74,7 +74,9 @@ chain = Table(
     Column("head_hash", String(64), nullable=False),
     Column("anchor_id", Integer, nullable=False),
     Column("anchor_hash", String(64), nullable=False),
-    Column("head_mac", String(64)),  # NULL only in a store whose head_mac was removed
+    # NULL from the upgrade that adds it until the trail keys the head, and in a store whose
+    # head_mac was removed
+    Column("head_mac", String(64)),
 )
 
 GENESIS_HASH = "0" * 64
@@ -95,7 +97,7 @@ class ChainHead(NamedTuple):
 
 
 def make_audit_engine(url: str) -> Engine:
-    """Return an engine for the audit store at ``url`` (its schema: :func:`create_schema`).
+    """Return an engine for the audit store at ``url`` (its schema: :mod:`dicom_node.migrations`).
 
     SQLite files get WAL with ``synchronous=NORMAL``: a commit writes the WAL but does
     not fsync it, so a committed event survives a crash or kill of the node's process
@@ -130,17 +132,12 @@ def make_audit_engine(url: str) -> Engine:
     return engine
 
 
-def create_schema(connection: Connection) -> bool:
-    """Create the tables that are missing; add ``head_mac`` to a store made without it.
-
-    Returns whether the column was added (the caller keys the head, or finds that the
-    column was removed). Run it under the write lock: it is idempotent, not concurrent.
-    """
-    metadata.create_all(connection)
-    if "head_mac" in {column["name"] for column in inspect(connection).get_columns(chain.name)}:
-        return False
-    connection.execute(text(f"ALTER TABLE {chain.name} ADD COLUMN head_mac VARCHAR(64)"))
-    return True
+def upgrade_schema(engine: Engine) -> migrations.SchemaState:
+    """Bring the audit store to the newest schema revision under its write lock; return where
+    it stood before. A head the upgrade leaves unkeyed is keyed by the trail when it next
+    opens the store. Raises :class:`SchemaVersionError` for a store newer than this code."""
+    with writer_connection(engine) as connection:
+        return run_locked(connection, lambda locked: migrations.upgrade(locked, migrations.AUDIT))
 
 
 def read_head(connection: Connection) -> ChainHead | None:

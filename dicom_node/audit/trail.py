@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import Connection, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
+from dicom_node import migrations
 from dicom_node.audit import store
 from dicom_node.audit.events import AuditEvent, Outcome
 from dicom_node.audit.keys import KEY_FILE, AuditKeys, load_or_create_secret
@@ -73,7 +74,8 @@ class AuditTrail:
     def __init__(self, url: str, secret: bytes) -> None:
         """Open (creating when needed) the store at ``url``, keyed by ``secret``.
 
-        Raises :class:`AuditError` when the store cannot be opened or created.
+        Raises :class:`AuditError` when the store cannot be opened or created,
+        :class:`SchemaVersionError` when its schema is of another revision.
         """
         self._keys = AuditKeys(secret)
         self._thread_lock = threading.Lock()
@@ -213,21 +215,24 @@ class AuditTrail:
             anchor_id=anchor_id, anchor_hash=anchor_hash, head_mac=head_mac))
 
     def _open_chain(self, connection: Connection) -> None:
-        """Create the schema and the chain's first state; key the head of a store made
-        before heads were keyed (recording CHAIN_HEAD_KEYED), but not of one whose
-        ``head_mac`` was removed: that head stays unsigned, and verification fails."""
-        added = store.create_schema(connection)
+        """Check the schema (an empty store is created at the newest revision) and create the
+        chain's first state; key a head that the upgrade adding ``head_mac`` left unkeyed
+        (recording CHAIN_HEAD_KEYED), but not one whose ``head_mac`` was removed: that head
+        stays unsigned, and verification fails."""
+        migrations.prepare(connection, migrations.AUDIT)
         head = store.read_head(connection)
         if head is None:
             genesis = self._keys.genesis_hash()
             connection.execute(insert(store.chain).values(
                 id=1, head_id=0, head_hash=genesis, anchor_id=0, anchor_hash=genesis,
                 head_mac=self._keys.head_mac(0, genesis, 0, genesis)))
-        elif added and store.head_was_keyed(connection, head):
+        elif head.head_mac is not None:
+            return
+        elif store.head_was_keyed(connection, head):
             logger.error("the audit chain head's keyed hash (audit_chain.head_mac) was removed "
                          "from %s; the head stays unsigned and audit verify fails",
                          self._store_name)
-        elif added:
+        else:
             connection.execute(update(store.chain).values(head_mac=self._keys.head_mac(
                 head.head_id, head.head_hash, head.anchor_id, head.anchor_hash)))
             self.append(connection, Entry(AuditEvent.CHAIN_HEAD_KEYED, detail=KEYED_HEAD_DETAIL))

@@ -11,6 +11,7 @@ from dicom_node import __version__
 from dicom_node.cli.analyze import analyze
 from dicom_node.cli.audit import audit
 from dicom_node.cli.config import config
+from dicom_node.cli.db import db
 from dicom_node.cli.jobs import jobs
 from dicom_node.cli.network import echo, send
 from dicom_node.cli.serve import serve, worker
@@ -33,5 +34,5 @@ def main(ctx: click.Context, config: Path | None) -> None:
     ctx.call_on_close(lambda: os.umask(previous))
 
 
-for command in (serve, worker, status, jobs, echo, send, config, audit, analyze):
+for command in (serve, worker, status, jobs, echo, send, config, audit, analyze, db):
     main.add_command(command)
