@@ -34,7 +34,7 @@ from dicom_node.db import (
     queue_message, utcnow,
 )
 from dicom_node.errors import NoSuchJobError, StateChangeError
-from dicom_node.scu import Disposition
+from dicom_node.senders.base import Disposition
 from dicom_node.worker_identity import worker_is_gone
 
 logger = logging.getLogger(__name__)

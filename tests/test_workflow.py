@@ -20,7 +20,7 @@ from dicom_node.db import (
     OutboxMessage, Task, utcnow,
 )
 from dicom_node.errors import NoSuchJobError, StateChangeError
-from dicom_node.scu import Disposition
+from dicom_node.senders.base import Disposition
 from tests.audit_fixtures import Node, make_node
 
 STUDY = "1.2.826.0.1.3680043.8.498.3001"
