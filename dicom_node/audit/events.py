@@ -69,7 +69,7 @@ class AuditEvent(enum.StrEnum):
 _EVENT_IDS: dict[AuditEvent, DicomCode] = {
     AuditEvent.NODE_STARTED: APPLICATION_ACTIVITY,
     AuditEvent.NODE_STOPPED: APPLICATION_ACTIVITY,
-    AuditEvent.CONFIG_LOADED: SECURITY_ALERT,  # EventTypeCode 110129 Software Configuration
+    AuditEvent.CONFIG_LOADED: SECURITY_ALERT,  # EventTypeCode 110131 Software Configuration
     AuditEvent.ASSOCIATION_ACCEPTED: USER_AUTHENTICATION,
     AuditEvent.ASSOCIATION_REJECTED: SECURITY_ALERT,  # EventTypeCode 110126 Node Authentication
     AuditEvent.INSTANCE_RECEIVED: INSTANCES_TRANSFERRED,
