@@ -32,9 +32,9 @@ from dicom_node.workflow import (
     claim_job, defer_job, finish_job, queue_deliveries, requeue_interrupted_jobs,
 )
 from dicom_node.writers import AlgorithmIdentity, OutputKind, write_not_analysed, write_results
-from pipelines.base import Pipeline
+from dicom_node.plugins import build_pipeline
+from pipelines.base import Pipeline, PipelinePlugin
 from pipelines.errors import PipelineError
-from pipelines.chest_xray.gate import is_chest
 
 logger = logging.getLogger(__name__)
 
@@ -58,30 +58,26 @@ class InstanceOutcome:
 class Analyzer:
     """Runs jobs through the quality gate and the pipeline in one worker process."""
 
-    def __init__(self, db: NodeDatabase, audit: AuditTrail, pipeline: Pipeline,
+    def __init__(self, db: NodeDatabase, audit: AuditTrail, plugin: PipelinePlugin, pipeline: Pipeline,
                  results_root: Path, *, worker: str, destinations: Sequence[Destination] = (),
                  note_skipped: bool = False) -> None:
         self.db = db
         self.audit = audit
+        self.plugin = plugin
         self.pipeline = pipeline
         self.results_root = results_root
         self.worker = worker
         self.destinations = list(destinations)
         self.note_skipped = note_skipped
-        self.algorithm = AlgorithmIdentity.of(pipeline)
+        self.algorithm = AlgorithmIdentity.of(pipeline, plugin)
 
     @classmethod
     def from_settings(cls, settings: Settings, db: NodeDatabase, audit: AuditTrail, *,
                       worker: str) -> Analyzer:
-        """Build the analyzer; loads the pipeline's weights now and raises if any is bad."""
-        from pipelines.chest_xray.pipeline import ChestXrayPipeline
-
-        pipeline = ChestXrayPipeline.from_manifest(
-            settings.pipeline.manifest_path, device=settings.worker.device,
-            min_age_years=settings.gate.min_patient_age_years, unknown_age=settings.gate.unknown_age,
-            max_megapixels=settings.scp.max_image_megapixels,
-        )
-        return cls(db, audit, pipeline, settings.results_dir, worker=worker,
+        """Build the analyzer with the configured pipeline; loads its weights now and raises
+        :class:`pipelines.errors.WeightsError` if any is bad (ConfigError for an unknown pipeline)."""
+        plugin, pipeline = build_pipeline(settings)
+        return cls(db, audit, plugin, pipeline, settings.results_dir, worker=worker,
                    destinations=settings.destinations,
                    note_skipped=settings.outputs.not_analysed_note)
 
@@ -178,8 +174,9 @@ class Analyzer:
 
     def _skip(self, job_id: int, instance: Instance, dataset: Dataset, folder: Path,
               reason: str) -> InstanceOutcome:
-        """Return the skipped outcome; queue the "not analysed" note when configured and the data set says chest."""
-        if self.note_skipped and is_chest(dataset):
+        """Return the skipped outcome; queue the "not analysed" note when configured and the data set
+        says it is an image the pipeline is meant for (the chest's: a chest)."""
+        if self.note_skipped and self.plugin.addresses(dataset):
             note = write_not_analysed(dataset, reason, self.algorithm)
             self._queue_outputs(job_id, instance, folder, {OutputKind.NOT_ANALYSED: note})
         return InstanceOutcome(InstanceVerdict.SKIPPED, reason)

@@ -26,12 +26,12 @@ from pydantic_settings import (
 )
 
 from dicom_node.errors import ConfigError
+from dicom_node.plugins import configured_plugins, plugin_options
 from dicom_node.senders.base import installed_kinds
 from dicom_node.tls_subject import parse_subject
 
 ENV_PREFIX = "DICOM_NODE_"
 CONFIG_FILE_ENV = "DICOM_NODE_CONFIG"
-DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "manifest.yaml"
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
@@ -192,11 +192,8 @@ class GateSettings(Section):
 
 
 class PipelineSettings(Section):
-    manifest: Path | None = Field(None, description="weights manifest; default: the bundled one")
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.manifest or DEFAULT_MANIFEST
+    name: str = Field("chest_xray", description="the pipeline plug-in that runs (see dicom_node.plugins)")
+    manifest: Path | None = Field(None, description="chest_xray's weights manifest; default: the bundled one")
 
 
 class BrokerSettings(Section):
@@ -265,6 +262,8 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    pipelines: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="each pipeline plug-in's options, by its name")
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     destinations: list[Destination] = Field(default_factory=list)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
@@ -285,6 +284,15 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(
                 f"{RISKY_SETTINGS[risk]}: confirm it by adding '{risk}' to acknowledged_risks"
                 for risk in taken))
+        return self
+
+    @model_validator(mode="after")
+    def _pipeline_installed(self) -> Settings:
+        try:
+            for plugin in configured_plugins(self):
+                plugin_options(plugin, self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
         return self
 
     @model_validator(mode="after")

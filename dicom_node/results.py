@@ -1,7 +1,8 @@
 """Where an analysed instance's results live: ``results/<study>/<sop>/``.
 
 ``findings.json`` (scores, thresholds, flags; no patient data), ``masks.npz``
-(lung mask, heat-maps, regions) and, once written, one DICOM file per output kind.
+(the pipeline's masks as ``mask_<segment>``, heat-maps, regions) and, once
+written, one DICOM file per output kind.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def findings_summary(result: ImageResult) -> list[dict[str, object]]:
 def save_result(folder: Path, result: ImageResult, model_version: str) -> None:
     """Write ``result`` into ``folder`` (created, replaced when it exists)."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    arrays: dict[str, np.ndarray] = {"lung_mask": result.lung_mask.astype(bool)}
+    arrays: dict[str, np.ndarray] = {f"mask_{name}": mask.astype(bool) for name, mask in result.masks.items()}
     for finding in result.findings:
         if finding.heatmap is not None:
             arrays[f"heatmap_{finding.name}"] = finding.heatmap.astype(np.float16)

@@ -14,6 +14,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 from weakref import WeakKeyDictionary, WeakSet
 
@@ -34,12 +35,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, Association, _config, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    Verification,
-)
+from pynetdicom.sop_class import Verification
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -89,12 +85,6 @@ TRANSFER_SYNTAXES = [
     JPEG2000,
     RLELossless,
 ]
-
-KEPT_SOP_CLASSES = frozenset({
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-})
 
 # A-ASSOCIATE-RJ (result, source, diagnostic)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -147,11 +137,16 @@ def _certificate_fits(peer: AllowedPeer, assoc: Association) -> bool:
 
 
 class StorageSCP:
-    """The node's listening AE; collaborators are passed in, handlers bound to them."""
+    """The node's listening AE; collaborators are passed in, handlers bound to them.
+
+    It keeps instances of ``kept_sop_classes`` (the configured pipelines', see
+    :func:`dicom_node.plugins.kept_sop_classes`) and acknowledges and drops any other.
+    """
 
     def __init__(self, settings: ScpSettings, db: NodeDatabase, spool: Spool,
-                 audit: AuditTrail) -> None:
+                 audit: AuditTrail, *, kept_sop_classes: Collection[str]) -> None:
         self.settings = settings
+        self.kept_sop_classes = frozenset(kept_sop_classes)
         self.db = db
         self.spool = spool
         self.audit = audit
@@ -427,7 +422,7 @@ class StorageSCP:
             header = read_header(received)
             self._check_request(event, header)
             pseudonym = self._pseudonym(event.assoc, header)
-            if header.sop_class_uid not in KEPT_SOP_CLASSES:
+            if header.sop_class_uid not in self.kept_sop_classes:
                 received.unlink(missing_ok=True)
                 INSTANCES.labels("ignored").inc()
                 self._audit_instance(AuditEvent.INSTANCE_IGNORED, header, calling_ae, address,

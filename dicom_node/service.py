@@ -24,9 +24,9 @@ from dicom_node import retention, tasks
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.config import CONFIG_FILE_ENV, ENV_PREFIX, Settings
 from dicom_node.db import NodeDatabase
-from dicom_node.errors import WeightsCheckError
 from dicom_node.lost_messages import requeue_lost
 from dicom_node.metrics import serve_metrics
+from dicom_node.plugins import kept_sop_classes, verify_weights
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
@@ -104,23 +104,6 @@ class WorkerSupervisor:
             self.process.wait()
 
 
-def verify_weights(manifest: Path) -> None:
-    """Check every weights file of the pipeline manifest against its sha256.
-
-    Raises :class:`WeightsCheckError` naming a missing or altered file, so that
-    ``serve`` refuses to start rather than run a worker that cannot.
-    """
-    from pipelines.chest_xray.models import read_manifest, verified_path
-    from pipelines.errors import WeightsError
-
-    try:
-        content = read_manifest(manifest)
-        for entry in [content["lung"], content.get("content_check") or {}, *content["findings"]]:
-            verified_path(entry, manifest.parent)
-    except WeightsError as exc:
-        raise WeightsCheckError(str(exc)) from exc
-
-
 class Node:
     """The running node: everything ``serve`` starts, in order, and stops in reverse."""
 
@@ -128,7 +111,7 @@ class Node:
                  overrides: Mapping[str, Any] | None = None) -> None:
         self.settings = settings
         if run_worker:
-            verify_weights(settings.pipeline.manifest_path)
+            verify_weights(settings)
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.lock = StateLock(settings.state_dir)
         self.lock.acquire()  # before anything touches the state: another node's uploads included
@@ -140,7 +123,8 @@ class Node:
         tasks.configure(settings)
         # The SCP's own connections wait less for a lock than a peer waits for an answer.
         self.scp_db = NodeDatabase(settings.node_database_url, busy_timeout_s=settings.scp.state_wait_limit_s)
-        self.scp = StorageSCP(settings.scp, self.scp_db, self.spool, self.audit)
+        self.scp = StorageSCP(settings.scp, self.scp_db, self.spool, self.audit,
+                              kept_sop_classes=kept_sop_classes(settings))
         self.scheduler = Scheduler(
             self.db, self.audit, tasks.publish,
             quiet_seconds=settings.scheduler.study_quiet_seconds,

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from dicom_node.audit import AuditTrail
 from dicom_node.config import load_settings
 from dicom_node.db import Delivery, Job, NodeDatabase
+from dicom_node.plugins import kept_sop_classes
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from training.chest_xray.datasets import hash_split
@@ -257,7 +258,7 @@ def start_scp(tmp_path: Path) -> Iterator[Callable[..., StorageSCP]]:
                       min_free_bytes=int(settings.scp.min_free_disk_mb * 2**20),
                       max_dataset_bytes=int(settings.scp.max_dataset_mb * 2**20))
         scp = StorageSCP(settings.scp, NodeDatabase(settings.node_database_url, busy_timeout_s=db_busy_timeout_s),
-                         spool, AuditTrail.from_settings(settings))
+                         spool, AuditTrail.from_settings(settings), kept_sop_classes=kept_sop_classes(settings))
         scp.start()
         started.append(scp)
         return scp

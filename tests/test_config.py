@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from dicom_node.cli import main
 from dicom_node.config import load_settings
 from dicom_node.errors import ConfigError
+from dicom_node.plugins import configured_plugins, plugin_options
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +29,28 @@ def test_defaults_without_a_file():
     settings = load_settings()
     assert settings.scp.ae_title == "DICOM_NODE" and settings.scp.port == 11112
     assert settings.broker_url.startswith("sqla+sqlite:///")
-    assert settings.pipeline.manifest_path.name == "manifest.yaml"
+    assert settings.pipeline.name == "chest_xray"
+    [plugin] = configured_plugins(settings)
+    options = plugin_options(plugin, settings)
+    assert options.manifest_path.name == "manifest.yaml" and options.manifest_path.is_file()
+    assert (options.min_patient_age_years, options.unknown_age) == (18, "analyse")
+
+
+def test_the_gate_and_manifest_settings_are_the_chest_pipelines_options(tmp_path):
+    config = write(tmp_path, {"gate": {"min_patient_age_years": 16, "unknown_age": "skip"},
+                              "pipeline": {"manifest": str(tmp_path / "m.yaml")},
+                              "pipelines": {"chest_xray": {"enable_flags": ["pneumothorax"]}}})
+    settings = load_settings(config)
+    options = plugin_options(*configured_plugins(settings), settings)
+    assert (options.min_patient_age_years, options.unknown_age) == (16, "skip")
+    assert options.manifest_path == tmp_path / "m.yaml" and options.enable_flags == ("pneumothorax",)
+
+
+def test_an_unknown_pipeline_or_option_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"no pipeline 'bone_age' is installed \(installed: .*chest_xray"):
+        load_settings(write(tmp_path, {"pipeline": {"name": "bone_age"}}))
+    with pytest.raises(ConfigError, match=r"invalid options of the pipeline 'chest_xray': enable_flag: Extra"):
+        load_settings(write(tmp_path, {"pipelines": {"chest_xray": {"enable_flag": ["x"]}}}))
 
 
 def test_file_then_environment_then_flags(tmp_path, monkeypatch):

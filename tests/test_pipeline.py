@@ -107,7 +107,7 @@ def test_a_manifest_without_content_check_stops_the_start(tmp_path: Path) -> Non
 
 def test_two_lungs_of_plausible_size(results: dict[str, ImageResult]) -> None:
     for name, result in results.items():
-        mask = result.lung_mask
+        mask = result.masks["lungs"]
         assert mask.shape == (1955, 1841), name
         components = label(mask)
         sizes = np.bincount(components.ravel())[1:] / mask.size
@@ -117,7 +117,7 @@ def test_two_lungs_of_plausible_size(results: dict[str, ImageResult]) -> None:
 
 
 def test_lossless_jpeg2000_equals_uncompressed(results: dict[str, ImageResult]) -> None:
-    assert np.array_equal(results["J2KR"].lung_mask, results["UNCR"].lung_mask)
+    assert np.array_equal(results["J2KR"].masks["lungs"], results["UNCR"].masks["lungs"])
     for name, probability in _probabilities(results["UNCR"]).items():
         assert _probabilities(results["J2KR"])[name] == pytest.approx(probability, abs=1e-5)
 
@@ -126,13 +126,13 @@ def test_lossy_round_trip_close_to_lossless(results: dict[str, ImageResult]) -> 
     # RG1_UNCI holds pixels that went through lossy compression: close, not identical. Measured with
     # the committed weights: lung Dice > 0.99, probabilities within 0.055 (the 128-192 px classifiers
     # are that sensitive to lossy artefacts); the tolerance leaves room for other CPUs' arithmetic.
-    assert dice(results["UNCI"].lung_mask, results["UNCR"].lung_mask) > 0.98
+    assert dice(results["UNCI"].masks["lungs"], results["UNCR"].masks["lungs"]) > 0.98
     for name, probability in _probabilities(results["UNCR"]).items():
         assert _probabilities(results["UNCI"])[name] == pytest.approx(probability, abs=0.1)
 
 
 def test_monochrome2_copy_gives_same_result(results: dict[str, ImageResult]) -> None:
-    assert dice(results["MONO2"].lung_mask, results["UNCR"].lung_mask) > 0.999
+    assert dice(results["MONO2"].masks["lungs"], results["UNCR"].masks["lungs"]) > 0.999
     for name, probability in _probabilities(results["UNCR"]).items():
         assert _probabilities(results["MONO2"])[name] == pytest.approx(probability, abs=1e-3)
 
@@ -143,13 +143,13 @@ def test_probabilities_and_heatmaps(results: dict[str, ImageResult]) -> None:
             assert 0.0 <= finding.probability <= 1.0
             assert 0.0 < finding.threshold < 1.0
             heat = finding.heatmap
-            assert heat.shape == result.lung_mask.shape and heat.dtype == np.float32
+            assert heat.shape == result.masks["lungs"].shape and heat.dtype == np.float32
             assert heat.min() >= 0.0 and heat.max() <= 1.0
-            assert not heat[~result.lung_mask].any()
+            assert not heat[~result.masks["lungs"]].any()
             assert heat.max() in (0.0, 1.0)  # scaled to a peak of 1 inside the lungs, or no activation at all
             if finding.flagged:
                 assert finding.region is not None and finding.region.any()
-                assert not finding.region[~result.lung_mask].any()
+                assert not finding.region[~result.masks["lungs"]].any()
             else:
                 assert finding.region is None
 

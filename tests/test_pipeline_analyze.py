@@ -35,11 +35,11 @@ def test_analyze_dicom_png_and_skipped(tmp_path: Path) -> None:
     for name in ("cr.dcm", "cr.png"):
         record = records[name]
         assert {f["name"] for f in record["findings"]} >= {"covid19", "pneumothorax"}
-        assert 0.15 < record["lung_fraction"] < 0.6
+        assert 0.15 < record["mask_fractions"]["lungs"] < 0.6
         stem = record["output"]
         assert json.loads((out / f"{stem}.json").read_text()) == record
         overlay = np.asarray(Image.open(out / f"{stem}.overlay.png"))
-        mask = np.asarray(Image.open(out / f"{stem}.lung-mask.png"))
+        mask = np.asarray(Image.open(out / f"{stem}.mask-lungs.png"))
         # the SC's framing: every image column, text bands above and below the image's rows
         assert overlay.ndim == 3 and overlay.shape[1] == mask.shape[1] and overlay.shape[0] > mask.shape[0]
         assert (out / f"{stem}.heatmap-covid19.png").is_file()

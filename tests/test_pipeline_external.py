@@ -111,4 +111,4 @@ def test_pipeline_runs_external_checkpoint_and_site_enables_flag(external_manife
     assert finding.name == "pneumothorax" and not finding.experimental
     assert 0.0 <= finding.probability <= 1.0
     assert finding.flagged == (finding.probability >= 0.5)
-    assert not finding.heatmap[~result.lung_mask].any()
+    assert not finding.heatmap[~result.masks["lungs"]].any()

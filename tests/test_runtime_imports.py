@@ -90,3 +90,14 @@ def test_runtime_imports_only_declared_dependencies() -> None:
 def test_pipelines_import_nothing_of_the_node() -> None:
     bad = {file: "dicom_node" for file, modules in imports_of("pipelines").items() if "dicom_node" in modules}
     assert bad == {}
+
+
+def test_the_node_imports_no_pipeline_but_through_pipelines_base() -> None:
+    """The node and its writers know pipelines only by the contract (entry points find the plug-ins)."""
+    allowed = {"pipelines.base", "pipelines.errors"}
+    bad = {}
+    for path in sorted((ROOT / "dicom_node").rglob("*.py")):
+        pipeline_modules = {m for m in imported_modules(path) if m == "pipelines" or m.startswith("pipelines.")}
+        if pipeline_modules - allowed:
+            bad[str(path.relative_to(ROOT))] = sorted(pipeline_modules - allowed)
+    assert bad == {}

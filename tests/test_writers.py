@@ -150,8 +150,8 @@ def test_sc_shows_every_source_pixel_between_text_bands(case: Case) -> None:
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == case.source.SOPInstanceUID
 
     findings = case.result.flagged
-    heat = _shown_heat(case.result)[0]
-    image = render_overlay(viewing_contrast(case.display), case.result.lung_mask, heat,
+    heat = _shown_heat(case.result, ALGORITHM.output)[0]
+    image = render_overlay(viewing_contrast(case.display), case.result.masks["lungs"], heat,
                            [f.region for f in findings if f.region is not None])
     top = _image_rows(pixels, image)
     assert top > 0 and pixels.shape[0] > top + image.shape[0]  # bands above and below, none over the image
@@ -195,7 +195,7 @@ def test_seg_reads_back_with_segments_and_masks(case: Case) -> None:
     assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("chest-xray", "1.0")
     assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
     masks = seg.get_pixels_by_source_instance([case.source.SOPInstanceUID], combine_segments=False)[0]
-    np.testing.assert_array_equal(masks[..., 0] > 0.5, case.result.lung_mask)
+    np.testing.assert_array_equal(masks[..., 0] > 0.5, case.result.masks["lungs"])
     for n, finding in enumerate(findings, start=1):
         description = seg.get_segment_description(n + 1)
         assert (description.segmented_property_category.value, description.segmented_property_type.value) == (
@@ -252,7 +252,7 @@ def test_sr_reads_back_with_scores_flags_and_references(case: Case) -> None:
         assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == case.source.SOPInstanceUID
         if name in seg_tracking:  # the SEG segment of the same object shares its tracking UID
             assert group.tracking_uid == seg_tracking[name]
-    np.testing.assert_array_equal(groups["lungs"].roi.value, _box(case.result.lung_mask))
+    np.testing.assert_array_equal(groups["lungs"].roi.value, _box(case.result.masks["lungs"]))
 
     for finding in case.result.findings:
         group = groups[finding.name]
@@ -263,7 +263,7 @@ def test_sr_reads_back_with_scores_flags_and_references(case: Case) -> None:
         evaluations = {q.name.meaning: q.value.meaning for q in group.get_qualitative_evaluations()}
         assert evaluations["AI flag"] == _yes_no(finding.flagged)
         assert evaluations["Experimental model"] == _yes_no(finding.experimental)
-        outlined = finding.region if finding.flagged else case.result.lung_mask
+        outlined = finding.region if finding.flagged else case.result.masks["lungs"]
         np.testing.assert_array_equal(group.roi.value, _box(outlined))
 
     library = next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "111028")
@@ -322,7 +322,8 @@ def test_any_content_input_changed_gives_new_uids_for_every_object_it_changes(fl
 # --- argument checks -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda c: (replace(c.result, lung_mask=c.result.lung_mask[:-1]), c.display), "lung_mask has shape"),
+    (lambda c: (replace(c.result, masks={"lungs": c.result.masks["lungs"][:-1]}), c.display),
+     "mask 'lungs' has shape"),
     (lambda c: (c.result, c.display[:, :-1]), "display has shape"),
     (lambda c: (c.result, c.display.astype(np.float32)), "display must be uint8"),
     (lambda c: (replace(c.result, sop_instance_uid="1.2.3"), c.display), "not for the source"),

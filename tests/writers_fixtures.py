@@ -15,8 +15,10 @@ from pydicom.tag import Tag
 
 from dicom_node.writers import AlgorithmIdentity
 from pipelines.base import Finding, ImageResult
+from pipelines.chest_xray.plugin import ChestXrayPlugin
 
-ALGORITHM = AlgorithmIdentity(name="chest-xray", version="1.0", model_versions="lung-unet 1.0; covid19-densenet 1.0")
+ALGORITHM = AlgorithmIdentity(name="chest-xray", version="1.0", model_versions="lung-unet 1.0; covid19-densenet 1.0",
+                              output=ChestXrayPlugin.output, modalities=ChestXrayPlugin.modalities)
 
 #: (centre row, centre column, semi-axis rows, semi-axis columns) of the two lungs in RG1 (1955 x 1841).
 LUNGS = ((860, 450, 620, 280), (860, 1330, 620, 280))
@@ -78,7 +80,7 @@ def synthetic_result(source: pydicom.Dataset, flagged: bool = True) -> ImageResu
         name="pneumothorax", display_name="Pneumothorax", probability=0.12, threshold=0.5,
         flagged=False, experimental=True, heatmap=heat[::-1].copy() * lungs,
     )
-    return ImageResult(sop_instance_uid=source.SOPInstanceUID, lung_mask=lungs, findings=[covid, pneumothorax])
+    return ImageResult(sop_instance_uid=source.SOPInstanceUID, masks={"lungs": lungs}, findings=[covid, pneumothorax])
 
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:

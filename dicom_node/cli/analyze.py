@@ -1,4 +1,4 @@
-"""``dicom-node analyze``: run the chest X-ray pipeline on local files, without the network."""
+"""``dicom-node analyze``: run the configured pipeline on local files, without the network."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import numpy as np
 from PIL import Image
 
 from dicom_node.cli.common import expand_paths, settings_from
-from pipelines.base import ImageInput, ImageResult
+from dicom_node.errors import ConfigError
+from dicom_node.plugins import build_pipeline
 from dicom_node.writers.common import AlgorithmIdentity
 from dicom_node.writers.sc import overlay_pixels
+from pipelines.base import ImageInput, ImageResult
 from pipelines.errors import PipelineError, SkippedByGate, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -25,14 +27,17 @@ NOTICE = "AI result, not for diagnosis; research model, not for clinical use"
 
 def _write(image: ImageInput, result: ImageResult, algorithm: AlgorithmIdentity, caveats: Sequence[str],
            out: Path, stem: str) -> dict[str, Any]:
-    """Write the overlay (as the SC shows it, banner and notices included), lung mask, heat-maps and
-    flagged regions of one image; return its JSON record."""
+    """Write the overlay (as the SC shows it, banner and notices included), the pipeline's masks,
+    heat-maps and flagged regions of one image; return its JSON record."""
     flagged = result.flagged
     Image.fromarray(overlay_pixels(result, image.display, algorithm, caveats)).save(out / f"{stem}.overlay.png")
-    Image.fromarray(result.lung_mask.astype(np.uint8) * 255).save(out / f"{stem}.lung-mask.png")
+    for name, mask in result.masks.items():
+        Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{stem}.mask-{name}.png")
     findings = []
     for finding in result.findings:
-        Image.fromarray(np.round(finding.heatmap * 255).astype(np.uint8)).save(out / f"{stem}.heatmap-{finding.name}.png")
+        if finding.heatmap is not None:
+            Image.fromarray(np.round(finding.heatmap * 255).astype(np.uint8)).save(
+                out / f"{stem}.heatmap-{finding.name}.png")
         if finding.region is not None:
             Image.fromarray(finding.region.astype(np.uint8) * 255).save(out / f"{stem}.region-{finding.name}.png")
         findings.append(
@@ -47,7 +52,7 @@ def _write(image: ImageInput, result: ImageResult, algorithm: AlgorithmIdentity,
             }
         )
     return {
-        "lung_fraction": round(float(result.lung_mask.mean()), 4),
+        "mask_fractions": {name: round(float(mask.mean()), 4) for name, mask in result.masks.items()},
         "flagged": [f.name for f in flagged],
         "findings": findings,
     }
@@ -74,18 +79,14 @@ def _summary(record: dict[str, Any]) -> str:
 @click.pass_context
 def analyze(ctx: click.Context, paths: tuple[Path, ...], out: Path, fmt: str, weights: Path | None,
             device: str) -> None:
-    """Analyse DICOM or PNG/JPEG FILES and folders locally: overlay PNG, masks and JSON findings per image."""
-    from pipelines.chest_xray.pipeline import ChestXrayPipeline  # torch: only for this command
-    from pipelines.chest_xray.preprocess import load_path
-
+    """Analyse DICOM (or, where the pipeline reads them, PNG/JPEG) FILES and folders locally with the
+    configured pipeline: overlay PNG, masks and JSON findings per image."""
     settings = settings_from(ctx)
     try:
-        pipeline = ChestXrayPipeline.from_manifest(
-            weights or settings.pipeline.manifest_path, device=device,
-            min_age_years=settings.gate.min_patient_age_years, unknown_age=settings.gate.unknown_age,
-            max_megapixels=settings.scp.max_image_megapixels)
-    except WeightsError as exc:
+        plugin, pipeline = build_pipeline(settings, device=device, manifest=weights)
+    except (ConfigError, WeightsError) as exc:
         raise click.ClickException(str(exc)) from exc
+    algorithm = AlgorithmIdentity.of(pipeline, plugin)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for index, path in enumerate(expand_paths(paths), start=1):
@@ -93,10 +94,10 @@ def analyze(ctx: click.Context, paths: tuple[Path, ...], out: Path, fmt: str, we
         record: dict[str, Any] = {"file": str(path), "output": stem, "pipeline": pipeline.name,
                                   "version": pipeline.version, "notice": NOTICE}
         try:
-            image, verdict = load_path(path, gate=pipeline.accepts)
+            image, verdict = plugin.load_path(pipeline, path)
             result = pipeline.run([image])[0]
             if result.verdict.accepted:
-                record.update(_write(image, result, AlgorithmIdentity.of(pipeline), verdict.caveats, out, stem),
+                record.update(_write(image, result, algorithm, verdict.caveats, out, stem),
                               caveats=list(verdict.caveats))
             else:
                 record["skipped"] = result.verdict.reason

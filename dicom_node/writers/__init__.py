@@ -36,11 +36,12 @@ def write_results(source: Dataset, result: ImageResult, display: np.ndarray,
     ``source`` is the analysed data set (its pixel data is not used, and may be
     compressed or absent); ``display`` is the windowed uint8 image at the source
     geometry (``ImageInput.display``). Raises ValueError when ``result`` or
-    ``display`` does not fit ``source`` (other image, other Rows/Columns, scores
+    ``display`` does not fit ``source`` or the pipeline's output description
+    (``algorithm.output``: other image, other Rows/Columns, other masks than its segments, scores
     outside [0, 1], duplicate finding names, flagged experimental finding, an image the
     content check skipped).
     """
-    check_result(source, result, display)
+    check_result(source, result, algorithm.output, display)
     seg = build_seg(source, result, algorithm)
     outputs: dict[OutputKind, Dataset] = {
         OutputKind.SC: build_sc(source, result, display, algorithm, caveats),

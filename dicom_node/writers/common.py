@@ -1,6 +1,7 @@
 """What every result object shares: algorithm identity, deterministic UIDs and
 series numbers, the flag in SeriesDescription, Contributing Equipment, codes,
-and the checks of a writer's arguments.
+and the checks of a writer's arguments. What is particular to a pipeline (its
+segments, codes, wording) comes from its :class:`~pipelines.base.OutputDescription`.
 
 UIDs are derived from everything that decides an object's content: the source
 SOP Instance UID, the pipeline's name, version and weights digests, the writers'
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from collections.abc import Sequence
 from enum import StrEnum
@@ -34,7 +35,7 @@ from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 from pydicom.valuerep import IS, VR, DSfloat, PersonName, validate_value
 
 from dicom_node import __version__ as WRITERS_VERSION
-from pipelines.base import Finding, ImageResult, Pipeline
+from pipelines.base import Finding, ImageResult, OutputDescription, Pipeline, PipelinePlugin
 
 logger = logging.getLogger(__name__)
 
@@ -42,49 +43,22 @@ logger = logging.getLogger(__name__)
 UID_PREFIX = PYDICOM_ROOT_UID
 #: The marking carried by every object (ASCII: the sources' character sets may be Latin-1).
 AI_DISCLAIMER = "AI result - not for diagnosis"
-#: How a gate caveat reads in the SC banner: ``Patient age unknown ...``.
-CAVEAT_NOTICES = {"age unknown": "Patient age unknown: the models were validated on adults only"}
-#: Every SeriesDescription starts with this.
-DESCRIPTION_PREFIX = "AI CXR: "
 #: Private coding scheme for the concepts no public terminology has (flag, experimental head).
 LOCAL_SCHEME = "99DCMNODE"
 #: Device Serial Number (type 1 in the SEG's Enhanced General Equipment): software has none.
 DEVICE_SERIAL_NUMBER = "NONE (SOFTWARE)"
 
-#: Colours shared by the overlay and the SEG's recommended display colours.
-
-#: Tracking name of the lung segment ("lungs"); findings are tracked by ``Finding.name``.
-LUNGS = "lungs"
-LUNG = codes.SCT.Lung
-ANATOMICAL_STRUCTURE = codes.SCT.AnatomicalStructure
-#: A finding's localized region is where the model's Grad-CAM map is high, not a delineated
-#: lesion: category Spatial and Relational Concept (CID 7150), type Gradient-weighted class
-#: activation (CID 217 Visual Explanation). The finding itself names the segment.
-REGION_CATEGORY = codes.SCT.SpatialAndRelationalConcept
-GRAD_CAM_REGION = codes.DCM.GradientWeightedClassActivation
-
-#: SNOMED CT codes of the findings a chest pipeline may report, by ``Finding.name``.
-FINDING_CODES: dict[str, Code] = {
-    "covid19": Code("840539006", "SCT", "COVID-19"),
-    "pneumonia": Code("233604007", "SCT", "Pneumonia"),
-    "pneumothorax": Code("36118008", "SCT", "Pneumothorax"),
-    "effusion": Code("60046008", "SCT", "Pleural effusion"),
-    "pleural_effusion": Code("60046008", "SCT", "Pleural effusion"),
-    "cardiomegaly": Code("8186001", "SCT", "Cardiomegaly"),
-    "atelectasis": Code("46621007", "SCT", "Atelectasis"),
-    "edema": Code("19242006", "SCT", "Pulmonary edema"),
-    "emphysema": Code("87433001", "SCT", "Pulmonary emphysema"),
-    "consolidation": Code("95436008", "SCT", "Lung consolidation"),
-}
-
-
 @dataclass(frozen=True)
 class AlgorithmIdentity:
-    """Who made the result: the pipeline and its models, as written into every object."""
+    """Who made the result: the pipeline and its models, as written into every object; how its
+    results are shown and coded (``output``) and the source ``modalities`` its SC overlay takes over
+    (its plug-in's; neither takes part in UIDs)."""
 
     name: str
     version: str
     model_versions: str
+    output: OutputDescription = field(compare=False, repr=False, kw_only=True)
+    modalities: frozenset[str] = field(default=frozenset(), compare=False, kw_only=True)
     manufacturer: str = "dicom-node"
 
     def __post_init__(self) -> None:
@@ -94,9 +68,11 @@ class AlgorithmIdentity:
                 raise ValueError(f"AlgorithmIdentity.{field} must be 1 to 64 characters, got {value!r}")
 
     @classmethod
-    def of(cls, pipeline: Pipeline) -> AlgorithmIdentity:
-        """Return the identity of ``pipeline``: its name, version and model versions."""
-        return cls(name=pipeline.name, version=pipeline.version, model_versions=pipeline.model_versions)
+    def of(cls, pipeline: Pipeline, plugin: PipelinePlugin) -> AlgorithmIdentity:
+        """Return the identity of ``pipeline`` (its name, version and model versions), its results
+        described as its ``plugin`` says."""
+        return cls(name=pipeline.name, version=pipeline.version, model_versions=pipeline.model_versions,
+                   output=plugin.output, modalities=plugin.modalities)
 
     @property
     def software_versions(self) -> tuple[str, ...]:
@@ -144,7 +120,7 @@ def derive_uid(source_uid: str, algorithm: AlgorithmIdentity, kind: OutputKind, 
 
 
 def tracking_uid(source_uid: str, algorithm: AlgorithmIdentity, name: str) -> str:
-    """Return the tracking UID of the object ``name`` ("lungs" or a finding name) in one image,
+    """Return the tracking UID of the object ``name`` (a segment's or a finding's) in one image,
     shared by its SEG segment and its SR measurement group."""
     sources = [source_uid, algorithm.name, algorithm.version, "tracking", name]
     return str(generate_uid(UID_PREFIX, entropy_srcs=sources))
@@ -160,12 +136,13 @@ def series_number(source_uid: str, algorithm: AlgorithmIdentity, kind: OutputKin
     return 100_000 + int.from_bytes(digest[:8], "big") % 90_000 * 10 + _KIND_DIGIT[kind]
 
 
-def flag_headline(result: ImageResult) -> str:
-    """Return ``AI CXR: SUSPECTED COVID-19 (0.93)`` (flagged findings, highest first) or the no-flag text."""
+def flag_headline(result: ImageResult, output: OutputDescription) -> str:
+    """Return ``AI CXR: SUSPECTED COVID-19 (0.93)`` (the description prefix, flagged findings, highest
+    first) or the no-flag text."""
     flagged = sorted(result.flagged, key=lambda f: f.probability, reverse=True)
     if not flagged:
-        return f"{DESCRIPTION_PREFIX}no flagged finding"
-    return DESCRIPTION_PREFIX + "SUSPECTED " + ", ".join(
+        return f"{output.description_prefix}no flagged finding"
+    return output.description_prefix + "SUSPECTED " + ", ".join(
         f"{f.display_name.upper()} ({f.probability:.2f})" for f in flagged)
 
 
@@ -175,17 +152,17 @@ def series_description(headline: str, kind: OutputKind) -> str:
     return headline[: 64 - len(suffix)].rstrip() + suffix
 
 
-def finding_code(finding: Finding) -> Code:
-    """Return the SNOMED CT code of ``finding``, or a code of the local scheme for unknown names."""
-    if finding.name in FINDING_CODES:
-        return FINDING_CODES[finding.name]
-    logger.debug("no SNOMED CT code for finding %r: coded in %s", finding.name, LOCAL_SCHEME)
+def finding_code(finding: Finding, output: OutputDescription) -> Code:
+    """Return the pipeline's code of ``finding``, or a code of the local scheme for names it does not code."""
+    if finding.name in output.finding_codes:
+        return output.finding_codes[finding.name]
+    logger.debug("no code for finding %r: coded in %s", finding.name, LOCAL_SCHEME)
     return Code(finding.name[:16], LOCAL_SCHEME, finding.display_name[:64])
 
 
-def caveat_notice(caveat: str) -> str:
-    """Return the banner line of a gate caveat (the caveat itself when it has no longer wording)."""
-    return CAVEAT_NOTICES.get(caveat, caveat)
+def caveat_notice(caveat: str, output: OutputDescription) -> str:
+    """Return the banner line of a gate caveat (the caveat itself when the pipeline has no longer wording)."""
+    return output.caveat_notices.get(caveat, caveat)
 
 
 def local_code(value: str, meaning: str) -> Code:
@@ -267,23 +244,29 @@ def _check_array(label: str, array: np.ndarray | None, shape: tuple[int, int]) -
         raise ValueError(f"{label} has shape {np.shape(array)}, expected the source's Rows x Columns {shape}.")
 
 
-def check_result(source: Dataset, result: ImageResult, display: np.ndarray | None = None) -> None:
-    """Raise ValueError unless ``result`` (and ``display``) fit ``source``: same image, same geometry,
-    scores in [0, 1], unique finding names, no flagged experimental finding, not skipped."""
+def check_result(source: Dataset, result: ImageResult, output: OutputDescription,
+                 display: np.ndarray | None = None) -> None:
+    """Raise ValueError unless ``result`` (and ``display``) fit ``source`` and ``output``: same image, same
+    geometry, a mask for each of the pipeline's segments and no other, scores in [0, 1], unique finding
+    names (other than the segments'), no flagged experimental finding, not skipped."""
     shape = check_source(source)
     if not result.verdict.accepted:
         raise ValueError(f"The image was skipped ({result.verdict.reason}): it yields no result objects.")
     if result.sop_instance_uid != source.SOPInstanceUID:
         raise ValueError(
             f"The result is for {result.sop_instance_uid}, not for the source {source.SOPInstanceUID}.")
-    _check_array("lung_mask", result.lung_mask, shape)
+    segments = output.segment_names()
+    if sorted(result.masks) != sorted(segments):
+        raise ValueError(f"The result's masks are {sorted(result.masks)}, the pipeline's segments {segments}.")
+    for name, mask in result.masks.items():
+        _check_array(f"mask {name!r}", mask, shape)
     if display is not None:
         _check_array("display", display, shape)
         if display.dtype != np.uint8:
             raise ValueError(f"display must be uint8, got {display.dtype}.")
     names = [f.name for f in result.findings]
-    if len(set(names)) != len(names) or LUNGS in names:
-        raise ValueError(f"Finding names must be unique and other than {LUNGS!r}, got {names}.")
+    if len(set(names)) != len(names) or set(names) & set(segments):
+        raise ValueError(f"Finding names must be unique and other than the segments' {segments}, got {names}.")
     for f in result.findings:
         if not f.name:
             raise ValueError("Every finding needs a name.")
@@ -297,7 +280,7 @@ def check_result(source: Dataset, result: ImageResult, display: np.ndarray | Non
 
 
 def segmented_findings(result: ImageResult) -> list[Finding]:
-    """Return the flagged findings that have a region, in result order: the SEG's segments 2, 3, ...."""
+    """Return the flagged findings that have a region, in result order: the SEG's segments after the pipeline's."""
     return [f for f in result.findings if f.flagged and f.region is not None]
 
 

@@ -1,6 +1,6 @@
-"""Drawing for the Secondary Capture: the heat-map blended over the windowed image,
-contours, and text bands above and below the image (never over it), sized to the
-image so that they read on a 1 MP screen.
+"""Drawing for the Secondary Capture: the pipeline's overlay (its renderer) over the
+windowed image at viewing contrast, and text bands above and below the image (never
+over it), sized to the image so that they read on a 1 MP screen.
 
 Text uses Pillow's built-in scalable font (no font files, works offline), which
 has no em dash: the marking uses a hyphen.
@@ -8,13 +8,13 @@ has no em dash: the marking uses a hyphen.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.chest_xray.overlay import render_overlay
+from pipelines.base import OverlayRenderer
 
 #: Banner text height as a fraction of the image rows (about 2.7 %: ~53 px on a 1955-row CR).
 TEXT_HEIGHT = 0.027
@@ -120,11 +120,12 @@ def viewing_contrast(display: np.ndarray) -> np.ndarray:
     return np.clip(np.round((display.astype(np.float32) - low) * 255 / (high - low)), 0, 255).astype(np.uint8)
 
 
-def overlay(display: np.ndarray, lung_mask: np.ndarray, heat: np.ndarray | None,
-            regions: Sequence[np.ndarray], text: BannerText) -> np.ndarray:
-    """Return the RGB overlay (uint8, H' x W x 3): ``display`` in grey at viewing contrast, ``heat``
-    blended within the lungs, the lung and region contours, framed by the banner."""
-    return framed(render_overlay(viewing_contrast(display), lung_mask, heat, regions), text)
+def overlay(render: OverlayRenderer, display: np.ndarray, masks: Mapping[str, np.ndarray],
+            heat: np.ndarray | None, regions: Sequence[np.ndarray], text: BannerText) -> np.ndarray:
+    """Return the RGB overlay (uint8, H' x W x 3): what the pipeline's ``render`` draws over ``display``
+    at viewing contrast (the chest's: ``heat`` within the lungs, lung and region contours), framed by
+    the banner."""
+    return framed(render(viewing_contrast(display), masks, heat, regions), text)
 
 
 def text_card(text: BannerText, shape: tuple[int, int] = (480, 640)) -> np.ndarray:

@@ -1,10 +1,11 @@
 """The Secondary Capture overlay any viewer can show: every source pixel, at the
-source's pixel spacing and viewing contrast, with the Grad-CAM heat-map of the
-flagged findings and the lung and region contours, between burned-in text bands
-above and below; and the short "not analysed" note.
+source's pixel spacing and viewing contrast, with the pipeline's overlay (the chest
+pipeline's: the Grad-CAM heat-map of the flagged findings and the lung and region
+contours), between burned-in text bands above and below; and the short "not
+analysed" note.
 
-Modality is the source's (CR, DX): OHIF starts its cine player over the top of any
-OT or US image.
+Modality is the source's when the pipeline analyses that modality (CR, DX): OHIF
+starts its cine player over the top of any OT or US image.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.writers.common import (
     AI_DISCLAIMER,
-    DESCRIPTION_PREFIX,
     AlgorithmIdentity,
     OutputKind,
     check_result,
@@ -35,12 +35,9 @@ from dicom_node.writers.common import (
     reference_of,
 )
 from dicom_node.writers.render import BannerText, overlay, text_card
-from pipelines.base import Finding, ImageResult, pixel_spacing
+from pipelines.base import Finding, ImageResult, OutputDescription, pixel_spacing
 
 logger = logging.getLogger(__name__)
-
-#: Source modalities the SC takes over (any other leaves highdicom's OT).
-SOURCE_MODALITIES = ("CR", "DX")
 
 
 def _finding_item(finding: Finding) -> str:
@@ -53,21 +50,22 @@ def _finding_item(finding: Finding) -> str:
 def banner_text(result: ImageResult, algorithm: AlgorithmIdentity, caveats: Sequence[str] = ()) -> BannerText:
     """Return the banner of ``result``: the flag, each finding (flagged first, then by score), model, marking
     and the gate's caveats."""
+    output = algorithm.output
     findings = sorted(result.findings, key=lambda f: (not f.flagged, f.experimental, -f.probability))
-    _, heat_legend = _shown_heat(result)
-    legend = [*([heat_legend] if heat_legend else []), "Green: lungs",
-              *(["Magenta: localized region"] if result.flagged else [])]
+    _, heat_legend = _shown_heat(result, output)
+    legend = [*([heat_legend] if heat_legend else []), *(s.legend for s in output.segments),
+              *([output.region_legend] if result.flagged else [])]
     return BannerText(
-        headline=flag_headline(result),
+        headline=flag_headline(result, output),
         alert=bool(result.flagged),
         items=[_finding_item(f) for f in findings],
-        notices=[AI_DISCLAIMER, *(caveat_notice(c) for c in caveats)],
+        notices=[AI_DISCLAIMER, *(caveat_notice(c, output) for c in caveats)],
         # one item per model, so that lines wrap between them rather than the text shrinking
         footer=[f"Model: {algorithm.software_versions[0]}", *algorithm.software_versions[1:], *legend],
     )
 
 
-def _shown_heat(result: ImageResult) -> tuple[np.ndarray | None, str]:
+def _shown_heat(result: ImageResult, output: OutputDescription) -> tuple[np.ndarray | None, str]:
     """Return the heat-map to blend in and its legend.
 
     The pixel-wise maximum of the flagged findings' heat-maps; with none flagged, the
@@ -77,12 +75,12 @@ def _shown_heat(result: ImageResult) -> tuple[np.ndarray | None, str]:
     maps = [f.heatmap for f in result.flagged if f.heatmap is not None]
     if maps:
         heat = np.maximum.reduce([np.asarray(m, np.float32) for m in maps])
-        return heat, "Colour: Grad-CAM of flagged findings"
+        return heat, f"Colour: {output.heatmap_name} of flagged findings"
     scored = [f for f in result.findings if not f.experimental and f.heatmap is not None]
     if not scored:
         return None, ""
     top = max(scored, key=lambda f: f.probability)
-    return np.asarray(top.heatmap, np.float32), f"Colour: Grad-CAM of {top.display_name} (not flagged)"
+    return np.asarray(top.heatmap, np.float32), f"Colour: {output.heatmap_name} of {top.display_name} (not flagged)"
 
 
 def _source_image_item(source: Dataset) -> Dataset:
@@ -111,7 +109,7 @@ def _sc_image(source: Dataset, rgb: np.ndarray, algorithm: AlgorithmIdentity, ki
         transfer_syntax_uid=ExplicitVRLittleEndian,
         **instance_kwargs(source, algorithm, kind, headline, content),
     )
-    if source.get("Modality") in SOURCE_MODALITIES:
+    if source.get("Modality") in algorithm.modalities:
         sc.Modality = source.Modality
     if shows_source:
         copy_patient_orientation(source, sc)
@@ -131,8 +129,8 @@ def _sc_image(source: Dataset, rgb: np.ndarray, algorithm: AlgorithmIdentity, ki
 
 def overlay_pixels(result: ImageResult, display: np.ndarray, algorithm: AlgorithmIdentity,
                    caveats: Sequence[str] = ()) -> np.ndarray:
-    """Return the SC's RGB pixels: ``display`` with heat-map and contours, framed by the banner."""
-    return overlay(display, result.lung_mask, _shown_heat(result)[0],
+    """Return the SC's RGB pixels: ``display`` with the pipeline's overlay, framed by the banner."""
+    return overlay(algorithm.output.render, display, result.masks, _shown_heat(result, algorithm.output)[0],
                    [f.region for f in segmented_findings(result)], banner_text(result, algorithm, caveats))
 
 
@@ -143,10 +141,10 @@ def build_sc(source: Dataset, result: ImageResult, display: np.ndarray, algorith
     ``display`` is the windowed uint8 image (``ImageInput.display``). Raises ValueError
     if it or a mask does not match the source's Rows/Columns.
     """
-    check_result(source, result, display)
+    check_result(source, result, algorithm.output, display)
     rgb = overlay_pixels(result, display, algorithm, caveats)
-    sc = _sc_image(source, rgb, algorithm, OutputKind.SC, flag_headline(result), content_inputs(result, caveats),
-                   shows_source=True)
+    sc = _sc_image(source, rgb, algorithm, OutputKind.SC, flag_headline(result, algorithm.output),
+                   content_inputs(result, caveats), shows_source=True)
     logger.debug("SC %s for %s", sc.SOPInstanceUID, source.SOPInstanceUID)
     return sc
 
@@ -159,9 +157,10 @@ def build_not_analysed(source: Dataset, reason: str, algorithm: AlgorithmIdentit
     check_source(source)
     if not reason.strip():
         raise ValueError("A reason is required for a 'not analysed' note.")
-    headline = f"{DESCRIPTION_PREFIX}not analysed: {reason.strip()}"
+    prefix = algorithm.output.description_prefix
+    headline = f"{prefix}not analysed: {reason.strip()}"
     card = text_card(BannerText(
-        headline=f"{DESCRIPTION_PREFIX}not analysed",
+        headline=f"{prefix}not analysed",
         alert=False,
         items=[f"Reason: {reason.strip()}"],
         notices=[AI_DISCLAIMER, f"Model: {algorithm.label}"],

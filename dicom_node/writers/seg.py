@@ -1,5 +1,6 @@
-"""The DICOM Segmentation of one analysed image: the lungs, then the localized
-region of each flagged finding (its Grad-CAM region, labelled with the finding).
+"""The DICOM Segmentation of one analysed image: the pipeline's segments (the chest
+pipeline's lungs), then the localized region of each flagged finding (its Grad-CAM
+region, labelled with the finding).
 
 Projection radiographs (CR, DX) have no Image Position/Orientation (Patient), so
 highdicom writes the SEG without a patient coordinate system: one frame per
@@ -31,12 +32,7 @@ from pydicom.uid import RLELossless
 
 from dicom_node.writers.common import (
     AI_DISCLAIMER,
-    ANATOMICAL_STRUCTURE,
-    LUNG,
-    LUNGS,
     DEVICE_SERIAL_NUMBER,
-    GRAD_CAM_REGION,
-    REGION_CATEGORY,
     AlgorithmIdentity,
     OutputKind,
     algorithm_sequence,
@@ -51,12 +47,9 @@ from dicom_node.writers.common import (
     reference_of,
 )
 from pipelines.base import ImageResult, pixel_spacing
-from pipelines.chest_xray.overlay import LUNG_COLOUR, REGION_COLOUR
 
 logger = logging.getLogger(__name__)
 
-#: Segment number of the lungs; flagged findings follow from 2.
-LUNG_SEGMENT = 1
 #: Slice Thickness of the Pixel Measures of a projection image (see the module docstring).
 NOMINAL_THICKNESS_MM = 1.0
 
@@ -85,22 +78,28 @@ def _segment(number: int, name: str, label: str, category: Code, prop_type: Code
 
 
 def build_seg(source: Dataset, result: ImageResult, algorithm: AlgorithmIdentity) -> hd.seg.Segmentation:
-    """Return the SEG of ``result``: segment 1 the lungs, then each flagged finding with a region.
+    """Return the SEG of ``result``: the pipeline's segments from 1 (the chest's lungs), then each
+    flagged finding with a region.
 
-    Raises ValueError if a mask does not match the source's Rows/Columns.
+    Raises ValueError if a mask does not match the source's Rows/Columns or the pipeline's segments.
     """
-    check_result(source, result)
+    output = algorithm.output
+    check_result(source, result, output)
     uid = source.SOPInstanceUID
     findings = segmented_findings(result)
     unlocalized = [f.name for f in result.flagged if f.region is None]
     if unlocalized:
         logger.warning("flagged findings without a region get no segment in the SEG of %s: %s", uid, unlocalized)
-    descriptions = [_segment(LUNG_SEGMENT, LUNGS, "Lungs", ANATOMICAL_STRUCTURE, LUNG, algorithm, uid, LUNG_COLOUR)]
+    descriptions = [_segment(n, s.name, s.label, s.category, s.property_type, algorithm, uid, s.colour)
+                    for n, s in enumerate(output.segments, start=1)]
+    sites = [output.finding_site] if output.finding_site is not None else None
     descriptions += [
-        _segment(n, f.name, f.display_name, REGION_CATEGORY, GRAD_CAM_REGION, algorithm, uid, REGION_COLOUR, [LUNG])
-        for n, f in enumerate(findings, start=LUNG_SEGMENT + 1)
+        _segment(n, f.name, f.display_name, output.region_category, output.region_type, algorithm, uid,
+                 output.region_colour, sites)
+        for n, f in enumerate(findings, start=len(output.segments) + 1)
     ]
-    masks = np.stack([result.lung_mask, *(f.region for f in findings)], axis=-1).astype(bool)
+    masks = np.stack([*(result.masks[s.name] for s in output.segments), *(f.region for f in findings)],
+                     axis=-1).astype(bool)
 
     reference = reference_of(source)
     projection = "ImagePositionPatient" not in reference
@@ -115,13 +114,14 @@ def build_seg(source: Dataset, result: ImageResult, algorithm: AlgorithmIdentity
         fractional_type=hd.seg.SegmentationFractionalTypeValues.OCCUPANCY,
         segment_descriptions=descriptions,
         device_serial_number=DEVICE_SERIAL_NUMBER,
-        content_label="AI_CXR",
+        content_label=output.content_label,
         content_description=AI_DISCLAIMER,
         omit_empty_frames=False,
         transfer_syntax_uid=RLELossless,
         pixel_measures=(hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=NOMINAL_THICKNESS_MM)
                         if projection and spacing else None),
-        **instance_kwargs(source, algorithm, OutputKind.SEG, flag_headline(result), content_inputs(result)),
+        **instance_kwargs(source, algorithm, OutputKind.SEG, flag_headline(result, output),
+                                  content_inputs(result)),
     )
     if projection:
         copy_patient_orientation(source, seg)

@@ -6,12 +6,16 @@ One TID 1410 planar ROI group per object, each outlined on the source image by
 a closed POLYLINE box (an image-region SCOORD, which is what viewers such as
 OHIF draw and list):
 
-- the lungs: the box around the lung mask;
+- each of the pipeline's segments (the chest's lungs): the box around its mask;
 - each finding, whether flagged or not (one template for both): its probability
   and threshold (TID 300 numeric, no units, 4 decimals) and two qualitative
   evaluations from the node's local scheme, "AI flag" and "Experimental model"
   (Yes/No), for which no public code exists; outlined by the box around its
-  localized region when flagged, else around the lungs it assessed.
+  localized region when flagged, else around the first segment, the region it
+  assessed (the lungs).
+
+The procedure reported, the finding codes and site are the pipeline's (see
+:class:`pipelines.base.OutputDescription`).
 
 The SEG's segments carry the Tracking UIDs of these groups (a group can reference
 an image region or a segment, not both); the SEG is in the evidence. The document
@@ -33,9 +37,6 @@ from pydicom.uid import SegmentationStorage, generate_uid
 
 from dicom_node.writers.common import (
     AI_DISCLAIMER,
-    ANATOMICAL_STRUCTURE,
-    LUNG,
-    LUNGS,
     UID_PREFIX,
     AlgorithmIdentity,
     OutputKind,
@@ -50,14 +51,13 @@ from dicom_node.writers.common import (
     tracking_uid,
     reference_of,
 )
-from pipelines.base import Finding, ImageResult
+from pipelines.base import Finding, ImageResult, Segment
 
 logger = logging.getLogger(__name__)
 
 FLAG = local_code("FLAGGED", "AI flag")
 EXPERIMENTAL = local_code("EXPERIMENTAL", "Experimental model")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
-PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 SOURCE = Code("260753009", "SCT", "Source")
 NO_UNITS = codes.UCUM.NoUnits
 
@@ -94,18 +94,20 @@ def _outline(source: Dataset, mask: np.ndarray) -> hd.sr.ImageRegion:
     )
 
 
-def _finding_group(source: Dataset, finding: Finding, lungs: np.ndarray,
+def _finding_group(source: Dataset, finding: Finding, assessed: np.ndarray,
                    algorithm: AlgorithmIdentity) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """Return the measurement group of ``finding``, outlined around its region when it has one, else the lungs."""
+    """Return the measurement group of ``finding``, outlined around its region when it has one, else
+    around ``assessed`` (the pipeline's first segment)."""
+    output = algorithm.output
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(source.SOPInstanceUID, algorithm, finding.name), identifier=finding.name,
         ),
         referenced_region=_outline(source, finding.region if finding.region is not None and finding.flagged
-                                   else lungs),
-        finding_type=finding_code(finding),
+                                   else assessed),
+        finding_type=finding_code(finding, output),
         algorithm_id=_algorithm_id(algorithm),
-        finding_sites=[hd.sr.FindingSite(LUNG)],
+        finding_sites=[hd.sr.FindingSite(output.finding_site)] if output.finding_site is not None else None,
         measurements=[
             hd.sr.Measurement(name=codes.DCM.Probability, value=round(finding.probability, DECIMALS), unit=NO_UNITS),
             hd.sr.Measurement(name=codes.DCM.ThresholdValue, value=round(finding.threshold, DECIMALS), unit=NO_UNITS),
@@ -144,15 +146,15 @@ def _algorithm_id(algorithm: AlgorithmIdentity) -> hd.sr.AlgorithmIdentification
     return hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
 
 
-def _lung_group(source: Dataset, lungs: np.ndarray, algorithm: AlgorithmIdentity,
-                ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+def _segment_group(source: Dataset, segment: Segment, mask: np.ndarray, algorithm: AlgorithmIdentity,
+                   ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid(source.SOPInstanceUID, algorithm, LUNGS), identifier=LUNGS,
+            uid=tracking_uid(source.SOPInstanceUID, algorithm, segment.name), identifier=segment.name,
         ),
-        referenced_region=_outline(source, lungs),
-        finding_type=LUNG,
-        finding_category=ANATOMICAL_STRUCTURE,
+        referenced_region=_outline(source, mask),
+        finding_type=segment.property_type,
+        finding_category=segment.category,
         algorithm_id=_algorithm_id(algorithm),
     )
 
@@ -175,7 +177,8 @@ def build_sr(source: Dataset, result: ImageResult, seg: Dataset, algorithm: Algo
 
     Raises ValueError if ``seg`` is not a SEG of ``source`` or a mask does not match the source.
     """
-    check_result(source, result)
+    output = algorithm.output
+    check_result(source, result, output)
     if seg.get("SOPClassUID") != SegmentationStorage:
         raise ValueError(f"seg must be a Segmentation, got SOP Class {seg.get('SOPClassUID')}.")
     referenced = {item.ReferencedSOPInstanceUID for series in seg.ReferencedSeriesSequence
@@ -183,11 +186,12 @@ def build_sr(source: Dataset, result: ImageResult, seg: Dataset, algorithm: Algo
     if source.SOPInstanceUID not in referenced:
         raise ValueError(f"seg {seg.SOPInstanceUID} does not reference the source {source.SOPInstanceUID}.")
 
-    groups = [_lung_group(source, result.lung_mask, algorithm)]
-    groups += [_finding_group(source, f, result.lung_mask, algorithm) for f in result.findings]
+    groups = [_segment_group(source, s, result.masks[s.name], algorithm) for s in output.segments]
+    assessed = result.masks[output.segments[0].name]
+    groups += [_finding_group(source, f, assessed, algorithm) for f in result.findings]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm),
-        procedure_reported=PLAIN_CHEST_XRAY,
+        procedure_reported=output.procedure,
         imaging_measurements=groups,
     )
     _insert_image_library(report[0], source)
@@ -200,7 +204,8 @@ def build_sr(source: Dataset, result: ImageResult, seg: Dataset, algorithm: Algo
         is_final=False,
         is_verified=False,
         coding_schemes=[local_scheme_item()],
-        **instance_kwargs(source, algorithm, OutputKind.SR, flag_headline(result), content_inputs(result, caveats)),
+        **instance_kwargs(source, algorithm, OutputKind.SR, flag_headline(result, output),
+                                  content_inputs(result, caveats)),
     )
     complete_series(source, sr)
     logger.debug("SR %s for %s: %d groups", sr.SOPInstanceUID, source.SOPInstanceUID, len(groups))

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-LUNG_COLOUR = (0, 255, 0)
-REGION_COLOUR = (255, 0, 255)
+from pipelines.chest_xray.plugin import LUNG_COLOUR, REGION_COLOUR
+
 #: Heat below this is left transparent; above it the colour map fades in up to MAX_ALPHA.
 HEAT_FLOOR = 0.2
 MAX_ALPHA = 0.55

@@ -15,6 +15,7 @@ from pipelines.chest_xray.content import ContentCheck
 from pipelines.chest_xray.gate import DEFAULT_MAX_MEGAPIXELS, UnknownAge, check_chest_radiograph
 from pipelines.chest_xray.gradcam import region
 from pipelines.chest_xray.models import load_network, read_manifest
+from pipelines.chest_xray.plugin import LUNGS
 from pipelines.chest_xray.preprocess import load_dataset
 from pipelines.chest_xray.segmentation import LungSegmenter
 from pipelines.errors import WeightsError
@@ -119,7 +120,7 @@ class ChestXrayPipeline:
             return []
         masks = self.segmenter.masks([image.display for image in inputs])
         verdicts = self.content_check.verdicts([image.display for image in inputs], masks)
-        results = [ImageResult(image.sop_instance_uid, mask, verdict=verdict)
+        results = [ImageResult(image.sop_instance_uid, {LUNGS: mask}, verdict=verdict)
                    for image, mask, verdict in zip(inputs, masks, verdicts, strict=True)]
         for result, verdict in zip(results, verdicts, strict=True):
             if not verdict.accepted:
@@ -128,7 +129,7 @@ class ChestXrayPipeline:
         if not analysed:
             return results
         displays = [image.display for image, _ in analysed]
-        accepted_masks = [result.lung_mask for _, result in analysed]
+        accepted_masks = [result.masks[LUNGS] for _, result in analysed]
         for classifier in self.classifiers:
             batch, boxes = classifier.inputs(displays, accepted_masks)
             probabilities = classifier.probabilities(batch)

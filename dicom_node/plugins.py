@@ -1,0 +1,105 @@
+"""The pipelines the node runs: plug-ins found by entry point (see :mod:`pipelines.base`).
+
+The chest X-ray pipeline declares itself in dicom-node's ``pyproject.toml``; another
+package adds one the same way::
+
+    [project.entry-points."dicom_node.pipelines"]
+    chest_xray = "pipelines.chest_xray.plugin:ChestXrayPlugin"
+
+``pipeline.name`` chooses the one that runs (default ``chest_xray``); its options
+are ``pipelines.<name>`` (the chest's also default to ``gate`` and ``pipeline.manifest``).
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from dicom_node.errors import ConfigError, WeightsCheckError
+from pipelines.base import GROUP, Pipeline, PipelineOptions, PipelinePlugin, Runtime
+from pipelines.errors import WeightsError
+
+if TYPE_CHECKING:
+    from dicom_node.config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def installed_pipelines() -> set[str]:
+    """Return the names of the installed pipeline plug-ins."""
+    return set(entry_points(group=GROUP).names)
+
+
+def pipeline_plugin(name: str) -> PipelinePlugin:
+    """Return the plug-in installed as ``name``.
+
+    Raises :class:`ConfigError` naming it and the installed ones when none is installed
+    under that name, or naming its entry point when it cannot be loaded.
+    """
+    installed = entry_points(group=GROUP)
+    if name not in installed.names:
+        raise ConfigError(f"no pipeline '{name}' is installed (installed: "
+                          f"{', '.join(sorted(installed.names)) or 'none'})")
+    entry = installed[name]
+    try:
+        plugin = entry.load()()
+    except (ImportError, AttributeError, TypeError) as exc:
+        raise ConfigError(f"the pipeline '{name}' ({entry.value}) cannot be loaded: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(plugin, PipelinePlugin):
+        raise ConfigError(f"the pipeline '{name}' ({entry.value}) is not a pipelines.base.PipelinePlugin")
+    return plugin
+
+
+def configured_plugins(settings: Settings) -> list[PipelinePlugin]:
+    """Return the plug-ins of the pipelines configured to run (``pipeline.name``); raises ConfigError."""
+    return [pipeline_plugin(settings.pipeline.name)]
+
+
+def plugin_options(plugin: PipelinePlugin, settings: Settings) -> PipelineOptions:
+    """Return ``plugin``'s options from ``settings``; raises :class:`ConfigError` naming what is invalid."""
+    try:
+        return plugin.options(settings.model_dump())
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in error['loc']) or '(options)'}: {error['msg']}"
+                             for error in exc.errors())
+        raise ConfigError(f"invalid options of the pipeline '{plugin.name}': {problems}") from exc
+
+
+def kept_sop_classes(settings: Settings) -> frozenset[str]:
+    """Return the SOP classes the SCP keeps: those of every configured pipeline."""
+    return frozenset().union(*(plugin.sop_classes for plugin in configured_plugins(settings)))
+
+
+def verify_weights(settings: Settings) -> None:
+    """Check every weights file of the configured pipelines against its recorded digest.
+
+    Raises :class:`WeightsCheckError` naming a missing or altered file, so that ``serve``
+    refuses to start rather than run a worker that cannot.
+    """
+    for plugin in configured_plugins(settings):
+        try:
+            plugin.verify_weights(plugin_options(plugin, settings))
+        except WeightsError as exc:
+            raise WeightsCheckError(str(exc)) from exc
+
+
+def build_pipeline(settings: Settings, *, device: str | None = None,
+                   manifest: Path | None = None) -> tuple[PipelinePlugin, Pipeline]:
+    """Return the configured plug-in and its pipeline, weights loaded, on ``device`` (default
+    ``worker.device``) with the weights manifest ``manifest`` when given.
+
+    Raises :class:`ConfigError`, or :class:`pipelines.errors.WeightsError` when a weights file is bad.
+    """
+    [plugin] = configured_plugins(settings)
+    options = plugin_options(plugin, settings)
+    if manifest is not None:
+        options = options.model_copy(update={"manifest": manifest})
+    runtime = Runtime(device=device or settings.worker.device, max_megapixels=settings.scp.max_image_megapixels)
+    pipeline = plugin.build(options, runtime)
+    logger.info("Pipeline %s %s", plugin.name, pipeline.version)
+    return plugin, pipeline

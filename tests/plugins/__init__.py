@@ -1,0 +1,1 @@
+"""Pipeline plug-ins of the tests, installed through entry points the tests write."""
