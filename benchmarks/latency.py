@@ -76,10 +76,11 @@ def reference_seconds(path: Path) -> float:
     """Decode, analyse and write the three results in-process; return the best of 3 runs."""
     from dicom_node.writers import AlgorithmIdentity, write_results
     from pipelines.chest_xray.pipeline import ChestXrayPipeline
+    from pipelines.chest_xray.plugin import ChestXrayPlugin
 
     pipeline = ChestXrayPipeline.from_manifest(
         Path(__file__).resolve().parent.parent / "weights" / "manifest.yaml", device="cpu")
-    algorithm = AlgorithmIdentity(pipeline.name, pipeline.version, pipeline.model_versions)
+    algorithm = AlgorithmIdentity.of(pipeline, ChestXrayPlugin())
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()

@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from dicom_node import retention, tasks

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from dicom_node.analysis import Analyzer
 from dicom_node.db import Instance, Job, JobStatus
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
+from pipelines.chest_xray.plugin import ChestXrayPlugin
 from tests.hostile_corpus import cases
 from tests.test_pipeline import MANIFEST
 from tests.test_scp_bad_input import send_files_as_they_are, still_serving, store  # noqa: F401 (a fixture)
@@ -58,7 +59,7 @@ def test_every_hostile_case_gets_a_status_then_a_verdict_and_the_node_keeps_serv
             session.flush()
             instance.job_id = job.id
     pipeline = ChestXrayPipeline.from_manifest(MANIFEST, device="cpu")
-    analyzer = Analyzer(scp.db, scp.audit, pipeline, tmp_path / "results", worker="test-worker")
+    analyzer = Analyzer(scp.db, scp.audit, ChestXrayPlugin(), pipeline, tmp_path / "results", worker="test-worker")
     with scp.db.session() as session:
         job_ids = session.scalars(select(Job.id)).all()
     for job_id in job_ids:

@@ -5,7 +5,6 @@ end to end through `serve` to an SC, a SEG and an SR that pass dciodvfy and read
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import highdicom as hd
