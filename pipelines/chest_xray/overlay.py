@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from pipelines.chest_xray.plugin import LUNG_COLOUR, REGION_COLOUR
+from pipelines.chest_xray.legend import LUNG_COLOUR, REGION_COLOUR
 
 #: Heat below this is left transparent; above it the colour map fades in up to MAX_ALPHA.
 HEAT_FLOOR = 0.2

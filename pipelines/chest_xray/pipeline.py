@@ -15,7 +15,7 @@ from pipelines.chest_xray.content import ContentCheck
 from pipelines.chest_xray.gate import DEFAULT_MAX_MEGAPIXELS, UnknownAge, check_chest_radiograph
 from pipelines.chest_xray.gradcam import region
 from pipelines.chest_xray.models import load_network, read_manifest
-from pipelines.chest_xray.plugin import LUNGS
+from pipelines.chest_xray.legend import LUNGS
 from pipelines.chest_xray.preprocess import load_dataset
 from pipelines.chest_xray.segmentation import LungSegmenter
 from pipelines.errors import WeightsError

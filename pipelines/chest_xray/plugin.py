@@ -23,13 +23,10 @@ from pipelines.base import (
     GateVerdict, ImageInput, OutputDescription, Pipeline, PipelineOptions, PipelinePlugin, Runtime, Segment,
 )
 from pipelines.chest_xray.gate import AGE_UNKNOWN, PROJECTION_MODALITIES, UnknownAge, is_chest
+from pipelines.chest_xray.legend import LUNG_COLOUR, LUNGS, REGION_COLOUR
 
 #: The bundled weights manifest.
 DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent.parent / "weights" / "manifest.yaml"
-#: Tracking name of the lung segment, the key of its mask in ``ImageResult.masks``.
-LUNGS = "lungs"
-LUNG_COLOUR = (0, 255, 0)
-REGION_COLOUR = (255, 0, 255)
 
 #: SNOMED CT codes of the findings the bundled manifest's heads report, by ``Finding.name``.
 FINDING_CODES: dict[str, Code] = {
