@@ -13,12 +13,12 @@ are ``pipelines.<name>`` (the chest's also default to ``gate`` and ``pipeline.ma
 from __future__ import annotations
 
 import logging
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from dicom_node.entry_point import installed_names, load_entry_point
 from dicom_node.errors import ConfigError, WeightsCheckError
 from pipelines.base import GROUP, Pipeline, PipelineOptions, PipelinePlugin, Runtime
 from pipelines.errors import WeightsError
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def installed_pipelines() -> set[str]:
     """Return the names of the installed pipeline plug-ins."""
-    return set(entry_points(group=GROUP).names)
+    return installed_names(GROUP)
 
 
 def pipeline_plugin(name: str) -> PipelinePlugin:
@@ -40,18 +40,13 @@ def pipeline_plugin(name: str) -> PipelinePlugin:
     Raises :class:`ConfigError` naming it and the installed ones when none is installed
     under that name, or naming its entry point when it cannot be loaded.
     """
-    installed = entry_points(group=GROUP)
-    if name not in installed.names:
-        raise ConfigError(f"no pipeline '{name}' is installed (installed: "
-                          f"{', '.join(sorted(installed.names)) or 'none'})")
-    entry = installed[name]
+    plugin_class = load_entry_point(GROUP, name, f"pipeline '{name}'")
     try:
-        plugin = entry.load()()
-    except (ImportError, AttributeError, TypeError) as exc:
-        raise ConfigError(f"the pipeline '{name}' ({entry.value}) cannot be loaded: "
-                          f"{type(exc).__name__}: {exc}") from exc
+        plugin = plugin_class()
+    except TypeError as exc:
+        raise ConfigError(f"the pipeline '{name}' cannot be made: {type(exc).__name__}: {exc}") from exc
     if not isinstance(plugin, PipelinePlugin):
-        raise ConfigError(f"the pipeline '{name}' ({entry.value}) is not a pipelines.base.PipelinePlugin")
+        raise ConfigError(f"the pipeline '{name}' is not a pipelines.base.PipelinePlugin")
     return plugin
 
 

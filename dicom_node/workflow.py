@@ -131,9 +131,7 @@ def retry_job(db: NodeDatabase, audit: AuditTrail, job_id: int, *, actor: str) -
         retried = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(FINISHED_JOB))
                                   .values(status=JobStatus.QUEUED, started_at=None,
                                           finished_at=None, reason=None)).rowcount
-        job = session.get(Job, job_id)
-        if job is None:
-            raise NoSuchJobError(f"no job {job_id}")
+        job = _job(session, job_id)
         if not retried:
             raise StateChangeError(f"job {job_id} is {job.status.value}: only a finished job "
                                    "can be analysed again")
@@ -291,11 +289,8 @@ def resend_job(db: NodeDatabase, audit: AuditTrail, job_id: int, *, actor: str) 
     has no deliveries.
     """
     with db.session() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise NoSuchJobError(f"no job {job_id}")
-        deliveries = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)
-                                          .order_by(Delivery.id)))
+        job = _job(session, job_id)
+        deliveries = _deliveries(session, job_id)
         if not deliveries:
             raise StateChangeError(f"job {job_id} has no deliveries")
         leads: dict[str, int] = {}  # one message per destination sends all of its results
@@ -326,19 +321,26 @@ def list_jobs(db: NodeDatabase, *, statuses: Iterable[JobStatus] = (), dead_lett
     elif statuses:
         query = query.where(Job.status.in_(statuses))
     with db.session() as session:
-        return [(job, list(session.scalars(select(Delivery).where(Delivery.job_id == job.id)
-                                           .order_by(Delivery.id))))
+        return [(job, _deliveries(session, job.id))
                 for job in session.scalars(query)]
 
 
 def job_details(db: NodeDatabase, job_id: int) -> tuple[Job, list[Instance], list[Delivery]]:
     """Return a job, its instances and its deliveries; raises :class:`NoSuchJobError`."""
     with db.session() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise NoSuchJobError(f"no job {job_id}")
+        job = _job(session, job_id)
         instances = list(session.scalars(select(Instance).where(Instance.job_id == job_id)
                                          .order_by(Instance.id)))
-        deliveries = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)
-                                          .order_by(Delivery.id)))
+        deliveries = _deliveries(session, job_id)
     return job, instances, deliveries
+
+
+def _job(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NoSuchJobError(f"no job {job_id}")
+    return job
+
+
+def _deliveries(session: Session, job_id: int) -> list[Delivery]:
+    return list(session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))

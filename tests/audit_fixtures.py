@@ -12,7 +12,11 @@ import yaml
 from click.testing import CliRunner, Result
 from pydicom import Dataset
 
+from sqlalchemy import Connection
+
 from dicom_node.audit import AuditEvent, AuditTrail
+from dicom_node.audit.keys import AuditKeys
+from dicom_node.audit.store import events
 from dicom_node.cli import main
 from dicom_node.config import Settings, load_settings
 from dicom_node.db import Instance, Job, JobStatus, NodeDatabase
@@ -105,3 +109,16 @@ def store_instance(node: Node, db: NodeDatabase, ds: Dataset, *,
             calling_ae="PACS", patient_pseudonym=pseudonym, received_at=datetime.now(UTC),
             job_id=job.id if job else None))
     return spooled, results
+
+
+def insert_chained_starts(connection: Connection, keys: AuditKeys, previous: str, count: int) -> str:
+    """Insert ``count`` node-started rows (ids 1..count) chained from ``previous``, as a node of
+    an earlier version wrote them; return the last row's hash."""
+    for number in range(1, count + 1):
+        row = {"id": number, "time": datetime(2026, 1, 1, tzinfo=UTC), "event": "node-started",
+               "event_id": "110100", "outcome": "success", "actor": "host", "remote": None,
+               "pseudonym": None, "study_uid": None, "series_uid": None, "sop_uid": None,
+               "job_id": None, "detail": f"start {number}"}
+        previous = keys.chain_hash(previous, row)
+        connection.execute(events.insert().values(**row, hash=previous))
+    return previous

@@ -20,6 +20,9 @@ from typing import Any
 import pytest
 import yaml
 from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage
 from sqlalchemy import select
 
 from dicom_node.audit import AuditTrail
@@ -403,3 +406,16 @@ def linked_namespaces() -> Iterator[LinkedNamespaces]:
     finally:
         for name in made:
             subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def store_as_is(port: int, path: Path, transfer_syntax: str = ExplicitVRLittleEndian) -> int:
+    """C-STORE ``path`` to the SCP on ``port`` as a CR over ``transfer_syntax``, calling AE
+    TESTSCU; return the status it answers."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, transfer_syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,12 @@ from dicom_node import migrations
 from dicom_node.audit import AuditTrail
 from dicom_node.audit.chain import verify_chain
 from dicom_node.audit.keys import AuditKeys
-from dicom_node.audit.store import GENESIS_HASH, events
+from dicom_node.audit.store import GENESIS_HASH
 from dicom_node.audit.store import metadata as audit_metadata
-from dicom_node.db import Base, Instance, Job, JobStatus, NodeDatabase
+from dicom_node.db import Base, Instance, JobStatus, NodeDatabase
 from dicom_node.errors import SchemaVersionError
-from tests.conftest import NodeProcess, dcmtk_tool, run_tool, wait_for
+from tests.audit_fixtures import insert_chained_starts
+from tests.conftest import dcmtk_tool, run_tool, wait_for
 from tests.dicom_factory import write_cr
 from tests.test_scale_out import postgres_url  # noqa: F401  (a fixture: a scratch database)
 
@@ -98,14 +98,7 @@ def released_databases(state_dir: Path, *, head_mac: bool = True) -> None:
     genesis = keys.genesis_hash() if head_mac else GENESIS_HASH
     engine = create_engine(f"sqlite:///{state_dir / 'audit.db'}")
     with engine.begin() as connection:
-        previous = genesis
-        for number in range(1, 4):
-            row = {"id": number, "time": datetime(2026, 1, 1, tzinfo=UTC), "event": "node-started",
-                   "event_id": "110100", "outcome": "success", "actor": "host", "remote": None,
-                   "pseudonym": None, "study_uid": None, "series_uid": None, "sop_uid": None,
-                   "job_id": None, "detail": f"start {number}"}
-            previous = keys.chain_hash(previous, row)
-            connection.execute(events.insert().values(**row, hash=previous))
+        previous = insert_chained_starts(connection, keys, genesis, 3)
         values = {"id": 3, "hash": previous, "genesis": genesis}
         if head_mac:
             connection.execute(text("INSERT INTO audit_chain VALUES (1, :id, :hash, 0, :genesis, :mac)"),

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from dicom_node.db import Instance
 from dicom_node.scp import StorageSCP
-from tests.conftest import dataset_bytes, dcmtk_tool, wait_for
+from tests.conftest import dataset_bytes, dcmtk_tool, store_as_is, wait_for
 from tests.dicom_factory import write_cr
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -34,14 +34,7 @@ def send_files_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def store(scp: StorageSCP, path: Path) -> int:
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE")
-    assert assoc.is_established
-    try:
-        return int(assoc.send_c_store(path).Status)
-    finally:
-        assoc.release()
+    return store_as_is(scp.port, path)
 
 
 def still_serving(scp: StorageSCP) -> bool:

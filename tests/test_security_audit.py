@@ -7,7 +7,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from dicom_node.audit.trail import audit_secret
 from dicom_node.config import load_settings
 from dicom_node.db import JobStatus
 from pipelines.errors import InputError
+from tests.audit_fixtures import insert_chained_starts
 from tests.conftest import NodeProcess, dcmtk_tool, run_tool, wait_for
 from tests.dicom_factory import TEST_PATIENT_ID, TEST_PATIENT_NAME, write_cr, write_rg1_study
 
@@ -164,14 +164,7 @@ def legacy_store(path: Path, secret: bytes, rows: int) -> None:
             "CREATE TABLE audit_chain (id INTEGER PRIMARY KEY, head_id INTEGER NOT NULL, "
             "head_hash VARCHAR(64) NOT NULL, anchor_id INTEGER NOT NULL, "
             "anchor_hash VARCHAR(64) NOT NULL)"))
-        previous = GENESIS_HASH
-        for number in range(1, rows + 1):
-            row = {"id": number, "time": datetime(2026, 1, 1, tzinfo=UTC), "event": "node-started",
-                   "event_id": "110100", "outcome": "success", "actor": "host", "remote": None,
-                   "pseudonym": None, "study_uid": None, "series_uid": None, "sop_uid": None,
-                   "job_id": None, "detail": f"start {number}"}
-            previous = keys.chain_hash(previous, row)
-            connection.execute(events.insert().values(**row, hash=previous))
+        previous = insert_chained_starts(connection, keys, GENESIS_HASH, rows)
         connection.execute(text(
             "INSERT INTO audit_chain VALUES (1, :id, :hash, 0, :genesis)"),
             {"id": rows, "hash": previous, "genesis": GENESIS_HASH})

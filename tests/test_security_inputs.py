@@ -25,13 +25,12 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless
-from pynetdicom import AE, _config
-from pynetdicom.sop_class import ComputedRadiographyImageStorage
+from pynetdicom import _config
 
 from dicom_node.db import Instance
 from pipelines.chest_xray.gate import check_chest_radiograph
 from pipelines.chest_xray.preprocess import load_dataset
-from tests.conftest import NodeProcess, dataset_bytes
+from tests.conftest import NodeProcess, dataset_bytes, store_as_is
 from tests.dicom_factory import make_cr, write_rg1_study
 from tests.test_pipeline import MANIFEST
 
@@ -93,14 +92,7 @@ def write_pixel_bomb(path: Path, side: int = PIXEL_BOMB_SIDE) -> Dataset:
 
 def store(node: NodeProcess, path: Path, transfer_syntax: str) -> int:
     """Send ``path`` as it is to ``node`` with ``transfer_syntax``; return the C-STORE status."""
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(ComputedRadiographyImageStorage, transfer_syntax)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
-    assert assoc.is_established
-    try:
-        return int(assoc.send_c_store(path).Status)
-    finally:
-        assoc.release()
+    return store_as_is(node.port, path, transfer_syntax)
 
 
 def peak_rss(pid: int) -> int:

@@ -16,6 +16,7 @@ from dicom_node.cli import main
 from dicom_node.config import DimseDestination, Settings, load_settings
 from dicom_node.db import Delivery, DeliveryStatus, Job, JobStatus, NodeDatabase
 from dicom_node.delivery import Deliverer
+from dicom_node import entry_point
 from dicom_node.errors import ConfigError
 from dicom_node.senders import base
 from dicom_node.senders.base import (
@@ -50,11 +51,17 @@ def clean_environment(monkeypatch):
             monkeypatch.delenv(key)
 
 
+def senders_only(installed: EntryPoints):
+    """Return an ``entry_points`` that answers ``installed`` for the senders' group, the real
+    installation for any other (the pipelines)."""
+    return lambda group: installed.select(group=group) if group == GROUP else entry_points(group=group)
+
+
 @pytest.fixture
 def recording_sender(monkeypatch):
     """Install :class:`RecordingSender` as the only sender, of the type ``dimse``."""
     installed = EntryPoints([EntryPoint("dimse", f"{__name__}:RecordingSender", GROUP)])
-    monkeypatch.setattr(base, "entry_points", lambda group: installed.select(group=group))
+    monkeypatch.setattr(entry_point, "entry_points", senders_only(installed))
     ANSWERS.clear()
     CALLS.clear()
     yield
@@ -120,7 +127,7 @@ def test_an_unknown_type_is_a_config_error_naming_it_and_the_known_kinds(tmp_pat
 
 @pytest.mark.timeout(60)  # were it not refused, serve would run until stopped
 def test_a_type_without_an_installed_sender_is_refused_at_start(tmp_path, monkeypatch):
-    monkeypatch.setattr(base, "entry_points", lambda group: EntryPoints([]))
+    monkeypatch.setattr(entry_point, "entry_points", senders_only(EntryPoints([])))
     config = config_file(tmp_path)
     with pytest.raises(ConfigError, match="destination 'pacs' is of type 'dimse', for which no "
                                           r"sender is installed \(installed: none\)"):
@@ -129,7 +136,7 @@ def test_a_type_without_an_installed_sender_is_refused_at_start(tmp_path, monkey
     assert result.exit_code == 1
     assert "no sender is installed" in result.output
     assert not (tmp_path / "state").exists()  # refused before anything started
-    with pytest.raises(ConfigError, match=r"no sender is installed for destination type 'dimse'"):
+    with pytest.raises(ConfigError, match=r"no sender for destination type 'dimse' is installed"):
         sender_type("dimse")
 
 

@@ -19,11 +19,10 @@ import enum
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dicom_node.errors import ConfigError
+from dicom_node.entry_point import installed_names, load_entry_point
 
 if TYPE_CHECKING:
     from dicom_node.config import Destination, Settings
@@ -84,7 +83,7 @@ SenderType = Callable[[Any, "Settings"], Sender]
 
 def installed_kinds() -> set[str]:
     """Return the destination types for which a sender is installed."""
-    return set(entry_points(group=GROUP).names)
+    return installed_names(GROUP)
 
 
 def sender_type(kind: str) -> SenderType:
@@ -93,16 +92,7 @@ def sender_type(kind: str) -> SenderType:
     Raises :class:`ConfigError` naming the type and the installed ones when no sender is
     installed for it, or naming its entry point when that cannot be loaded.
     """
-    installed = entry_points(group=GROUP)
-    if kind not in installed.names:
-        raise ConfigError(f"no sender is installed for destination type '{kind}' (installed: "
-                          f"{', '.join(sorted(installed.names)) or 'none'})")
-    entry = installed[kind]
-    try:
-        return entry.load()
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"the sender of destination type '{kind}' ({entry.value}) cannot be "
-                          f"loaded: {type(exc).__name__}: {exc}") from exc
+    return load_entry_point(GROUP, kind, f"sender for destination type '{kind}'")
 
 
 def build_sender(destination: Destination, settings: Settings) -> Sender:

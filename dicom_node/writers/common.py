@@ -62,10 +62,10 @@ class AlgorithmIdentity:
     manufacturer: str = "dicom-node"
 
     def __post_init__(self) -> None:
-        for field in ("name", "version", "manufacturer"):
-            value = getattr(self, field)
+        for attribute in ("name", "version", "manufacturer"):
+            value = getattr(self, attribute)
             if not value or len(value) > 64:
-                raise ValueError(f"AlgorithmIdentity.{field} must be 1 to 64 characters, got {value!r}")
+                raise ValueError(f"AlgorithmIdentity.{attribute} must be 1 to 64 characters, got {value!r}")
 
     @classmethod
     def of(cls, pipeline: Pipeline, plugin: PipelinePlugin) -> AlgorithmIdentity:
