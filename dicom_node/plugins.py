@@ -34,25 +34,39 @@ def installed_pipelines() -> set[str]:
     return installed_names(GROUP)
 
 
-def pipeline_plugin(name: str) -> PipelinePlugin:
-    """Return the plug-in installed as ``name``.
+def pipeline_plugin(name: str, settings: Settings | None = None) -> PipelinePlugin:
+    """Return the plug-in configured as ``name``: the one installed under ``pipelines.<name>.plugin``
+    of ``settings`` when set (so that one plug-in runs under several names, each with its own
+    options), else the one installed as ``name``; it answers to ``name``.
 
     Raises :class:`ConfigError` naming it and the installed ones when none is installed
     under that name, or naming its entry point when it cannot be loaded.
     """
-    plugin_class = load_entry_point(GROUP, name, f"pipeline '{name}'")
+    own = (settings.pipelines.get(name) or {}) if settings is not None else {}
+    installed_as = str(own.get("plugin") or name)
+    plugin_class = load_entry_point(GROUP, installed_as, f"pipeline '{installed_as}'")
     try:
         plugin = plugin_class()
     except TypeError as exc:
-        raise ConfigError(f"the pipeline '{name}' cannot be made: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(f"the pipeline '{installed_as}' cannot be made: {type(exc).__name__}: {exc}") from exc
     if not isinstance(plugin, PipelinePlugin):
-        raise ConfigError(f"the pipeline '{name}' is not a pipelines.base.PipelinePlugin")
+        raise ConfigError(f"the pipeline '{installed_as}' is not a pipelines.base.PipelinePlugin")
+    plugin.name = name
     return plugin
 
 
 def configured_plugins(settings: Settings) -> list[PipelinePlugin]:
-    """Return the plug-ins of the pipelines configured to run (``pipeline.name``); raises ConfigError."""
-    return [pipeline_plugin(settings.pipeline.name)]
+    """Return the plug-ins of the pipelines configured to run (``pipeline.name``), each configured
+    with its options; raises ConfigError."""
+    plugins = []
+    for name in [settings.pipeline.name]:
+        plugin = pipeline_plugin(name, settings)
+        try:
+            plugin.configure(plugin_options(plugin, settings))
+        except WeightsError as exc:
+            raise ConfigError(f"the pipeline '{name}': {exc}") from exc
+        plugins.append(plugin)
+    return plugins
 
 
 def plugin_options(plugin: PipelinePlugin, settings: Settings) -> PipelineOptions:

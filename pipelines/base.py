@@ -242,11 +242,26 @@ class PipelinePlugin(ABC):
     output: ClassVar[OutputDescription]
 
     def options(self, settings: Mapping[str, Any]) -> PipelineOptions:
-        """Return the options from the node's settings (as plain data): ``pipelines.<name>``.
+        """Return the options from the node's settings (as plain data): ``pipelines.<name>``
+        but its ``plugin`` key (see :meth:`own_settings`).
 
         Raises pydantic's ValidationError when they do not fit :attr:`options_model`.
         """
-        return self.options_model.model_validate((settings.get("pipelines") or {}).get(self.name) or {})
+        return self.options_model.model_validate(self.own_settings(settings))
+
+    def own_settings(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """Return ``pipelines.<name>`` of the node's settings (plain data) without the ``plugin``
+        key, which names the plug-in a configured name runs (see :mod:`dicom_node.plugins`)."""
+        own = (settings.get("pipelines") or {}).get(self.name) or {}
+        return {key: value for key, value in own.items() if key != "plugin"}
+
+    def configure(self, options: PipelineOptions) -> None:
+        """Take from ``options`` what the node reads before a pipeline is built, loading nothing
+        heavy: a plug-in whose SOP classes, modalities or output description come from a manifest
+        sets them here on itself. By default there is nothing to take.
+
+        Raises :class:`pipelines.errors.WeightsError` when its manifest cannot be read.
+        """
 
     @abstractmethod
     def verify_weights(self, options: PipelineOptions) -> None:

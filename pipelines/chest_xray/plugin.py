@@ -92,8 +92,7 @@ class ChestXrayPlugin(PipelinePlugin):
         gate = {key: value for key, value in (settings.get("gate") or {}).items()
                   if key in ChestXrayOptions.model_fields}
         legacy = {**gate, "manifest": (settings.get("pipeline") or {}).get("manifest")}
-        own = (settings.get("pipelines") or {}).get(self.name) or {}
-        return ChestXrayOptions.model_validate({**legacy, **own})
+        return ChestXrayOptions.model_validate({**legacy, **self.own_settings(settings)})
 
     def verify_weights(self, options: ChestXrayOptions) -> None:
         """Check the manifest's lung, content check and finding weights against their sha256."""
