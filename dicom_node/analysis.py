@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.audit.failures import failure_text, traceback_text
-from dicom_node.config import Destination, Settings
+from dicom_node.config import Settings
 from dicom_node.db import Instance, InstanceVerdict, Job, JobStatus, NodeDatabase
 from dicom_node.metrics import JOBS, STAGE_SECONDS
 from dicom_node.results import findings_summary, result_dir, save_result
@@ -32,7 +32,8 @@ from dicom_node.workflow import (
     claim_job, defer_job, finish_job, queue_deliveries, requeue_interrupted_jobs,
 )
 from dicom_node.writers import AlgorithmIdentity, OutputKind, write_not_analysed, write_results
-from dicom_node.plugins import build_pipeline
+from dicom_node.plugins import build_pipelines
+from dicom_node.routing import NO_ROUTE_REASON, RouteDecision, Router
 from pipelines.base import Pipeline, PipelinePlugin
 from pipelines.errors import PipelineError
 
@@ -55,31 +56,40 @@ class InstanceOutcome:
     reason: str
 
 
-class Analyzer:
-    """Runs jobs through the quality gate and the pipeline in one worker process."""
+@dataclass(frozen=True)
+class RoutedPipeline:
+    """A pipeline the routes run: its plug-in, the pipeline, and the identity its results carry."""
 
-    def __init__(self, db: NodeDatabase, audit: AuditTrail, plugin: PipelinePlugin, pipeline: Pipeline,
-                 results_root: Path, *, worker: str, destinations: Sequence[Destination] = (),
-                 note_skipped: bool = False) -> None:
+    plugin: PipelinePlugin
+    pipeline: Pipeline
+    algorithm: AlgorithmIdentity
+
+    @classmethod
+    def of(cls, plugin: PipelinePlugin, pipeline: Pipeline) -> RoutedPipeline:
+        return cls(plugin, pipeline, AlgorithmIdentity.of(pipeline, plugin))
+
+
+class Analyzer:
+    """Runs jobs through the routes, the quality gate and the pipelines in one worker process."""
+
+    def __init__(self, db: NodeDatabase, audit: AuditTrail,
+                 pipelines: Mapping[str, tuple[PipelinePlugin, Pipeline]], router: Router,
+                 results_root: Path, *, worker: str, note_skipped: bool = False) -> None:
         self.db = db
         self.audit = audit
-        self.plugin = plugin
-        self.pipeline = pipeline
+        self.pipelines = {name: RoutedPipeline.of(*built) for name, built in pipelines.items()}
+        self.router = router
         self.results_root = results_root
         self.worker = worker
-        self.destinations = list(destinations)
         self.note_skipped = note_skipped
-        self.algorithm = AlgorithmIdentity.of(pipeline, plugin)
 
     @classmethod
     def from_settings(cls, settings: Settings, db: NodeDatabase, audit: AuditTrail, *,
                       worker: str) -> Analyzer:
-        """Build the analyzer with the configured pipeline; loads its weights now and raises
+        """Build the analyzer with every pipeline the routes run; loads their weights now and raises
         :class:`pipelines.errors.WeightsError` if any is bad (ConfigError for an unknown pipeline)."""
-        plugin, pipeline = build_pipeline(settings)
-        return cls(db, audit, plugin, pipeline, settings.results_dir, worker=worker,
-                   destinations=settings.destinations,
-                   note_skipped=settings.outputs.not_analysed_note)
+        return cls(db, audit, build_pipelines(settings), Router.from_settings(settings), settings.results_dir,
+                   worker=worker, note_skipped=settings.outputs.not_analysed_note)
 
     def requeue_interrupted(self) -> list[int]:
         """Queue again the jobs dead workers left, this worker's name included (see
@@ -129,56 +139,78 @@ class Analyzer:
         return JobStatus.QUEUED
 
     def _analyse_instance(self, job_id: int, instance: Instance) -> InstanceOutcome:
-        """Gate (tags, then image content), analyse and write the outputs of one instance; return its verdict.
+        """Route one instance and run it through each pipeline of its route; return its verdict:
+        failed when a pipeline failed, else analysed when one analysed it, else skipped.
 
         Raises :class:`ResultsDiskFull` when its results do not fit on the disk (nothing of them is kept).
         """
-        stage = "reading the instance"
         try:
             dataset = dcmread(instance.path)
-            stage = "the quality gate"
-            verdict = self.pipeline.accepts(dataset)
-            folder = result_dir(self.results_root, instance.study_instance_uid,
-                                instance.sop_instance_uid)
+            decision = self.router.route(dataset, instance.calling_ae)
+        except Exception as exc:
+            return self._failed(job_id, instance, exc, "reading the instance")
+        if decision is None or not decision.pipelines:
+            reason = NO_ROUTE_REASON if decision is None else f"route {decision.route} runs no pipeline"
+            return InstanceOutcome(InstanceVerdict.SKIPPED, reason)
+        outcomes = {name: self._run_pipeline(job_id, instance, dataset, self.pipelines[name], decision)
+                    for name in decision.pipelines}
+        return _instance_outcome(outcomes)
+
+    def _run_pipeline(self, job_id: int, instance: Instance, dataset: Dataset, routed: RoutedPipeline,
+                      decision: RouteDecision) -> InstanceOutcome:
+        """Gate (tags, then image content), analyse and write the outputs of one instance with one
+        pipeline; return its verdict. Raises :class:`ResultsDiskFull`."""
+        pipeline = routed.pipeline
+        folder = result_dir(self.results_root, instance.study_instance_uid, instance.sop_instance_uid,
+                            routed.plugin.name)
+        stage = "the quality gate"
+        try:
+            verdict = pipeline.accepts(dataset)
             if not verdict.accepted:
                 stage = "the not-analysed note"
-                return self._skip(job_id, instance, dataset, folder, verdict.reason)
+                return self._skip(job_id, instance, dataset, folder, routed, decision, verdict.reason)
             stage = "the pipeline"
             with STAGE_SECONDS.labels("decode").time():
-                image = self.pipeline.load(dataset)
+                image = pipeline.load(dataset)
             with STAGE_SECONDS.labels("pipeline").time():
-                result = self.pipeline.run([image])[0]
+                result = pipeline.run([image])[0]
             if not result.verdict.accepted:
                 stage = "the not-analysed note"
-                return self._skip(job_id, instance, dataset, folder, result.verdict.reason)
+                return self._skip(job_id, instance, dataset, folder, routed, decision, result.verdict.reason)
             stage = "the writers"
             with STAGE_SECONDS.labels("writers").time():
-                outputs = write_results(dataset, result, image.display, self.algorithm, caveats=verdict.caveats)
+                outputs = write_results(dataset, result, image.display, routed.algorithm, caveats=verdict.caveats)
                 with _disk_full_deferred(folder):
-                    save_result(folder, result, self.algorithm.label)
-                self._queue_outputs(job_id, instance, folder, outputs)
+                    save_result(folder, result, routed.algorithm.label)
+                self._queue_outputs(job_id, instance, folder, outputs, decision)
             scores = ", ".join(f"{f['name']}={f['probability']:.2f}{' FLAGGED' if f['flagged'] else ''}"
                                for f in findings_summary(result))
             return InstanceOutcome(InstanceVerdict.ANALYSED, "; ".join([scores, *verdict.caveats]))
         except ResultsDiskFull:
             raise
-        except (PipelineError, InvalidDicomError) as exc:  # bad input: one line, the reason
-            reason = failure_text(exc, "not a readable DICOM file")
-            logger.warning("Job %d: instance %s failed: %s", job_id, instance.sop_instance_uid, reason)
-            return InstanceOutcome(InstanceVerdict.FAILED, reason)
-        except Exception as exc:  # a model or node bug: a recorded failure (not a retry), with its traceback
-            reason = failure_text(exc, f"unexpected error in {stage}")
-            logger.error("Job %d: instance %s failed: %s\n%s", job_id, instance.sop_instance_uid,
-                         reason, traceback_text(exc))
-            return InstanceOutcome(InstanceVerdict.FAILED, reason)
+        except Exception as exc:
+            return self._failed(job_id, instance, exc, stage)
 
-    def _skip(self, job_id: int, instance: Instance, dataset: Dataset, folder: Path,
-              reason: str) -> InstanceOutcome:
+    @staticmethod
+    def _failed(job_id: int, instance: Instance, error: Exception, stage: str) -> InstanceOutcome:
+        """Return the failed outcome of ``error``: bad input in one line, its reason; a model or node
+        bug (a recorded failure, not a retry) with its traceback logged, library messages withheld."""
+        if isinstance(error, PipelineError | InvalidDicomError):
+            reason = failure_text(error, "not a readable DICOM file")
+            logger.warning("Job %d: instance %s failed: %s", job_id, instance.sop_instance_uid, reason)
+        else:
+            reason = failure_text(error, f"unexpected error in {stage}")
+            logger.error("Job %d: instance %s failed: %s\n%s", job_id, instance.sop_instance_uid,
+                         reason, traceback_text(error))
+        return InstanceOutcome(InstanceVerdict.FAILED, reason)
+
+    def _skip(self, job_id: int, instance: Instance, dataset: Dataset, folder: Path, routed: RoutedPipeline,
+              decision: RouteDecision, reason: str) -> InstanceOutcome:
         """Return the skipped outcome; queue the "not analysed" note when configured and the data set
         says it is an image the pipeline is meant for (the chest's: a chest)."""
-        if self.note_skipped and self.plugin.addresses(dataset):
-            note = write_not_analysed(dataset, reason, self.algorithm)
-            self._queue_outputs(job_id, instance, folder, {OutputKind.NOT_ANALYSED: note})
+        if self.note_skipped and routed.plugin.addresses(dataset):
+            note = write_not_analysed(dataset, reason, routed.algorithm)
+            self._queue_outputs(job_id, instance, folder, {OutputKind.NOT_ANALYSED: note}, decision)
         return InstanceOutcome(InstanceVerdict.SKIPPED, reason)
 
     def _record_verdict(self, instance: Instance, outcome: InstanceOutcome) -> None:
@@ -204,8 +236,9 @@ class Analyzer:
             detail=outcome.reason)
 
     def _queue_outputs(self, job_id: int, instance: Instance, folder: Path,
-                       outputs: dict[OutputKind, Dataset]) -> None:
-        """Write each output object durably, then queue its deliveries in one transaction."""
+                       outputs: dict[OutputKind, Dataset], decision: RouteDecision) -> None:
+        """Write each output object durably, then queue its deliveries to the route's destinations in
+        one transaction."""
         written = []
         with _disk_full_deferred(folder):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -217,7 +250,7 @@ class Analyzer:
                 written.append((kind.value, str(dataset.SOPInstanceUID), path))
         with self.db.session() as session:
             queue_deliveries(session, job_id=job_id, source_sop_uid=instance.sop_instance_uid,
-                             outputs=written, destinations=self.destinations)
+                             outputs=written, destinations=decision.destinations)
 
 
 @contextmanager
@@ -242,6 +275,17 @@ def _disk_full(error: BaseException | None) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def _instance_outcome(outcomes: Mapping[str, InstanceOutcome]) -> InstanceOutcome:
+    """Return one instance's outcome from its pipelines': failed when one failed, else analysed when
+    one analysed it, else skipped; the reason is the only pipeline's, or each one's by name."""
+    verdicts = [o.verdict for o in outcomes.values()]
+    verdict = next(v for v in (InstanceVerdict.FAILED, InstanceVerdict.ANALYSED, InstanceVerdict.SKIPPED)
+                   if v in verdicts)
+    if len(outcomes) == 1:
+        return InstanceOutcome(verdict, next(iter(outcomes.values())).reason)
+    return InstanceOutcome(verdict, " | ".join(f"{name}: {o.verdict.value}: {o.reason}" for name, o in outcomes.items()))
 
 
 def _job_status(outcomes: list[InstanceOutcome]) -> tuple[JobStatus, str]:

@@ -26,7 +26,8 @@ from pydantic_settings import (
 )
 
 from dicom_node.errors import ConfigError
-from dicom_node.plugins import configured_plugins, plugin_options
+from dicom_node.plugins import configured_plugins
+from dicom_node.routing import PIPELINE_NAME, Route, check_references
 from dicom_node.senders.base import installed_kinds
 from dicom_node.tls_subject import parse_subject
 
@@ -192,7 +193,8 @@ class GateSettings(Section):
 
 
 class PipelineSettings(Section):
-    name: str = Field("chest_xray", description="the pipeline plug-in that runs (see dicom_node.plugins)")
+    name: str = Field("chest_xray", pattern=PIPELINE_NAME, description="the pipeline that runs when no routes are configured, and "
+                      "`analyze`'s default (see dicom_node.plugins)")
     manifest: Path | None = Field(None, description="chest_xray's weights manifest; default: the bundled one")
 
 
@@ -266,6 +268,9 @@ class Settings(BaseSettings):
         default_factory=dict, description="each pipeline plug-in's options, by its name")
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     destinations: list[Destination] = Field(default_factory=list)
+    routes: list[Route] = Field(
+        default_factory=list, description="routing rules, tried in order (see dicom_node.routing); "
+        "none: every instance to pipeline.name and every destination")
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
@@ -287,10 +292,12 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _pipeline_installed(self) -> Settings:
+    def _routes_and_pipelines(self) -> Settings:
+        problems = check_references(self.routes, self.destinations)
+        if problems:
+            raise ValueError("; ".join(problems))
         try:
-            for plugin in configured_plugins(self):
-                plugin_options(plugin, self)
+            configured_plugins(self)
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
         return self

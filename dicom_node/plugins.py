@@ -6,8 +6,10 @@ package adds one the same way::
     [project.entry-points."dicom_node.pipelines"]
     chest_xray = "pipelines.chest_xray.plugin:ChestXrayPlugin"
 
-``pipeline.name`` chooses the one that runs (default ``chest_xray``); its options
-are ``pipelines.<name>`` (the chest's also default to ``gate`` and ``pipeline.manifest``).
+The routes (:mod:`dicom_node.routing`) choose which run; with none, ``pipeline.name`` does
+(default ``chest_xray``). A pipeline's options are ``pipelines.<name>`` (the chest's also
+default to ``gate`` and ``pipeline.manifest``); ``pipelines.<name>.plugin`` runs another
+installed plug-in under that name, so one plug-in may run twice with other options.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydantic import ValidationError
 
 from dicom_node.entry_point import installed_names, load_entry_point
 from dicom_node.errors import ConfigError, WeightsCheckError
+from dicom_node.routing import Router
 from pipelines.base import GROUP, Pipeline, PipelineOptions, PipelinePlugin, Runtime
 from pipelines.errors import WeightsError
 
@@ -55,18 +58,20 @@ def pipeline_plugin(name: str, settings: Settings | None = None) -> PipelinePlug
     return plugin
 
 
+def configured_plugin(name: str, settings: Settings) -> PipelinePlugin:
+    """Return the plug-in configured as ``name``, configured with its options; raises ConfigError."""
+    plugin = pipeline_plugin(name, settings)
+    try:
+        plugin.configure(plugin_options(plugin, settings))
+    except WeightsError as exc:
+        raise ConfigError(f"the pipeline '{name}': {exc}") from exc
+    return plugin
+
+
 def configured_plugins(settings: Settings) -> list[PipelinePlugin]:
-    """Return the plug-ins of the pipelines configured to run (``pipeline.name``), each configured
-    with its options; raises ConfigError."""
-    plugins = []
-    for name in [settings.pipeline.name]:
-        plugin = pipeline_plugin(name, settings)
-        try:
-            plugin.configure(plugin_options(plugin, settings))
-        except WeightsError as exc:
-            raise ConfigError(f"the pipeline '{name}': {exc}") from exc
-        plugins.append(plugin)
-    return plugins
+    """Return the plug-ins of the pipelines the routes run (with no routes, ``pipeline.name``),
+    each configured with its options; raises ConfigError."""
+    return [configured_plugin(name, settings) for name in Router.from_settings(settings).pipeline_names()]
 
 
 def plugin_options(plugin: PipelinePlugin, settings: Settings) -> PipelineOptions:
@@ -97,14 +102,15 @@ def verify_weights(settings: Settings) -> None:
             raise WeightsCheckError(str(exc)) from exc
 
 
-def build_pipeline(settings: Settings, *, device: str | None = None,
+def build_pipeline(settings: Settings, name: str | None = None, *, device: str | None = None,
                    manifest: Path | None = None) -> tuple[PipelinePlugin, Pipeline]:
-    """Return the configured plug-in and its pipeline, weights loaded, on ``device`` (default
-    ``worker.device``) with the weights manifest ``manifest`` when given.
+    """Return the plug-in configured as ``name`` (default ``pipeline.name``) and its pipeline,
+    weights loaded, on ``device`` (default ``worker.device``) with the weights manifest
+    ``manifest`` when given.
 
     Raises :class:`ConfigError`, or :class:`pipelines.errors.WeightsError` when a weights file is bad.
     """
-    [plugin] = configured_plugins(settings)
+    plugin = configured_plugin(name or settings.pipeline.name, settings)
     options = plugin_options(plugin, settings)
     if manifest is not None:
         options = options.model_copy(update={"manifest": manifest})
@@ -112,3 +118,8 @@ def build_pipeline(settings: Settings, *, device: str | None = None,
     pipeline = plugin.build(options, runtime)
     logger.info("Pipeline %s %s", plugin.name, pipeline.version)
     return plugin, pipeline
+
+
+def build_pipelines(settings: Settings) -> dict[str, tuple[PipelinePlugin, Pipeline]]:
+    """Return every pipeline the routes run, by its configured name (see :func:`build_pipeline`)."""
+    return {name: build_pipeline(settings, name) for name in Router.from_settings(settings).pipeline_names()}

@@ -1,4 +1,4 @@
-"""Where an analysed instance's results live: ``results/<study>/<sop>/``.
+"""Where an analysed instance's results live: ``results/<study>/<sop>/<pipeline>/``.
 
 ``findings.json`` (scores, thresholds, flags; no patient data), ``masks.npz``
 (the pipeline's masks as ``mask_<segment>``, heat-maps, regions) and, once
@@ -15,9 +15,11 @@ import numpy as np
 from pipelines.base import ImageResult
 
 
-def result_dir(results_root: Path, study_uid: str, sop_uid: str) -> Path:
-    """Return the folder of one instance's results (UIDs are validated by the spool)."""
-    return results_root / study_uid / sop_uid
+def result_dir(results_root: Path, study_uid: str, sop_uid: str, pipeline: str | None = None) -> Path:
+    """Return the folder of one instance's results, or of one pipeline's results of it (UIDs are
+    validated by the spool, pipeline names by the settings)."""
+    folder = results_root / study_uid / sop_uid
+    return folder / pipeline if pipeline else folder
 
 
 def findings_summary(result: ImageResult) -> list[dict[str, object]]:

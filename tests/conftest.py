@@ -31,6 +31,7 @@ from dicom_node.db import Delivery, Job, NodeDatabase
 from dicom_node.plugins import kept_sop_classes
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
+from pipelines.base import GROUP as PIPELINES_GROUP
 from training.chest_xray.datasets import hash_split
 
 DCMTK_DIRS = ("/usr/bin", "/usr/local/bin")
@@ -193,6 +194,20 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     for node in nodes:
         if node.process is not None:
             node.kill()
+
+
+@pytest.fixture
+def bright_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Install the test pipeline :class:`tests.plugins.bright.BrightPlugin` as ``bright``: a
+    distribution's entry point on the path of this process and of `serve` subprocesses (PYTHONPATH)."""
+    site = tmp_path / "site"
+    info = site / "bright_pipeline-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bright-pipeline\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{PIPELINES_GROUP}]\nbright = tests.plugins.bright:BrightPlugin\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(Path(__file__).resolve().parent.parent)]))
+    return site
 
 
 class DcmtkStoreSCP:

@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import (
+    DigitalMammographyXRayImageStorageForPresentation, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID,
+    generate_uid,
+)
 
 from tests.conftest import sample_file
 
@@ -78,4 +81,17 @@ def write_rg1_study(path: Path, **attributes: object) -> Dataset:
         setattr(ds, keyword, value)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path)
+    return ds
+
+
+def write_mg(path: Path, study_uid: str) -> Dataset:
+    """Write a 128 x 128 MG image (the test pipeline ``bright``'s): a ramp from dark (left) to bright (right)."""
+    ds = make_cr(study_uid=study_uid, size=128, body_part="BREAST")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DigitalMammographyXRayImageStorageForPresentation
+    ds.Modality = "MG"
+    ds.ImagerPixelSpacing = [0.1, 0.1]
+    ds.Laterality = "L"
+    del ds.ViewPosition
+    ds.PixelData = np.tile(np.linspace(0, 4095, 128).astype(np.uint16), (128, 1)).tobytes()
+    ds.save_as(path, enforce_file_format=True)
     return ds

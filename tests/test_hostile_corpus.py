@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from dicom_node.analysis import Analyzer
 from dicom_node.db import Instance, Job, JobStatus
+from dicom_node.routing import Router
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
 from pipelines.chest_xray.plugin import ChestXrayPlugin
 from tests.hostile_corpus import cases
@@ -59,7 +60,8 @@ def test_every_hostile_case_gets_a_status_then_a_verdict_and_the_node_keeps_serv
             session.flush()
             instance.job_id = job.id
     pipeline = ChestXrayPipeline.from_manifest(MANIFEST, device="cpu")
-    analyzer = Analyzer(scp.db, scp.audit, ChestXrayPlugin(), pipeline, tmp_path / "results", worker="test-worker")
+    analyzer = Analyzer(scp.db, scp.audit, {"chest_xray": (ChestXrayPlugin(), pipeline)}, Router([], "chest_xray", []),
+                        tmp_path / "results", worker="test-worker")
     with scp.db.session() as session:
         job_ids = session.scalars(select(Job.id)).all()
     for job_id in job_ids:

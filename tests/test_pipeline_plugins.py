@@ -4,9 +4,6 @@ end to end through `serve` to an SC, a SEG and an SR that pass dciodvfy and read
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -18,46 +15,17 @@ from dicom_node.config import load_settings
 from dicom_node.db import DeliveryStatus, Instance, JobStatus
 from dicom_node.errors import ConfigError
 from dicom_node.plugins import installed_pipelines, kept_sop_classes, pipeline_plugin
-from pipelines.base import GROUP
 from tests.conftest import dcmtk_tool, run_tool, wait_for
-from tests.dicom_factory import make_cr, write_cr
+from tests.dicom_factory import write_cr, write_mg
 from tests.plugins.bright import BrightPlugin
 from tests.receiving_scp import ReceivingSCP
 from tests.writers_fixtures import dciodvfy
 
-ROOT = Path(__file__).resolve().parent.parent
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 #: dciodvfy's warnings about the source's own attributes copied verbatim, and the private scheme.
 ACCEPTED_WARNINGS = ("Unrecognized defined term <99DCMNODE>",)
-
-
-@pytest.fixture
-def bright_installed(tmp_path, monkeypatch):
-    """Install :class:`BrightPlugin` as the pipeline ``bright``: a distribution's entry point on the
-    path of this process and of the `serve` subprocesses (PYTHONPATH)."""
-    site = tmp_path / "site"
-    info = site / "bright_pipeline-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bright-pipeline\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[{GROUP}]\nbright = tests.plugins.bright:BrightPlugin\n")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(ROOT)]))
-    return site
-
-
-def write_mg(path: Path, study_uid: str) -> pydicom.Dataset:
-    """Write a 128 x 128 MG image: a ramp from dark (left) to bright (right)."""
-    ds = make_cr(study_uid=study_uid, size=128, body_part="BREAST")
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DigitalMammographyXRayImageStorageForPresentation
-    ds.Modality = "MG"
-    ds.ImagerPixelSpacing = [0.1, 0.1]
-    ds.Laterality = "L"
-    del ds.ViewPosition
-    ds.PixelData = np.tile(np.linspace(0, 4095, 128).astype(np.uint16), (128, 1)).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return ds
 
 
 def test_the_chest_pipeline_is_found_by_its_entry_point():

@@ -13,6 +13,7 @@ from dicom_node.analysis import Analyzer
 from dicom_node.audit import AuditTrail
 from dicom_node.db import Delivery, Instance, Job, JobStatus, NodeDatabase, OutboxMessage, utcnow
 from dicom_node.config import Destination
+from dicom_node.routing import Router
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
 from pipelines.chest_xray.plugin import ChestXrayPlugin
 from tests.conftest import dcmtk_tool, run_tool, sample_file, wait_for
@@ -42,8 +43,8 @@ def test_a_full_results_disk_defers_the_job_until_there_is_room(small_results_di
         job_id = job.id
     pipeline = ChestXrayPipeline.from_manifest(MANIFEST, device="cpu")
     destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=11113)
-    analyzer = Analyzer(db, audit, ChestXrayPlugin(), pipeline, small_results_disk, worker="test-worker",
-                        destinations=[destination])
+    analyzer = Analyzer(db, audit, {"chest_xray": (ChestXrayPlugin(), pipeline)},
+                        Router([], "chest_xray", [destination]), small_results_disk, worker="test-worker")
 
     assert analyzer.run(job_id) is JobStatus.QUEUED
     with db.session() as session:

@@ -95,7 +95,7 @@ def node_results(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> tu
                    300, "the node to analyse RG1")
     assert job.status is JobStatus.DONE, job.reason
     assert node.stop() == 0
-    folder = node.state_dir / "results" / source.StudyInstanceUID / source.SOPInstanceUID
+    folder = node.state_dir / "results" / source.StudyInstanceUID / source.SOPInstanceUID / "chest_xray"
     return path, {kind: folder / f"{kind}.dcm" for kind in ("sc", "seg", "sr")}
 
 

@@ -76,14 +76,15 @@ def _summary(record: dict[str, Any]) -> str:
 @click.option("--weights", type=click.Path(path_type=Path),
               help="Weights manifest (default: the configured pipeline.manifest).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--pipeline", "pipeline_name", help="The configured pipeline to run (default: pipeline.name).")
 @click.pass_context
 def analyze(ctx: click.Context, paths: tuple[Path, ...], out: Path, fmt: str, weights: Path | None,
-            device: str) -> None:
+            device: str, pipeline_name: str | None) -> None:
     """Analyse DICOM (or, where the pipeline reads them, PNG/JPEG) FILES and folders locally with the
     configured pipeline: overlay PNG, masks and JSON findings per image."""
     settings = settings_from(ctx)
     try:
-        plugin, pipeline = build_pipeline(settings, device=device, manifest=weights)
+        plugin, pipeline = build_pipeline(settings, pipeline_name, device=device, manifest=weights)
     except (ConfigError, WeightsError) as exc:
         raise click.ClickException(str(exc)) from exc
     algorithm = AlgorithmIdentity.of(pipeline, plugin)
