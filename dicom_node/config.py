@@ -150,6 +150,39 @@ class DimseDestination(DestinationBase):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
+#: An HL7 name (HD namespace id): no HL7 delimiter, at most 20 characters.
+HL7_NAME = r"^[^|^~\\&\r\n]{0,20}$"
+
+
+class Hl7Destination(DestinationBase):
+    """A RIS the findings are sent to as one HL7 v2.5 ORU^R01 per study over MLLP (see
+    :mod:`dicom_node.senders.hl7`); it reads the structured reports only. TLS verifies the RIS's
+    certificate and host name (against ``ca_certificates``, default: the system's trust store) and
+    presents ``certificate`` and ``private_key`` when given."""
+
+    type: Literal["hl7"]
+    outputs: list[Literal["sr"]] = Field(default_factory=lambda: ["sr"])
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str | None = Field(None, pattern=HL7_NAME, description="default: scp.ae_title")
+    sending_facility: str = Field("", pattern=HL7_NAME)
+    receiving_application: str = Field("", pattern=HL7_NAME)
+    receiving_facility: str = Field("", pattern=HL7_NAME)
+    ack_timeout_s: float = Field(30, gt=0, description="connecting, sending, and waiting for the ACK")
+    tls: bool = False
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _client_certificate(self) -> Hl7Destination:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        if not self.tls and (self.ca_certificates or self.certificate):
+            raise ValueError("ca_certificates, certificate and private_key need tls: true")
+        return self
+
+
 def _dimse_by_default(value: Any) -> Any:
     """Return a destination's settings with ``type: dimse`` where they name no type."""
     if isinstance(value, dict) and "type" not in value:
@@ -159,7 +192,8 @@ def _dimse_by_default(value: Any) -> Any:
 
 #: A destination, of the kind its ``type`` names (``dimse`` where absent); each kind is
 #: sent by the sender installed under that name (see :mod:`dicom_node.senders`).
-Destination = Annotated[DimseDestination, Field(discriminator="type"), BeforeValidator(_dimse_by_default)]
+Destination = Annotated[DimseDestination | Hl7Destination, Field(discriminator="type"),
+                        BeforeValidator(_dimse_by_default)]
 
 
 class DeliverySettings(Section):
