@@ -26,7 +26,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage
 from sqlalchemy import select
 
 from dicom_node.audit import AuditTrail
-from dicom_node.config import load_settings
+from dicom_node.config import TlsSettings, load_settings
 from dicom_node.db import Delivery, Job, NodeDatabase
 from dicom_node.plugins import kept_sop_classes
 from dicom_node.scp import StorageSCP
@@ -209,6 +209,17 @@ def bright_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(Path(__file__).resolve().parent.parent)]))
     return site
 
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> TlsSettings:
+    """A self-signed certificate and key for 127.0.0.1 (its own CA), made by openssl; skips without openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=dicom-node-test", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return TlsSettings(certificate=cert, private_key=key, ca_certificates=cert)
 
 class DcmtkStoreSCP:
     """DCMTK's storescp, bit-preserving: a real peer. It accepts every transfer syntax (``+xa``),

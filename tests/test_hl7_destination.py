@@ -26,7 +26,6 @@ from dicom_node.writers import AI_DISCLAIMER, OutputKind, write_results
 from pipelines.chest_xray.plugin import FINDING_CODES
 from tests.conftest import dcmtk_tool, free_port, run_tool, wait_for
 from tests.dicom_factory import TEST_PATIENT_ID, write_cr, write_rg1_study
-from tests.test_tls import certificate  # noqa: F401  (a fixture: self-signed, for 127.0.0.1)
 from tests.writers_fixtures import ALGORITHM, display_of, read_source, synthetic_result
 
 STRICT = VALIDATION_LEVEL.STRICT
@@ -184,7 +183,7 @@ def test_what_is_not_our_sr_is_given_up_alone(reports, tmp_path):
     assert len(ris.messages) == 1
 
 
-def test_tls_verifies_the_ris(reports, certificate):  # noqa: F811
+def test_tls_verifies_the_ris(reports, certificate):
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(certificate.certificate, certificate.private_key)
     with Ris(["AA"], tls=server) as ris:
