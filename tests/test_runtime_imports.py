@@ -5,12 +5,17 @@ code in the pipelines."""
 from __future__ import annotations
 
 import ast
+import hashlib
 import re
+import subprocess
 import sys
 import tomllib
+import zipfile
 from functools import cache
 from importlib.metadata import packages_distributions
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME = ("dicom_node", "pipelines")
@@ -101,3 +106,22 @@ def test_the_node_imports_no_pipeline_but_through_pipelines_base() -> None:
         if pipeline_modules - allowed:
             bad[str(path.relative_to(ROOT))] = sorted(pipeline_modules - allowed)
     assert bad == {}
+
+
+def test_the_wheel_carries_the_node_the_pipelines_and_the_weights(tmp_path):
+    """The built wheel holds the runtime, the migrations and every file of the weights manifest (checked
+    against its sha256), so that `pip install dicom-node` runs `serve` with no checkout beside it."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    [wheel] = tmp_path.glob("dicom_node-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        weights = "pipelines/chest_xray/weights/"
+        manifest = yaml.safe_load(archive.read(weights + "manifest.yaml"))
+        entries = [manifest["lung"], manifest["content_check"], *manifest["findings"]]
+        for entry in entries:
+            assert hashlib.sha256(archive.read(weights + entry["file"])).hexdigest() == entry["sha256"]
+    assert {"dicom_node/cli/serve.py", "pipelines/base.py", "dicom_node/migrations/env.py",
+            "pipelines/chest_xray/plugin.py", weights + "MODEL_CARD.md"} <= names
+    assert any(name.startswith("dicom_node/migrations/versions/node_0001") for name in names)

@@ -25,8 +25,8 @@ from pipelines.base import (
 from pipelines.chest_xray.gate import AGE_UNKNOWN, PROJECTION_MODALITIES, UnknownAge, is_chest
 from pipelines.chest_xray.legend import LUNG_COLOUR, LUNGS, REGION_COLOUR
 
-#: The bundled weights manifest.
-DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent.parent / "weights" / "manifest.yaml"
+#: The bundled weights manifest: ``weights/`` of the source tree, linked here so that the wheel carries it.
+DEFAULT_MANIFEST = Path(__file__).resolve().parent / "weights" / "manifest.yaml"
 
 #: SNOMED CT codes of the findings the bundled manifest's heads report, by ``Finding.name``.
 FINDING_CODES: dict[str, Code] = {
