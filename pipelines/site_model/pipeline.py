@@ -193,7 +193,7 @@ class SiteModelPipeline:
         except Exception as exc:  # pydicom raises many types for missing plugins or bad data
             raise InputError(f"cannot decode pixel data: {type(exc).__name__}") from exc
         pixels = np.asarray(apply_modality_lut(stored, dataset), dtype=np.float32)
-        display = display_image(pixels, dataset) if pixels.ndim == 2 and pixels.size else np.zeros((1, 1), np.uint8)
+        display = display_image(pixels, dataset)
         if _text(dataset, "PhotometricInterpretation") == "MONOCHROME1" and self.manifest.input.invert_monochrome1:
             pixels = pixels.max() + pixels.min() - pixels
             display = 255 - display
