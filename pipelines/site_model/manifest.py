@@ -28,6 +28,8 @@ Colour = tuple[Annotated[int, Field(ge=0, le=255)], Annotated[int, Field(ge=0, l
 #: The files of a MONAI bundle the node reads, relative to its folder.
 BUNDLE_MODEL = "models/model.ts"
 BUNDLE_METADATA = "configs/metadata.json"
+#: The segment of a classification model's results: the whole image, which the model reads.
+ASSESSED = "assessed_area"
 
 
 class Strict(BaseModel):
@@ -223,10 +225,6 @@ class Validation(Strict):
     dataset: str = Field(min_length=1)
     n: int = Field(ge=1)
     metrics: dict[str, Metrics] = {}
-
-
-#: The segment of a classification model's results: the whole image, which the model reads.
-ASSESSED = "assessed_area"
 
 
 class Manifest(Strict):
