@@ -51,6 +51,15 @@ def pixel_spacing(dataset: Dataset) -> tuple[float, float] | None:
     return None
 
 
+def resolve_device(device: str | Any) -> Any:
+    """Return the torch device for ``auto`` (CUDA when present, else CPU) or a named one (``cuda:1``)."""
+    import torch  # only where a pipeline is built
+
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 @dataclass(frozen=True)
 class GateVerdict:
     """The quality gate's answer for one data set: accepted, or skipped with a reason.

@@ -178,8 +178,6 @@ def test_the_results_are_what_the_model_computes(kind, photometric, request):
     assert dark.experimental and not dark.flagged and dark.region is None  # above its threshold, never flagged
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="the SR writer outlines every segment and cannot outline an empty mask (writers/sr.py)")
 def test_a_channel_that_finds_nothing_still_yields_results(torchscript_manifest):
     plugin, pipeline = built(torchscript_manifest)
     dataset = block_cr()

@@ -97,14 +97,15 @@ def _outline(source: Dataset, mask: np.ndarray) -> hd.sr.ImageRegion:
 def _finding_group(source: Dataset, finding: Finding, assessed: np.ndarray,
                    algorithm: AlgorithmIdentity) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """Return the measurement group of ``finding``, outlined around its region when it has one, else
-    around ``assessed`` (the pipeline's first segment)."""
+    around ``assessed`` (the pipeline's first segment), else (that segment empty) around the image."""
     output = algorithm.output
+    region = (finding.region if finding.region is not None and finding.flagged and finding.region.any()
+              else assessed if assessed.any() else np.ones_like(assessed, dtype=bool))
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(source.SOPInstanceUID, algorithm, finding.name), identifier=finding.name,
         ),
-        referenced_region=_outline(source, finding.region if finding.region is not None and finding.flagged
-                                   else assessed),
+        referenced_region=_outline(source, region),
         finding_type=finding_code(finding, output),
         algorithm_id=_algorithm_id(algorithm),
         finding_sites=[hd.sr.FindingSite(output.finding_site)] if output.finding_site is not None else None,
@@ -186,7 +187,9 @@ def build_sr(source: Dataset, result: ImageResult, seg: Dataset, algorithm: Algo
     if source.SOPInstanceUID not in referenced:
         raise ValueError(f"seg {seg.SOPInstanceUID} does not reference the source {source.SOPInstanceUID}.")
 
-    groups = [_segment_group(source, s, result.masks[s.name], algorithm) for s in output.segments]
+    # An empty segment has no region to outline: the SEG carries it, the SR has no group for it.
+    groups = [_segment_group(source, s, result.masks[s.name], algorithm) for s in output.segments
+              if result.masks[s.name].any()]
     assessed = result.masks[output.segments[0].name]
     groups += [_finding_group(source, f, assessed, algorithm) for f in result.findings]
     report = hd.sr.MeasurementReport(

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from pydicom import Dataset
 
-from pipelines.base import Finding, GateVerdict, ImageInput, ImageResult
+from pipelines.base import Finding, GateVerdict, ImageInput, ImageResult, resolve_device
 from pipelines.chest_xray.classification import FindingClassifier
 from pipelines.chest_xray.content import ContentCheck
 from pipelines.chest_xray.gate import DEFAULT_MAX_MEGAPIXELS, UnknownAge, check_chest_radiograph
@@ -21,13 +21,6 @@ from pipelines.chest_xray.segmentation import LungSegmenter
 from pipelines.errors import WeightsError
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """Return the torch device for ``"auto"`` (CUDA when present, else CPU) or a named device."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class ChestXrayPipeline:

@@ -18,7 +18,7 @@ import torch
 from pydicom import Dataset
 from pydicom.pixels import apply_modality_lut
 
-from pipelines.base import Finding, GateVerdict, ImageInput, ImageResult, Runtime, pixel_spacing
+from pipelines.base import Finding, GateVerdict, ImageInput, ImageResult, Runtime, pixel_spacing, resolve_device
 from pipelines.errors import InputError, WeightsError
 from pipelines.site_model.manifest import (
     ASSESSED,
@@ -36,13 +36,6 @@ logger = logging.getLogger(__name__)
 GRAYSCALE = {"MONOCHROME1", "MONOCHROME2"}
 #: The display window when the data set has no usable one: these percentiles of its pixels.
 PERCENTILES = (0.5, 99.5)
-
-
-def resolve_device(device: str) -> torch.device:
-    """Return the torch device for ``auto`` (CUDA when present, else CPU) or a named device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _text(dataset: Dataset, keyword: str) -> str:
