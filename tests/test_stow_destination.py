@@ -25,7 +25,7 @@ from pydicom import dcmread
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import StowDestination, TlsSettings, load_settings
-from dicom_node.db import DeliveryStatus, JobStatus, NodeDatabase
+from dicom_node.db import DeliveryStatus, JobStatus, NodeDatabase, utcnow
 from dicom_node.delivery import Deliverer
 from dicom_node.errors import ConfigError
 from dicom_node.senders.base import build_sender
@@ -158,9 +158,13 @@ def statuses(db: NodeDatabase) -> dict[str, tuple[DeliveryStatus, int | None, st
     return {kind: (row.status, row.last_status, row.last_error) for kind, row in deliveries(db).items()}
 
 
-def run_when_due(deliverer: Deliverer, lead: int) -> DeliveryStatus:
-    """Run the delivery ``lead`` once its retry is due; return its new status."""
-    return wait_for(lambda: deliverer.run(lead), 10, f"delivery {lead} to be due")
+def run_when_due(deliverer: Deliverer, db: NodeDatabase, lead: int) -> DeliveryStatus | None:
+    """Run the delivery ``lead`` once every unfinished delivery is due, so that they all go in
+    one request; return its new status."""
+    wait_for(lambda: all(row.next_attempt_at is None or row.next_attempt_at <= utcnow()
+                         for row in deliveries(db).values() if not row.status.finished),
+             10, "the retries to be due")
+    return deliverer.run(lead)
 
 
 def test_a_job_goes_in_one_request_of_its_files_with_the_token_and_warnings_are_delivered(
@@ -196,7 +200,7 @@ def test_a_202_delivers_the_stored_and_classifies_each_failure(stow_peer, delive
         "seg": (DeliveryStatus.RETRYING, 0xA700, "refused for now: out of resources"),
         "sr": (DeliveryStatus.DEAD, 0x0122, "the destination does not take this SOP class or transfer syntax")}
     peer.answers = [(200, JSON, store_response({uid["seg"]: None}, {}))]
-    assert run_when_due(deliverer, deliveries(db)["seg"].id) is DeliveryStatus.DELIVERED
+    assert run_when_due(deliverer, db, deliveries(db)["seg"].id) is DeliveryStatus.DELIVERED
     assert deliveries(db)["seg"].attempts == 2 and len(peer.requests) == 2
 
 
@@ -210,7 +214,7 @@ def test_a_409_fails_each_object_by_its_reason_and_gives_up_after_max_failures(s
         "sc": (DeliveryStatus.RETRYING, 0xA900, "failed"),
         "seg": (DeliveryStatus.DEAD, 0xC122, "the destination does not take this SOP class or transfer syntax"),
         "sr": (DeliveryStatus.RETRYING, None, "HTTP 409: not named in the response")}
-    assert run_when_due(deliverer, lead) is DeliveryStatus.DEAD  # max_failures: 2
+    assert run_when_due(deliverer, db, lead) is DeliveryStatus.DEAD  # max_failures: 2
     assert {kind: row.status for kind, row in deliveries(db).items()} == dict.fromkeys(
         ("sc", "seg", "sr"), DeliveryStatus.DEAD)
 
@@ -224,13 +228,13 @@ def test_an_unavailable_destination_is_retried_past_max_failures_until_it_stores
     if first != "refused":
         peer.answers = [(first, "text/plain", b"busy")] * 3 + [(200, JSON, b"")]
     for _ in range(3):  # more than max_failures (2): a transient failure is retried until max_age_s
-        assert run_when_due(deliverer, lead) is DeliveryStatus.RETRYING
+        assert run_when_due(deliverer, db, lead) is DeliveryStatus.RETRYING
     detail = ("no answer: unreachable, refused or timed out" if first == "refused"
               else f"HTTP {first}: destination busy or unavailable")
     assert statuses(db) == dict.fromkeys(("sc", "seg", "sr"), (DeliveryStatus.RETRYING, None, detail))
     if first == "refused":  # the destination comes up where it was configured
         deliverer.senders["archive"].url = peer.url
-    assert run_when_due(deliverer, lead) is DeliveryStatus.DELIVERED
+    assert run_when_due(deliverer, db, lead) is DeliveryStatus.DELIVERED
     assert {kind: (row.status, row.attempts) for kind, row in deliveries(db).items()} == dict.fromkeys(
         ("sc", "seg", "sr"), (DeliveryStatus.DELIVERED, 4))
 
@@ -250,7 +254,7 @@ def test_a_refusal_is_a_fixed_text_never_the_response_body(stow_peer, delivery_p
     assert statuses(db) == dict.fromkeys(("sc", "seg", "sr"), (status, None, detail))
     assert peer.requests[0][0]["Authorization"] == "Basic bm9kZTpwdw=="  # node:pw
     if status is DeliveryStatus.RETRYING:  # a permanent failure: tried max_failures (2) times
-        assert run_when_due(deliverer, lead) is DeliveryStatus.DEAD
+        assert run_when_due(deliverer, db, lead) is DeliveryStatus.DEAD
     assert len(peer.requests) == (1 if status is DeliveryStatus.DEAD else 2)
 
 
@@ -265,7 +269,7 @@ def test_tls_is_verified_by_default_and_a_ca_bundle_makes_the_server_trusted(
     settings = load_settings(None, audit={"secret": "s"}, destinations=[
         {"name": "archive", "type": "stow", "url": peer.url, "ca_certificates": str(certificate.ca_certificates)}])
     deliverer.senders["archive"] = build_sender(settings.destinations[0], settings)
-    assert run_when_due(deliverer, lead) is DeliveryStatus.DELIVERED
+    assert run_when_due(deliverer, db, lead) is DeliveryStatus.DELIVERED
     assert len(peer.requests) == 1
 
 
