@@ -183,6 +183,64 @@ class Hl7Destination(DestinationBase):
         return self
 
 
+class BearerAuth(Section):
+    """An ``Authorization: Bearer`` token, given here or read from a file at each send (so that
+    a token another process renews is used at once)."""
+
+    type: Literal["bearer"]
+    token: SecretStr | None = None
+    token_file: Path | None = Field(None, description="file holding the token, kept out of this file")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BearerAuth:
+        _one_secret(self.token, self.token_file, "token")
+        return self
+
+
+class BasicAuth(Section):
+    """HTTP basic authentication: a user name and a password given here or read from a file."""
+
+    type: Literal["basic"]
+    username: str = Field(min_length=1, pattern=r"^[^:]+$")
+    password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="file holding the password, kept out of this file")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BasicAuth:
+        _one_secret(self.password, self.password_file, "password")
+        return self
+
+
+def _one_secret(value: SecretStr | None, file: Path | None, name: str) -> None:
+    if (value is None) == (file is None):
+        raise ValueError(f"give either {name} or {name}_file, not both or neither")
+
+
+class StowDestination(DestinationBase):
+    """A DICOMweb archive the results are sent to with STOW-RS (see :mod:`dicom_node.senders.stow`)."""
+
+    type: Literal["stow"]
+    url: str = Field(description="the archive's /studies endpoint, https:// (or http://)")
+    auth: Annotated[BearerAuth | BasicAuth, Field(discriminator="type")] | None = Field(
+        None, description="none when absent")
+    ca_certificates: Path | None = Field(
+        None, description="CA bundle the server's certificate is checked against; default: the system's")
+    insecure_skip_tls_verify: bool = Field(
+        False, description="send without checking the server's certificate: anyone on the path "
+        "can read and alter what is sent")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        scheme, _, rest = value.partition("://")
+        host = re.split(r"[/?#]", rest, maxsplit=1)[0]
+        if scheme.lower() not in ("http", "https") or not host:
+            raise ValueError("expected an http:// or https:// URL of the /studies endpoint")
+        if "@" in host:
+            raise ValueError("credentials go in auth (a token_file or password_file), not in the URL")
+        return value
+
+
 def _dimse_by_default(value: Any) -> Any:
     """Return a destination's settings with ``type: dimse`` where they name no type."""
     if isinstance(value, dict) and "type" not in value:
@@ -192,7 +250,7 @@ def _dimse_by_default(value: Any) -> Any:
 
 #: A destination, of the kind its ``type`` names (``dimse`` where absent); each kind is
 #: sent by the sender installed under that name (see :mod:`dicom_node.senders`).
-Destination = Annotated[DimseDestination | Hl7Destination, Field(discriminator="type"),
+Destination = Annotated[DimseDestination | StowDestination | Hl7Destination, Field(discriminator="type"),
                         BeforeValidator(_dimse_by_default)]
 
 
