@@ -40,16 +40,19 @@ def post_json(url: str, document: Any, endpoint: HttpEndpoint, *, timeout_s: flo
               content_type: str = "application/json") -> PostResult:
     """POST ``document`` as JSON to ``url`` and classify the outcome: a 2xx answer delivered;
     no answer (unreachable, timed out) or a transient status (:data:`TRANSIENT_STATUSES`) retried;
-    a failed TLS verification, a redirect or another status given up. Never raises for a
-    network failure."""
+    an unreadable token file, a failed TLS verification, a redirect or another status given up.
+    Never raises for a network failure."""
     headers = {"Content-Type": content_type, "Accept": content_type}
-    token = endpoint.bearer_token()
+    try:
+        token = endpoint.bearer_token()
+    except OSError:
+        return PostResult(Disposition.GIVE_UP, None, "the token file cannot be read")
     if token:
         headers["Authorization"] = f"Bearer {token}"
     try:
         response = requests.post(url, data=json.dumps(document).encode(), headers=headers,
                                  timeout=timeout_s, allow_redirects=False,
-                                 verify=str(endpoint.ca_certificates or "") or True)
+                                 verify=str(endpoint.ca_certificates) if endpoint.ca_certificates else True)
     except requests.exceptions.SSLError:
         logger.warning("POST to %s: TLS verification failed", redact_url(url))
         return PostResult(Disposition.GIVE_UP, None, "TLS verification of the server failed")

@@ -173,7 +173,7 @@ def _conclusion(findings: Sequence[ReportedFinding]) -> str:
     if not flagged:
         return f"{DISCLAIMER} No finding flagged."
     return f"{DISCLAIMER} Flagged: " + "; ".join(
-        f"{f.name} {f.probability:.2f} (threshold {f.threshold:g})" for f in flagged) + "."
+        f"{f.code['display']} {f.probability:.2f} (threshold {f.threshold:g})" for f in flagged) + "."
 
 
 def report_bundle(srs: Sequence[Dataset]) -> dict[str, Any]:
