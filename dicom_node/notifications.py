@@ -38,12 +38,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicom_node.config import DeliverySettings, NotificationSettings, Settings, WebhookSettings, redact_url
-from dicom_node.db import (
-    Delivery, Instance, Job, NodeDatabase, OutboxMessage, Task, queue_message, utcnow,
-)
+from dicom_node.db import Delivery, Instance, Job, NodeDatabase, OutboxMessage, Task, queue_message, utcnow
 from dicom_node.http_post import post_json
 from dicom_node.results import result_dir
 from dicom_node.senders.base import Disposition
+
 if TYPE_CHECKING:
     from pipelines.base import ImageResult
 

@@ -8,8 +8,8 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 

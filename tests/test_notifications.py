@@ -64,8 +64,8 @@ def add_instance(db: NodeDatabase, source) -> Instance:
         session.flush()
         instance = Instance(sop_instance_uid=str(source.SOPInstanceUID), sop_class_uid=str(source.SOPClassUID),
                             study_instance_uid=str(source.StudyInstanceUID),
-                            series_instance_uid=str(source.SeriesInstanceUID), transfer_syntax_uid="1.2.840.10008.1.2.1",
-                            path="/nowhere", size_bytes=1, calling_ae="STORESCU", job_id=job.id)
+                            series_instance_uid=str(source.SeriesInstanceUID),
+                            transfer_syntax_uid="1.2.840.10008.1.2.1", path="/nowhere", size_bytes=1, calling_ae="STORESCU", job_id=job.id)
         session.add(instance)
         session.flush()
         return instance
