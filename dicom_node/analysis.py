@@ -27,6 +27,7 @@ from dicom_node.audit.failures import failure_text, traceback_text
 from dicom_node.config import Settings
 from dicom_node.db import Instance, InstanceVerdict, Job, JobStatus, NodeDatabase
 from dicom_node.metrics import JOBS, STAGE_SECONDS
+from dicom_node.notifications import notify_flagged
 from dicom_node.results import findings_summary, result_dir, save_result
 from dicom_node.workflow import (
     claim_job, defer_job, finish_job, queue_deliveries, requeue_interrupted_jobs,
@@ -183,6 +184,7 @@ class Analyzer:
                 with _disk_full_deferred(folder):
                     save_result(folder, result, routed.algorithm.label)
                 self._queue_outputs(job_id, instance, folder, outputs, decision)
+            notify_flagged(self.db, instance, result)
             scores = ", ".join(f"{f['name']}={f['probability']:.2f}{' FLAGGED' if f['flagged'] else ''}"
                                for f in findings_summary(result))
             return InstanceOutcome(InstanceVerdict.ANALYSED, "; ".join([scores, *verdict.caveats]))

@@ -239,6 +239,37 @@ class StowDestination(DestinationBase):
         if "@" in host:
             raise ValueError("credentials go in auth (a token_file or password_file), not in the URL")
         return value
+class HttpEndpoint(Section):
+    """An HTTPS (or HTTP) service the node posts to: a bearer token when one is configured, the
+    server's certificate always verified (against ``ca_certificates`` when given)."""
+
+    token: SecretStr | None = Field(None, description="bearer token; or token_file")
+    token_file: Path | None = Field(None, description="file holding the bearer token")
+    ca_certificates: Path | None = Field(None, description="CA bundle of the server; default: the system's")
+
+    @model_validator(mode="after")
+    def _one_token(self) -> HttpEndpoint:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give the bearer token as token or token_file, not both")
+        return self
+
+    def bearer_token(self) -> str | None:
+        """Return the bearer token (read from ``token_file`` now), or None without one."""
+        if self.token_file is not None:
+            return self.token_file.read_text().strip()
+        return self.token.get_secret_value() if self.token is not None else None
+
+
+HTTP_URL = r"^https?://"
+
+
+class FhirDestination(DestinationBase, HttpEndpoint):
+    """A FHIR R4 server the SRs are sent to, a study's as one transaction Bundle of a
+    DiagnosticReport and its Observations (see :mod:`dicom_node.senders.fhir`)."""
+
+    type: Literal["fhir"] = "fhir"
+    base_url: str = Field(pattern=HTTP_URL, description="the server's base, e.g. https://fhir.example/r4")
+    outputs: list[Literal["sr"]] = Field(default_factory=lambda: ["sr"])
 
 
 def _dimse_by_default(value: Any) -> Any:
@@ -250,7 +281,7 @@ def _dimse_by_default(value: Any) -> Any:
 
 #: A destination, of the kind its ``type`` names (``dimse`` where absent); each kind is
 #: sent by the sender installed under that name (see :mod:`dicom_node.senders`).
-Destination = Annotated[DimseDestination | StowDestination | Hl7Destination, Field(discriminator="type"),
+Destination = Annotated[DimseDestination | StowDestination | Hl7Destination | FhirDestination, Field(discriminator="type"),
                         BeforeValidator(_dimse_by_default)]
 
 
@@ -264,6 +295,24 @@ class DeliverySettings(Section):
     jitter: float = Field(0.2, ge=0, le=1, description="random fraction added to each wait")
     timeout_s: float = Field(60, gt=0)
     threads: int = Field(4, ge=1, description="sends at once in the delivery lane")
+
+
+NotificationEvent = Literal["finding-flagged", "delivery-dead-lettered"]
+
+
+class WebhookSettings(HttpEndpoint):
+    """Where notifications are posted as JSON (see :mod:`dicom_node.notifications`)."""
+
+    url: str = Field(pattern=HTTP_URL)
+    events: list[NotificationEvent] = Field(
+        default_factory=lambda: ["finding-flagged", "delivery-dead-lettered"])
+    timeout_s: float = Field(10, gt=0)
+    max_age_s: float = Field(86400, gt=0, description="a notification is retried this long, with "
+                             "the back-off of delivery")
+
+
+class NotificationSettings(Section):
+    webhook: WebhookSettings | None = None
 
 
 class OutputSettings(Section):
@@ -364,6 +413,7 @@ class Settings(BaseSettings):
         default_factory=list, description="routing rules, tried in order (see dicom_node.routing); "
         "none: every instance to pipeline.name and every destination")
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)

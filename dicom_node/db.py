@@ -150,10 +150,12 @@ class Delivery(Base):
 
 class Task(enum.StrEnum):
     """What an outbox message asks a worker to do with its target: the one vocabulary of
-    ``outbox.task`` (the target is a job or a delivery id)."""
+    ``outbox.task`` (the target is a job, a delivery or, to notify, an instance id)."""
 
     ANALYZE = "analyze"
     DELIVER = "deliver"
+    NOTIFY_FLAGGED = "notify-flagged"
+    NOTIFY_DEAD_LETTERED = "notify-dead-lettered"
 
 
 class OutboxMessage(Base):

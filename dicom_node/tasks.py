@@ -24,6 +24,7 @@ from dicom_node.db import NodeDatabase, OutboxMessage, Task
 from dicom_node.delivery import Deliverer
 from dicom_node.errors import WeightsCheckError
 from dicom_node.metrics import serve_metrics
+from dicom_node.notifications import Notifier, configure as configure_notifications
 from dicom_node.worker_identity import worker_name
 from pipelines.errors import WeightsError
 
@@ -36,13 +37,20 @@ app = Celery("dicom_node")
 
 ANALYZE = "dicom_node.analyze"
 DELIVER = "dicom_node.deliver"
-TASKS = {Task.ANALYZE: (ANALYZE, "job_id"), Task.DELIVER: (DELIVER, "delivery_id")}
+NOTIFY_FLAGGED = "dicom_node.notify_flagged"
+NOTIFY_DEAD_LETTERED = "dicom_node.notify_dead_lettered"
+TASKS = {Task.ANALYZE: (ANALYZE, "job_id"), Task.DELIVER: (DELIVER, "delivery_id"),
+         Task.NOTIFY_FLAGGED: (NOTIFY_FLAGGED, "instance_id"),
+         Task.NOTIFY_DEAD_LETTERED: (NOTIFY_DEAD_LETTERED, "delivery_id")}
 """Outbox task → (Celery task name, keyword argument that carries the id)."""
 QUEUES = {name: task.value for task, (name, _) in TASKS.items()}
 """Each task has its own queue, named as the outbox task, so that a slow destination never
 holds up analysis."""
-LANES = {"analysis": (QUEUES[ANALYZE],), "delivery": (QUEUES[DELIVER],), "both": (QUEUES[ANALYZE], QUEUES[DELIVER])}
-"""The queues a worker process consumes, by ``dicom-node worker --lane``."""
+NOTIFY_QUEUES = (QUEUES[NOTIFY_FLAGGED], QUEUES[NOTIFY_DEAD_LETTERED])
+LANES = {"analysis": (QUEUES[ANALYZE],), "delivery": (QUEUES[DELIVER], *NOTIFY_QUEUES),
+         "both": (QUEUES[ANALYZE], QUEUES[DELIVER], *NOTIFY_QUEUES)}
+"""The queues a worker process consumes, by ``dicom-node worker --lane``: notifications go with
+deliveries."""
 
 
 def configure(settings: Settings) -> Celery:
@@ -135,6 +143,7 @@ class WorkerContext:
 
     analyzer: Analyzer | None
     deliverer: Deliverer | None
+    notifier: Notifier | None = None
 
 
 _context: WorkerContext | None = None
@@ -154,7 +163,8 @@ def start_worker(settings: Settings, *, lane: str = "both", name: str | None = N
     db = NodeDatabase(settings.node_database_url)
     audit = AuditTrail.from_settings(settings)
     queues = LANES[lane]
-    analyzer = deliverer = None
+    analyzer = deliverer = notifier = None
+    configure_notifications(settings.notifications)
     if QUEUES[ANALYZE] in queues:
         from dicom_node.analysis import Analyzer  # pulls in torch: only in analysis workers
 
@@ -166,7 +176,8 @@ def start_worker(settings: Settings, *, lane: str = "both", name: str | None = N
     if QUEUES[DELIVER] in queues:
         deliverer = Deliverer.from_settings(settings, db, audit, worker=name)
         deliverer.requeue_abandoned()
-    _context = WorkerContext(analyzer=analyzer, deliverer=deliverer)
+        notifier = Notifier.from_settings(settings, db)
+    _context = WorkerContext(analyzer=analyzer, deliverer=deliverer, notifier=notifier)
     if lane == "delivery":
         pool, concurrency = "threads", settings.delivery.threads
     else:
@@ -202,3 +213,23 @@ def deliver(*, delivery_id: int) -> None:
     if deliverer is None:
         raise RuntimeError("a deliver task reached a worker without the delivery lane")
     deliverer.run(delivery_id)
+
+
+def _notify(task: Task, target_id: int) -> None:
+    notifier = _require_context().notifier
+    if notifier is None:
+        logger.info("Notification %s %d: no webhook configured, dropped", task.value, target_id)
+        return
+    notifier.run(task, target_id)
+
+
+@app.task(name=NOTIFY_FLAGGED, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def notify_flagged(*, instance_id: int) -> None:
+    """Post the ``finding-flagged`` notification of one instance (see :mod:`dicom_node.notifications`)."""
+    _notify(Task.NOTIFY_FLAGGED, instance_id)
+
+
+@app.task(name=NOTIFY_DEAD_LETTERED, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def notify_dead_lettered(*, delivery_id: int) -> None:
+    """Post the ``delivery-dead-lettered`` notification of one delivery."""
+    _notify(Task.NOTIFY_DEAD_LETTERED, delivery_id)

@@ -34,6 +34,7 @@ from dicom_node.db import (
     queue_message, utcnow,
 )
 from dicom_node.errors import NoSuchJobError, StateChangeError
+from dicom_node.notifications import notify_dead_lettered
 from dicom_node.senders.base import Disposition
 from dicom_node.worker_identity import worker_is_gone
 
@@ -239,6 +240,8 @@ def record_attempt(db: NodeDatabase, audit: AuditTrail, delivery: Delivery, outc
             status=status, attempts=delivery.attempts + 1, next_attempt_at=retry_at,
             last_status=outcome.status, last_error=outcome.detail or None,
             delivered_at=now if status is DeliveryStatus.DELIVERED else None))
+        if status is DeliveryStatus.DEAD:
+            notify_dead_lettered(session, delivery.id)
         source = session.scalar(select(Instance).where(
             Instance.sop_instance_uid == delivery.source_sop_instance_uid))
     answered = "no answer" if outcome.status is None else f"status 0x{outcome.status:04X}"
