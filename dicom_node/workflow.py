@@ -183,22 +183,23 @@ def _make_pending(row: Delivery) -> None:
 
 
 def claim_deliveries(db: NodeDatabase, delivery_id: int, *, lease: timedelta) -> list[Delivery]:
-    """Claim the named delivery and its due siblings (same job and destination) for ``lease``:
-    no other message sends them meanwhile. Returns those claimed, in id order (none when the
-    delivery is finished, not due or being sent)."""
+    """Claim the named delivery, then its siblings (same job and destination) due at the same
+    moment, for ``lease``: no other message sends them meanwhile. Returns those claimed, in id
+    order; none when the named delivery is finished, not due or being sent (its own message
+    sends the group when it is due, so a job's objects travel together)."""
+    now = utcnow()
+    named = _claim_delivery(db, delivery_id, lease, now)
+    if named is None:
+        return []
     with db.session() as session:
-        named = session.get(Delivery, delivery_id)
-        if named is None:
-            return []
         siblings = session.scalars(select(Delivery.id).where(
             Delivery.job_id == named.job_id, Delivery.destination == named.destination,
-            Delivery.status.in_(UNFINISHED)).order_by(Delivery.id)).all()
-    return [claimed for sibling in siblings
-            if (claimed := _claim_delivery(db, sibling, lease)) is not None]
+            Delivery.id != delivery_id, Delivery.status.in_(UNFINISHED)).order_by(Delivery.id)).all()
+    claimed = [named, *(c for sibling in siblings if (c := _claim_delivery(db, sibling, lease, now)) is not None)]
+    return sorted(claimed, key=lambda delivery: delivery.id)
 
 
-def _claim_delivery(db: NodeDatabase, delivery_id: int, lease: timedelta) -> Delivery | None:
-    now = utcnow()
+def _claim_delivery(db: NodeDatabase, delivery_id: int, lease: timedelta, now: datetime) -> Delivery | None:
     with db.session() as session:
         claimed = session.execute(
             update(Delivery)

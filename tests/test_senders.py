@@ -4,6 +4,7 @@ unknown or uninstalled kinds refused at start, and delivery applying what a send
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 from collections.abc import Sequence
 from importlib.metadata import EntryPoint, EntryPoints, entry_points
 
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 from dicom_node.audit import AuditTrail
 from dicom_node.cli import main
 from dicom_node.config import DimseDestination, Settings, load_settings
-from dicom_node.db import Delivery, DeliveryStatus, Job, JobStatus, NodeDatabase
+from dicom_node.db import Delivery, DeliveryStatus, Job, JobStatus, NodeDatabase, utcnow
 from dicom_node.delivery import Deliverer
 from dicom_node import entry_point
 from dicom_node.errors import ConfigError
@@ -201,3 +202,18 @@ def test_a_sender_that_raises_fails_its_objects_with_a_fixed_text(tmp_path, node
     for row in deliveries(db).values():
         assert row.status is DeliveryStatus.RETRYING and row.attempts == 1
         assert row.last_error == "sender failed: ValueError: message withheld"
+
+
+def test_a_job_goes_together_when_its_named_delivery_is_due_and_not_before(tmp_path, node_parts):
+    """A message for a delivery not yet due sends nothing, even when its siblings are due: the
+    named delivery's own message sends the group later, all in one call."""
+    settings, db, deliverer = node_parts
+    lead, objects = queue_job(settings, db, tmp_path)
+    with db.session() as session:
+        session.get(Delivery, lead).next_attempt_at = utcnow() + timedelta(minutes=1)
+    assert deliverer.run(lead) is None and CALLS == []
+    with db.session() as session:
+        session.get(Delivery, lead).next_attempt_at = utcnow()
+    ANSWERS.update({kind: SendOutcome(Disposition.DELIVERED, 0x0000) for kind in objects})
+    assert deliverer.run(lead) is DeliveryStatus.DELIVERED
+    assert CALLS == [list(objects.values())]
