@@ -38,7 +38,7 @@ from dicom_node.db import (
     queue_message, utcnow,
 )
 from dicom_node.errors import NoSuchJobError, StateChangeError
-from dicom_node.senders.base import Disposition
+from dicom_node.senders.base import Disposition, SendOutcome
 from dicom_node.worker_identity import worker_is_gone
 
 logger = logging.getLogger(__name__)
@@ -270,15 +270,8 @@ def dead_letter(db: NodeDatabase, audit: AuditTrail, deliveries: Iterable[Delive
     an attempt of ``actor``."""
     now = utcnow()
     for delivery in deliveries:
-        record_attempt(db, audit, delivery, _NoAnswer(reason), (DeliveryStatus.DEAD, None),
-                       actor=actor, remote=remote, now=now)
-
-
-class _NoAnswer:
-    """An :class:`Answer` of no status, with a reason."""
-
-    def __init__(self, detail: str) -> None:
-        self.status, self.detail = None, detail
+        record_attempt(db, audit, delivery, SendOutcome(Disposition.GIVE_UP, None, reason),
+                       (DeliveryStatus.DEAD, None), actor=actor, remote=remote, now=now)
 
 
 def request_commitment(db: NodeDatabase, audit: AuditTrail, deliveries: list[Delivery],
