@@ -146,6 +146,10 @@ class DimseDestination(DestinationBase):
     port: int = Field(ge=1, le=65535)
     calling_ae: str | None = Field(None, description="default: scp.ae_title")
     tls: TlsSettings | None = None
+    storage_commitment: bool = Field(
+        False, description="ask the peer to commit each stored group (see docs/storage-commitment.md)")
+    commitment_timeout_s: float = Field(3600, gt=0, description="a commitment not answered this long is asked again")
+    commitment_requests: int = Field(3, ge=1, description="commitment requests per object before it is dead-lettered")
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -76,11 +76,15 @@ class DeliveryStatus(enum.StrEnum):
     PENDING = "pending"
     RETRYING = "retrying"
     DELIVERED = "delivered"
+    #: Stored by a destination that commits storage; its commitment not yet confirmed.
+    STORED = "stored"
+    #: Stored, and its storage committed by the destination.
+    COMMITTED = "committed"
     DEAD = "dead"
 
     @property
     def finished(self) -> bool:
-        return self in {DeliveryStatus.DELIVERED, DeliveryStatus.DEAD}
+        return self in {DeliveryStatus.DELIVERED, DeliveryStatus.COMMITTED, DeliveryStatus.DEAD}
 
 
 def _enum(cls: type[enum.StrEnum]) -> Enum:
@@ -146,6 +150,11 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
+    #: The storage commitment request (N-ACTION) that asked for this object last, when it was
+    #: made, and how many requests asked for it since it was queued.
+    commit_transaction_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    commit_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    commit_requests: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Task(enum.StrEnum):

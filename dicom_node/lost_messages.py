@@ -57,11 +57,12 @@ def requeue_lost(db: NodeDatabase, waiting: WaitingMessages, grace: timedelta) -
 
 
 def _due_delivery_groups(session: Session, cutoff: datetime) -> list[tuple[int, list[int]]]:
-    """Unfinished deliveries due since before ``cutoff``, as (lead, members) per job and destination."""
+    """Deliveries to send, or whose commitment answer is overdue, due since before ``cutoff``, as (lead,
+    members) per job and destination."""
     groups: dict[tuple[int, str], list[int]] = {}
     for delivery_id, job_id, destination in session.execute(
             select(Delivery.id, Delivery.job_id, Delivery.destination).where(
-                Delivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.RETRYING)),
+                Delivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.RETRYING, DeliveryStatus.STORED)),
                 or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= cutoff))
             .order_by(Delivery.id)):
         groups.setdefault((job_id, destination), []).append(delivery_id)

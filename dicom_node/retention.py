@@ -94,7 +94,8 @@ def delete_instance_records(session: Session, instances: Sequence[Instance]) -> 
 def sweep_data(settings: Settings, trail: AuditTrail, db: NodeDatabase, *,
                now: datetime | None = None) -> Removed:
     """Delete the images, results and rows of instances whose job finished ``data_days`` ago
-    and whose results are all delivered or dead-lettered.
+    and whose results are all delivered, committed or dead-lettered: a result stored to a
+    destination that commits storage, not yet committed, keeps its instance.
 
     Records DATA_PURGED per instance. Returns what was removed; nothing when retention
     is off (``retention.data_days`` null).

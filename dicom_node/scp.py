@@ -1,4 +1,5 @@
-"""The C-STORE / C-ECHO SCP: association policy, presentation contexts, handlers.
+"""The C-STORE / C-ECHO SCP: association policy, presentation contexts, handlers; it also takes
+storage commitment answers (N-EVENT-REPORT, see :mod:`dicom_node.commitment`).
 
 Handlers only validate, write, record and return a status; they never analyse
 and never raise towards the peer. An instance is acknowledged with 0x0000 only
@@ -35,12 +36,13 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, Association, _config, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
+from dicom_node.commitment import CommitmentReports
 from dicom_node.config import AllowedPeer, ScpSettings, TlsSettings
 from dicom_node.db import Instance, Job, NodeDatabase, utcnow
 from dicom_node.errors import (
@@ -160,6 +162,7 @@ class StorageSCP:
         # Connections whose association request reached the policy (accepted or rejected, audited).
         self._decided: WeakSet[Association] = WeakSet()
         self.guard = ConnectionGuard(settings.pending_limit_per_host, self._report_refused)
+        self.commitment_reports = CommitmentReports(db, audit)
         self.ae = self._build_ae()
         self.server: GuardedAssociationServer | None = None
 
@@ -167,6 +170,9 @@ class StorageSCP:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
         ae.add_supported_context(Verification)
+        # Storage commitment answers (N-EVENT-REPORT) from a destination, which calls as the SCP
+        # of the SOP class (SCP/SCU role selection) or without proposing roles.
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.maximum_pdu_size = s.max_pdu_bytes
@@ -199,6 +205,7 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self.commitment_reports.on_event_report),
             (evt.EVT_CONN_OPEN, self._on_opened),
             (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_CONN_CLOSE, self._on_closed),

@@ -1,4 +1,4 @@
-"""C-ECHO / C-STORE SCU and the classification of what a peer answered.
+"""C-ECHO / C-STORE SCU, the storage commitment request, and the classification of what a peer answered.
 
 ``classify`` decides what a delivery does next, by pynetdicom's status categories:
 delivered (success, and every warning: 0xB000-0xBFFF and the general warnings such
@@ -18,15 +18,16 @@ from __future__ import annotations
 import logging
 import re
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from dicom_node.config import TlsSettings
@@ -91,9 +92,10 @@ def _client_tls(tls: TlsSettings, host: str) -> tuple[ssl.SSLContext, str]:
     return context, host
 
 
-def _associate(ae: AE, peer: Peer) -> Association:
+def _associate(ae: AE, peer: Peer, evt_handlers: list[EventHandlerType] | None = None) -> Association:
     tls_args = _client_tls(peer.tls, peer.host) if peer.tls else None
-    return ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    return ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args,
+                        evt_handlers=evt_handlers)
 
 
 def _scu_ae(calling_ae: str, timeout_s: float) -> AE:
@@ -124,6 +126,33 @@ def echo(peer: Peer, *, calling_ae: str, timeout_s: float = 30) -> int:
     if "Status" not in response:
         raise PeerError(f"{peer}: no C-ECHO response")
     return int(response.Status)
+
+
+#: The well-known SOP Instance of the Storage Commitment Push Model (PS3.4 J.3.5).
+STORAGE_COMMITMENT_INSTANCE = UID("1.2.840.10008.1.20.1.1")
+#: N-ACTION Action Type ID: Request Storage Commitment.
+REQUEST_STORAGE_COMMITMENT = 1
+
+
+def request_commitment(peer: Peer, request: Dataset, *, calling_ae: str, timeout_s: float,
+                       on_report: Callable[[Event], tuple[int, Dataset | None]]) -> int | None:
+    """Send N-ACTION Request Storage Commitment carrying ``request`` (Transaction UID and
+    Referenced SOP Sequence); return the status answered, None when there was no association
+    or no answer. An N-EVENT-REPORT the peer sends on this association before it is released
+    goes to ``on_report`` (a pynetdicom EVT_N_EVENT_REPORT handler)."""
+    ae = _scu_ae(calling_ae, timeout_s)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = _associate(ae, peer, [(evt.EVT_N_EVENT_REPORT, on_report)])
+    if not assoc.is_established:
+        logger.warning("Storage commitment request to %s: %s", peer, _association_failure(assoc))
+        return None
+    try:
+        status, _ = assoc.send_n_action(request, REQUEST_STORAGE_COMMITMENT, StorageCommitmentPushModel,
+                                        STORAGE_COMMITMENT_INSTANCE)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return int(status.Status) if "Status" in status else None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,11 @@ finished job analysed again (:func:`retry_job`).
 A delivery: ``pending`` (:func:`queue_deliveries`) → claimed with a lease
 (:func:`claim_deliveries`) → ``delivered``, ``retrying`` at a back-off time or ``dead``
 (dead-lettered) by :func:`next_step` and :func:`record_attempt`; back to ``pending`` when an
-administrator has a job's results sent again (:func:`resend_job`).
+administrator has a job's results sent again (:func:`resend_job`). To a destination that commits
+storage, a stored object is ``stored`` (not ``delivered``) while its commitment is asked
+(:func:`request_commitment`), then ``committed`` by the answer (:func:`record_commitment`), or
+``retrying`` to be sent again when the answer says it failed; dead-lettered
+(:func:`dead_letter`) after too many requests.
 
 Whatever queues work adds its outbox message (a :class:`~dicom_node.db.Task`) in the same
 transaction. Each change is audited: the administrator's (retry, resend) here with the OS
@@ -19,7 +23,7 @@ deferral by the analysis, which knows its instances.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
@@ -35,7 +39,7 @@ from dicom_node.db import (
 )
 from dicom_node.errors import NoSuchJobError, StateChangeError
 from dicom_node.notifications import notify_dead_lettered
-from dicom_node.senders.base import Disposition
+from dicom_node.senders.base import Disposition, SendOutcome
 from dicom_node.worker_identity import worker_is_gone
 
 logger = logging.getLogger(__name__)
@@ -44,8 +48,10 @@ JOB_LEASE = timedelta(minutes=30)
 """A job running longer than this is taken to belong to a dead worker."""
 UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.RETRYING)
 FINISHED_JOB = tuple(status for status in JobStatus if status.finished)
+COMMITTING = (DeliveryStatus.STORED,)
 DELIVERY_EVENTS: dict[DeliveryStatus, tuple[AuditEvent, Outcome]] = {
     DeliveryStatus.DELIVERED: (AuditEvent.RESULT_SENT, Outcome.SUCCESS),
+    DeliveryStatus.STORED: (AuditEvent.RESULT_SENT, Outcome.SUCCESS),
     DeliveryStatus.RETRYING: (AuditEvent.RESULT_FAILED, Outcome.MINOR_FAILURE),
     DeliveryStatus.DEAD: (AuditEvent.RESULT_DEAD_LETTERED, Outcome.SERIOUS_FAILURE),
 }
@@ -178,32 +184,37 @@ def queue_deliveries(session: Session, *, job_id: int, source_sop_uid: str,
 
 
 def _make_pending(row: Delivery) -> None:
-    row.status, row.attempts, row.created_at = DeliveryStatus.PENDING, 0, utcnow()
+    row.status, row.attempts, row.commit_requests, row.created_at = DeliveryStatus.PENDING, 0, 0, utcnow()
     row.next_attempt_at = row.delivered_at = row.last_status = row.last_error = None
+    row.commit_transaction_uid = row.commit_requested_at = None
 
 
-def claim_deliveries(db: NodeDatabase, delivery_id: int, *, lease: timedelta) -> list[Delivery]:
-    """Claim the named delivery, then its siblings (same job and destination) due at the same
-    moment, for ``lease``: no other message sends them meanwhile. Returns those claimed, in id
-    order; none when the named delivery is finished, not due or being sent (its own message
-    sends the group when it is due, so a job's objects travel together)."""
+def claim_deliveries(db: NodeDatabase, delivery_id: int, *, lease: timedelta,
+                     statuses: tuple[DeliveryStatus, ...] = UNFINISHED) -> list[Delivery]:
+    """Claim the named delivery, then its siblings (same job and destination) in ``statuses``
+    (default: those to send; :data:`COMMITTING`: those whose commitment answer is overdue) due at
+    the same moment, for ``lease``: no other message handles them meanwhile. Returns those claimed,
+    in id order; none when the named delivery is finished, not due or being handled (its own
+    message handles the group when it is due, so a job's objects travel together)."""
     now = utcnow()
-    named = _claim_delivery(db, delivery_id, lease, now)
+    named = _claim_delivery(db, delivery_id, lease, statuses, now)
     if named is None:
         return []
     with db.session() as session:
         siblings = session.scalars(select(Delivery.id).where(
             Delivery.job_id == named.job_id, Delivery.destination == named.destination,
-            Delivery.id != delivery_id, Delivery.status.in_(UNFINISHED)).order_by(Delivery.id)).all()
-    claimed = [named, *(c for sibling in siblings if (c := _claim_delivery(db, sibling, lease, now)) is not None)]
+            Delivery.id != delivery_id, Delivery.status.in_(statuses)).order_by(Delivery.id)).all()
+    claimed = [named, *(c for sibling in siblings
+                        if (c := _claim_delivery(db, sibling, lease, statuses, now)) is not None)]
     return sorted(claimed, key=lambda delivery: delivery.id)
 
 
-def _claim_delivery(db: NodeDatabase, delivery_id: int, lease: timedelta, now: datetime) -> Delivery | None:
+def _claim_delivery(db: NodeDatabase, delivery_id: int, lease: timedelta,
+                    statuses: tuple[DeliveryStatus, ...], now: datetime) -> Delivery | None:
     with db.session() as session:
         claimed = session.execute(
             update(Delivery)
-            .where(Delivery.id == delivery_id, Delivery.status.in_(UNFINISHED),
+            .where(Delivery.id == delivery_id, Delivery.status.in_(statuses),
                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now))
             .values(next_attempt_at=now + lease)
         ).rowcount
@@ -211,13 +222,14 @@ def _claim_delivery(db: NodeDatabase, delivery_id: int, lease: timedelta, now: d
 
 
 def next_step(policy: DeliverySettings, delivery: Delivery, disposition: Disposition,
-              now: datetime, jitter: float) -> Step:
-    """Return where an attempt that ended in ``disposition`` takes the delivery: delivered;
-    dead at once when no syntax was accepted; else retrying after an exponential back-off with
-    ``jitter`` (0..1) while transient failures are younger than ``max_age_s`` and other
-    failures fewer than ``max_failures``; dead after that."""
+              now: datetime, jitter: float, *, commitment: bool = False) -> Step:
+    """Return where an attempt that ended in ``disposition`` takes the delivery: delivered
+    (stored, with ``commitment``: its commitment is asked next); dead at once when no syntax
+    was accepted; else retrying after an exponential back-off with ``jitter`` (0..1) while
+    transient failures are younger than ``max_age_s`` and other failures fewer than
+    ``max_failures``; dead after that."""
     if disposition is Disposition.DELIVERED:
-        return DeliveryStatus.DELIVERED, None
+        return (DeliveryStatus.STORED if commitment else DeliveryStatus.DELIVERED), None
     if disposition is Disposition.NOT_ACCEPTED:
         return DeliveryStatus.DEAD, None
     attempts = delivery.attempts + 1
@@ -240,7 +252,7 @@ def record_attempt(db: NodeDatabase, audit: AuditTrail, delivery: Delivery, outc
         session.execute(update(Delivery).where(Delivery.id == delivery.id).values(
             status=status, attempts=delivery.attempts + 1, next_attempt_at=retry_at,
             last_status=outcome.status, last_error=outcome.detail or None,
-            delivered_at=now if status is DeliveryStatus.DELIVERED else None))
+            delivered_at=now if status in (DeliveryStatus.DELIVERED, DeliveryStatus.STORED) else None))
         if status is DeliveryStatus.DEAD:
             notify_dead_lettered(session, delivery.id)
         source = session.scalar(select(Instance).where(
@@ -257,6 +269,107 @@ def record_attempt(db: NodeDatabase, audit: AuditTrail, delivery: Delivery, outc
                  pseudonym=source.patient_pseudonym if source else None, detail=detail)
 
 
+def dead_letter(db: NodeDatabase, audit: AuditTrail, deliveries: Iterable[Delivery], reason: str, *,
+                actor: str, remote: str | None) -> None:
+    """Dead-letter ``deliveries`` without sending them, for ``reason`` (a fixed text), audited as
+    an attempt of ``actor``."""
+    now = utcnow()
+    for delivery in deliveries:
+        record_attempt(db, audit, delivery, SendOutcome(Disposition.GIVE_UP, None, reason),
+                       (DeliveryStatus.DEAD, None), actor=actor, remote=remote, now=now)
+
+
+def request_commitment(db: NodeDatabase, audit: AuditTrail, deliveries: list[Delivery],
+                       transaction_uid: str, ask: Callable[[str], int | None], *, answer_by: datetime,
+                       actor: str, remote: str | None) -> None:
+    """Ask for the commitment of ``deliveries`` (stored, of one job and destination) in
+    transaction ``transaction_uid``: record the request and queue the check of its answer, due
+    ``answer_by`` (the lead's message: see :class:`~dicom_node.delivery.Deliverer`), audit it,
+    then ``ask`` (send it; it returns the status answered, None: none), so that an answer on its
+    own association finds it recorded. A request the destination did not take is audited as a
+    failure, and asked again when its answer is overdue."""
+    now = utcnow()
+    with db.session() as session:
+        for delivery in deliveries:
+            session.execute(update(Delivery).where(Delivery.id == delivery.id).values(
+                commit_transaction_uid=transaction_uid, commit_requested_at=now,
+                commit_requests=delivery.commit_requests + 1, next_attempt_at=answer_by))
+        queue_message(session, Task.DELIVER, deliveries[0].id, not_before=answer_by)
+        sources = _sources(session, deliveries)
+
+    def record(event: AuditEvent, outcome: Outcome, what: str) -> None:
+        for delivery in deliveries:
+            source = sources.get(delivery.source_sop_instance_uid)
+            audit.record(event, outcome=outcome, actor=actor, remote=remote, job_id=delivery.job_id,
+                         sop_uid=delivery.sop_instance_uid,
+                         study_uid=source.study_instance_uid if source else None,
+                         pseudonym=source.patient_pseudonym if source else None,
+                         detail=f"{delivery.kind} to {delivery.destination}: storage commitment "
+                                f"request {delivery.commit_requests + 1} {what}")
+
+    record(AuditEvent.RESULT_COMMIT_REQUESTED, Outcome.SUCCESS, f"sent, answer due {answer_by:%H:%M:%S}")
+    status = ask(transaction_uid)
+    if status != 0:
+        answered = "no answer" if status is None else f"status 0x{status:04X}"
+        logger.warning("Storage commitment request %s to %s not taken: %s", transaction_uid, remote, answered)
+        record(AuditEvent.RESULT_COMMIT_FAILED, Outcome.MINOR_FAILURE,
+               f"not taken ({answered}); asked again after {answer_by:%H:%M:%S}")
+
+
+def record_commitment(db: NodeDatabase, audit: AuditTrail, transaction_uid: str,
+                      committed: Iterable[str], failed: Mapping[str, int | None], *,
+                      actor: str, remote: str | None) -> int:
+    """Apply a storage commitment answer to the stored deliveries of request ``transaction_uid``:
+    those whose SOP Instance UID is ``committed`` become committed; the others (``failed``, by
+    their failure reason, or missing from the answer) retrying, due now, to be sent and asked
+    again (:class:`~dicom_node.delivery.Deliverer` dead-letters them after too many requests).
+    Audits each as ``actor``; returns how many deliveries the answer concerned (0: an unknown or
+    superseded request)."""
+    committed = set(committed)
+    with db.session() as session:
+        deliveries = list(session.scalars(select(Delivery).where(
+            Delivery.commit_transaction_uid == transaction_uid,
+            Delivery.status.in_(COMMITTING)).order_by(Delivery.id)))
+        again = [d for d in deliveries if d.sop_instance_uid not in committed]
+        for delivery in deliveries:
+            if delivery in again:
+                reason = failed.get(delivery.sop_instance_uid)
+                delivery.status, delivery.next_attempt_at = DeliveryStatus.RETRYING, None
+                delivery.last_status = reason
+                delivery.last_error = ("storage commitment failed" if delivery.sop_instance_uid in failed
+                                       else "not in the storage commitment answer")
+            else:
+                delivery.status = DeliveryStatus.COMMITTED
+        if again:
+            queue_message(session, Task.DELIVER, again[0].id)
+        sources = _sources(session, deliveries)
+    for delivery in deliveries:
+        source = sources.get(delivery.source_sop_instance_uid)
+        failure = delivery in again
+        detail = (f"{delivery.kind} to {delivery.destination}: "
+                  + (_failure(delivery) if failure else "storage committed"))
+        logger.info("Delivery %d %s: %s", delivery.id, delivery.status.value, detail)
+        audit.record(AuditEvent.RESULT_COMMIT_FAILED if failure else AuditEvent.RESULT_COMMITTED,
+                     outcome=Outcome.MINOR_FAILURE if failure else Outcome.SUCCESS,
+                     actor=actor, remote=remote, job_id=delivery.job_id,
+                     sop_uid=delivery.sop_instance_uid,
+                     study_uid=source.study_instance_uid if source else None,
+                     pseudonym=source.patient_pseudonym if source else None, detail=detail)
+    return len(deliveries)
+
+
+def _failure(delivery: Delivery) -> str:
+    reason = f" (reason 0x{delivery.last_status:04X})" if delivery.last_status is not None else ""
+    return f"{delivery.last_error}{reason}; to be sent again"
+
+
+def _sources(session: Session, deliveries: Iterable[Delivery]) -> dict[str, Instance]:
+    """Return the source instances of ``deliveries``, by SOP Instance UID."""
+    uids = {d.source_sop_instance_uid for d in deliveries}
+    return {i.sop_instance_uid: i for i in session.scalars(
+        select(Instance).where(Instance.sop_instance_uid.in_(uids)))}
+
+
 def queue_retries(db: NodeDatabase, steps: Mapping[int, Step]) -> None:
     """Queue one outbox message per distinct retry time of ``steps`` (by delivery id), due then:
     deliveries due together go together."""
@@ -270,14 +383,14 @@ def queue_retries(db: NodeDatabase, steps: Mapping[int, Step]) -> None:
 
 
 def requeue_abandoned_deliveries(db: NodeDatabase) -> list[int]:
-    """Queue again unfinished deliveries whose lease or retry time has passed without a
-    message to carry them (a worker died mid-send); return their ids."""
+    """Queue again unfinished deliveries whose lease or retry time (or commitment answer's
+    time) has passed without a message to carry them (a worker died mid-send); return their ids."""
     now = utcnow()
     with db.session() as session:
         waiting = set(session.scalars(select(OutboxMessage.target_id).where(
             OutboxMessage.task == Task.DELIVER, OutboxMessage.published_at.is_(None))))
         abandoned = [d for d in session.scalars(select(Delivery.id).where(
-            Delivery.status.in_(UNFINISHED),
+            Delivery.status.in_(UNFINISHED + COMMITTING),
             or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now)))
             if d not in waiting]
         for delivery_id in abandoned:

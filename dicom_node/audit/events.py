@@ -47,6 +47,9 @@ class AuditEvent(enum.StrEnum):
     RESULT_QUEUED = "result-queued"
     RESULT_RESENT = "result-resent"
     RESULT_DEAD_LETTERED = "result-dead-lettered"
+    RESULT_COMMIT_REQUESTED = "result-commit-requested"
+    RESULT_COMMITTED = "result-committed"
+    RESULT_COMMIT_FAILED = "result-commit-failed"
     DATA_PURGED = "data-purged"
     SUBJECT_EXPORTED = "subject-exported"
     SUBJECT_ERASED = "subject-erased"
@@ -86,6 +89,10 @@ _EVENT_IDS: dict[AuditEvent, DicomCode] = {
     AuditEvent.RESULT_QUEUED: INSTANCES_TRANSFERRED,
     AuditEvent.RESULT_RESENT: INSTANCES_TRANSFERRED,  # an administrator has a result sent again
     AuditEvent.RESULT_DEAD_LETTERED: INSTANCES_TRANSFERRED,  # the node gave up sending a result
+    # Storage commitment (PS3.4 Annex J) is part of the transfer: asked, confirmed, refused or unanswered.
+    AuditEvent.RESULT_COMMIT_REQUESTED: INSTANCES_TRANSFERRED,
+    AuditEvent.RESULT_COMMITTED: INSTANCES_TRANSFERRED,
+    AuditEvent.RESULT_COMMIT_FAILED: INSTANCES_TRANSFERRED,
     AuditEvent.DATA_PURGED: STUDY_DELETED,
     AuditEvent.SUBJECT_EXPORTED: EXPORT,
     AuditEvent.SUBJECT_ERASED: PATIENT_RECORD,
@@ -107,6 +114,9 @@ _ACTIONS: dict[AuditEvent, str] = {
     AuditEvent.JOB_RETRIED: "R",
     AuditEvent.RESULT_RESENT: "R",
     AuditEvent.RESULT_DEAD_LETTERED: "R",
+    AuditEvent.RESULT_COMMIT_REQUESTED: "R",
+    AuditEvent.RESULT_COMMITTED: "R",
+    AuditEvent.RESULT_COMMIT_FAILED: "R",
     AuditEvent.DATA_PURGED: "D",
     AuditEvent.SUBJECT_EXPORTED: "R",
     AuditEvent.SUBJECT_ERASED: "D",
