@@ -6,6 +6,8 @@ A study is complete, and its unassigned instances become one job, when:
   association is bringing more of it (see :mod:`dicom_node.arrivals`); or
 - its newest unassigned instance is older than the quiet period (the fallback for PACS
   that send a study over many associations, and after a restart); or
+- the route its instances take expects series (``expected_series``) and a series meeting
+  each has arrived (see :mod:`dicom_node.routing`); or
 - its oldest unassigned instance is older than ``force_complete_s`` (a study that never
   goes quiet).
 
@@ -23,6 +25,8 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select, update
 
 from dicom_node.arrivals import Arrivals
@@ -31,6 +35,7 @@ from dicom_node.db import (
     Instance, Job, JobStatus, NodeDatabase, OutboxMessage, Task, queue_message, utcnow,
 )
 from dicom_node.metrics import STAGE_SECONDS
+from dicom_node.routing import Router
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ class Scheduler:
     def __init__(self, db: NodeDatabase, audit: AuditTrail, publish: Publisher, *,
                  quiet_seconds: float, poll_seconds: float, arrivals: Arrivals | None = None,
                  release_grace_s: float | None = None, force_complete_s: float | None = None,
-                 housekeeping: Callable[[], None] | None = None) -> None:
+                 router: Router | None = None, housekeeping: Callable[[], None] | None = None) -> None:
         self.db = db
         self.audit = audit
         self.publish = publish
@@ -53,6 +58,7 @@ class Scheduler:
         self.arrivals = arrivals if release_grace_s is not None else None
         self.grace = timedelta(seconds=release_grace_s or 0)
         self.force = timedelta(seconds=force_complete_s) if force_complete_s is not None else None
+        self.router = router if router is not None and router.expects_series() else None
         self.housekeeping = housekeeping
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,6 +114,9 @@ class Scheduler:
                 if job_id is not None:
                     STAGE_SECONDS.labels("complete").observe((utcnow() - released_at).total_seconds())
                     created.append(job_id)
+        if self.router is not None:
+            created += [job_id for study_uid in self._with_expected_series()
+                        if (job_id := self._queue(study_uid, now, "expected series")) is not None]
         conditions = [("quiet", func.max(Instance.received_at) <= now - self.quiet)]
         if self.force is not None:
             conditions.append(("forced", func.min(Instance.received_at) <= now - self.force))
@@ -119,6 +128,21 @@ class Scheduler:
             cutoff = now - self.quiet if why == "quiet" else now
             created += [job_id for study_uid in studies if (job_id := self._queue(study_uid, cutoff, why)) is not None]
         return created
+
+    def _with_expected_series(self) -> list[str]:
+        """Return the studies of unassigned instances whose route's expected series have arrived
+        (headers read from the spool; an unreadable one counts as not arrived)."""
+        assert self.router is not None
+        with self.db.session() as session:
+            rows = session.execute(select(Instance.study_instance_uid, Instance.path, Instance.calling_ae)
+                                   .where(Instance.job_id.is_(None)).order_by(Instance.id)).all()
+        arrived: dict[str, list[tuple[Dataset, str]]] = {}
+        for study_uid, path, calling_ae in rows:
+            try:
+                arrived.setdefault(study_uid, []).append((dcmread(path, stop_before_pixels=True), calling_ae))
+            except (OSError, InvalidDicomError):
+                continue
+        return [study for study, datasets in arrived.items() if self.router.expected_series_arrived(datasets)]
 
     def _queue(self, study_uid: str, cutoff: datetime, why: str) -> int | None:
         """Make the job of the study's unassigned instances received by ``cutoff``, audited; return

@@ -27,6 +27,7 @@ from dicom_node.db import NodeDatabase
 from dicom_node.lost_messages import requeue_lost
 from dicom_node.metrics import serve_metrics
 from dicom_node.plugins import kept_sop_classes, verify_weights
+from dicom_node.routing import Router
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
@@ -131,7 +132,8 @@ class Node:
             quiet_seconds=settings.scheduler.study_quiet_seconds,
             poll_seconds=settings.scheduler.poll_seconds, arrivals=arrivals,
             release_grace_s=settings.scheduler.release_grace_s,
-            force_complete_s=settings.scheduler.force_complete_s, housekeeping=self._housekeeping,
+            force_complete_s=settings.scheduler.force_complete_s, router=Router.from_settings(settings),
+            housekeeping=self._housekeeping,
         )
         self.workers = [WorkerSupervisor(config_file, overrides or {}, lane) for lane in ("analysis", "delivery")
                         ] if run_worker else []

@@ -15,6 +15,7 @@ from dicom_node.arrivals import Arrivals
 from dicom_node.audit import AuditTrail
 from dicom_node.config import load_settings
 from dicom_node.db import Instance, Job, JobStatus, NodeDatabase, OutboxMessage, utcnow
+from dicom_node.routing import Route, Router
 from dicom_node.scheduler import Scheduler
 from tests.conftest import dcmtk_tool, run_tool, wait_for
 from tests.dicom_factory import write_cr
@@ -196,3 +197,30 @@ def test_serve_queues_a_study_when_its_association_is_released(node_factory, tmp
     [job] = wait_for(lambda: node.jobs(study), 30, "the study's job, made on the release")
     assert len(node.rows(Instance, Instance.job_id == job.id)) == 3
     assert "Queued job %d for study %s (3 instances, released)" % (job.id, study) in node.log.read_text()
+
+
+def test_a_study_is_complete_once_its_routes_expected_series_have_arrived(state, tmp_path):
+    db, audit = state
+    router = Router([Route(name="chest-pa-lat", pipelines=["chest_xray"], expected_series=[
+        {"tags": [{"tag": "ViewPosition", "equals": ["PA"]}]},
+        {"tags": [{"tag": "ViewPosition", "equals": ["LL", "RL"]}]}])], "chest_xray", [])
+    scheduler = Scheduler(db, audit, Broker().publish, quiet_seconds=60, poll_seconds=1, router=router)
+
+    def arrive(name: str, view: str) -> None:
+        path = tmp_path / f"{name}.dcm"
+        ds = write_cr(path, study_uid="1.9", sop_uid=f"1.9.{name}", series_uid=f"1.9.{name}.1")
+        ds.ViewPosition = view
+        ds.save_as(path, enforce_file_format=True)
+        with db.session() as session:
+            session.add(Instance(sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+                                 study_instance_uid="1.9", series_instance_uid=ds.SeriesInstanceUID,
+                                 transfer_syntax_uid="1.2.840.10008.1.2.1", path=str(path), size_bytes=1,
+                                 calling_ae="PACS"))
+
+    arrive("1", "PA")
+    scheduler.tick()
+    assert jobs(db) == []  # the lateral has not arrived, and the study is not quiet
+    arrive("2", "LL")
+    scheduler.tick()
+    [job] = jobs(db)
+    assert instance_ids(db, job) == {"1.9.1", "1.9.2"}
