@@ -325,7 +325,17 @@ class OutputSettings(Section):
 
 
 class SchedulerSettings(Section):
-    study_quiet_seconds: float = Field(5, ge=0)
+    """When a study is complete and becomes a job (see dicom_node.scheduler)."""
+
+    release_grace_s: float | None = Field(
+        0.3, ge=0, description="a study is complete this long after the association that brought it "
+        "was released, unless more of it arrives; null: wait for the quiet period only")
+    study_quiet_seconds: float = Field(
+        5, ge=0, description="a study with no new instance this long is complete (PACS that send a study "
+        "over many associations)")
+    force_complete_s: float | None = Field(
+        600, gt=0, description="a study is complete this long after its first unassigned instance, "
+        "even while instances keep arriving; null: never forced")
     poll_seconds: float = Field(0.5, gt=0)
     lost_message_after_s: float = Field(
         120, gt=0, description="work queued this long while the broker holds none of its messages is queued again")

@@ -4,8 +4,10 @@ Rules are tried in their order in ``routes``; the first whose conditions all hol
 the instance. A rule's conditions are any of: the calling AE, the modality, the body part
 examined, the SOP class, and tag conditions (equals one of, matches a regular expression,
 present or absent). A condition lists the values it accepts; a rule without conditions
-takes everything. A rule names its pipelines (none: kept, not analysed) and its
-destinations (absent: every destination).
+takes everything. A rule names its pipelines (none: kept, not analysed), its
+destinations (absent: every destination) and, optionally, the series a study it takes is
+complete with (``expected_series``, each a set of conditions as above; see
+:mod:`dicom_node.scheduler`).
 
 The default: with no ``routes`` configured, every instance goes to ``pipeline.name`` and
 its results to every destination (the route ``default``). With routes configured, an
@@ -151,6 +153,9 @@ class Route(_Rules):
     pipelines: list[Annotated[str, Field(pattern=PIPELINE_NAME)]] = Field(
         description="pipelines that analyse what it takes; [] keeps it unanalysed")
     destinations: list[str] | None = Field(None, description="where the results go; default: every destination")
+    expected_series: list[Conditions] = Field(
+        default_factory=list, description="a study it takes is complete once, for each of these, a series "
+        "meeting it has arrived; none: on its association's release or the quiet period")
 
     @field_validator("name")
     @classmethod
@@ -221,6 +226,23 @@ class Router:
         wanted = None if route.destinations is None else set(route.destinations)
         return RouteDecision(route.name, tuple(route.pipelines),
                              tuple(d for d in self.destinations if wanted is None or d.name in wanted))
+
+
+    def expects_series(self) -> bool:
+        """Return whether any route completes its studies by their expected series."""
+        return any(route.expected_series for route in self.routes)
+
+    def expected_series_arrived(self, arrived: Sequence[tuple[Dataset, str]]) -> bool:
+        """Return whether the route the first of ``arrived`` (data sets with their calling AEs, one
+        study's) takes expects series, and a data set of ``arrived`` meets each of them."""
+        if not arrived:
+            return False
+        decision = self.route(*arrived[0])
+        route = next((r for r in self.routes if decision is not None and r.name == decision.route), None)
+        if route is None or not route.expected_series:
+            return False
+        return all(any(all(met for met, _ in expected.check(dataset, calling_ae)) for dataset, calling_ae in arrived)
+                   for expected in route.expected_series)
 
 
 def check_references(routes: Sequence[Route], destinations: Sequence[Any]) -> list[str]:

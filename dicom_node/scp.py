@@ -41,6 +41,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts, Presentation
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from dicom_node.arrivals import Arrivals
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.commitment import CommitmentReports
 from dicom_node.config import AllowedPeer, ScpSettings, TlsSettings
@@ -142,13 +143,16 @@ class StorageSCP:
     """The node's listening AE; collaborators are passed in, handlers bound to them.
 
     It keeps instances of ``kept_sop_classes`` (the configured pipelines', see
-    :func:`dicom_node.plugins.kept_sop_classes`) and acknowledges and drops any other.
+    :func:`dicom_node.plugins.kept_sop_classes`) and acknowledges and drops any other. It tells
+    ``arrivals`` which studies each association stored and when it was released.
     """
 
     def __init__(self, settings: ScpSettings, db: NodeDatabase, spool: Spool,
-                 audit: AuditTrail, *, kept_sop_classes: Collection[str]) -> None:
+                 audit: AuditTrail, *, kept_sop_classes: Collection[str],
+                 arrivals: Arrivals | None = None) -> None:
         self.settings = settings
         self.kept_sop_classes = frozenset(kept_sop_classes)
+        self.arrivals = arrivals or Arrivals()
         self.db = db
         self.spool = spool
         self.audit = audit
@@ -209,6 +213,7 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, self._on_opened),
             (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_DIMSE_RECV, self._on_message),
         ]
         tls = _server_tls_context(self.settings.tls) if self.settings.tls else None
@@ -364,6 +369,7 @@ class StorageSCP:
         """
         if event.assoc not in self._decided:
             self._audit_undecided(event.assoc)
+        self.arrivals.ended(id(event.assoc))
         message = getattr(event.assoc.dimse, "message", None)
         partial = getattr(message, "_data_set_path", None)
         if partial is None:
@@ -374,6 +380,11 @@ class StorageSCP:
         Path(partial).unlink(missing_ok=True)
         logger.warning("Removed the partial data set of an unfinished C-STORE from %s",
                        event.assoc.requestor.address)
+
+    def _on_released(self, event: Event) -> None:
+        """The peer released the association: the studies it stored are complete unless more of
+        them arrive within the grace (see :mod:`dicom_node.arrivals`)."""
+        self.arrivals.released(id(event.assoc))
 
     def _on_message(self, event: Event) -> None:
         """Audit a request that cannot become a DIMSE primitive (a UID over 64 characters, a
@@ -456,6 +467,7 @@ class StorageSCP:
             return self._refuse(PROCESSING_FAILURE, exc, received, header, calling_ae, address)
         self._audit_instance(AuditEvent.INSTANCE_RECEIVED, header, calling_ae, address, pseudonym)
         INSTANCES.labels("received").inc()
+        self.arrivals.stored(id(event.assoc), header.study_instance_uid)
         return SUCCESS
 
     def _pseudonym(self, assoc: Association, header: InstanceHeader) -> str | None:

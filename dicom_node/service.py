@@ -20,12 +20,14 @@ from datetime import timedelta
 from typing import Any
 
 from dicom_node import retention, tasks
+from dicom_node.arrivals import Arrivals
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.config import CONFIG_FILE_ENV, ENV_PREFIX, Settings
 from dicom_node.db import NodeDatabase
 from dicom_node.lost_messages import requeue_lost
 from dicom_node.metrics import serve_metrics
 from dicom_node.plugins import kept_sop_classes, verify_weights
+from dicom_node.routing import Router
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
@@ -122,12 +124,16 @@ class Node:
         tasks.configure(settings)
         # The SCP's own connections wait less for a lock than a peer waits for an answer.
         self.scp_db = NodeDatabase(settings.node_database_url, busy_timeout_s=settings.scp.state_wait_limit_s)
+        arrivals = Arrivals()
         self.scp = StorageSCP(settings.scp, self.scp_db, self.spool, self.audit,
-                              kept_sop_classes=kept_sop_classes(settings))
+                              kept_sop_classes=kept_sop_classes(settings), arrivals=arrivals)
         self.scheduler = Scheduler(
             self.db, self.audit, tasks.publish,
             quiet_seconds=settings.scheduler.study_quiet_seconds,
-            poll_seconds=settings.scheduler.poll_seconds, housekeeping=self._housekeeping,
+            poll_seconds=settings.scheduler.poll_seconds, arrivals=arrivals,
+            release_grace_s=settings.scheduler.release_grace_s,
+            force_complete_s=settings.scheduler.force_complete_s, router=Router.from_settings(settings),
+            housekeeping=self._housekeeping,
         )
         self.workers = [WorkerSupervisor(config_file, overrides or {}, lane) for lane in ("analysis", "delivery")
                         ] if run_worker else []
