@@ -220,51 +220,40 @@ def _one_secret(value: SecretStr | None, file: Path | None, name: str) -> None:
         raise ValueError(f"give either {name} or {name}_file, not both or neither")
 
 
-class StowDestination(DestinationBase):
-    """A DICOMweb archive the results are sent to with STOW-RS (see :mod:`dicom_node.senders.stow`)."""
+#: Where an endpoint's Authorization header comes from: a bearer token or basic auth.
+HttpAuth = Annotated[BearerAuth | BasicAuth, Field(discriminator="type")]
 
-    type: Literal["stow"]
-    url: str = Field(description="the archive's /studies endpoint, https:// (or http://)")
-    auth: Annotated[BearerAuth | BasicAuth, Field(discriminator="type")] | None = Field(
-        None, description="none when absent")
+
+def _check_http_url(value: str) -> str:
+    """Return ``value`` when it is an http(s) URL with a host and no credentials in it."""
+    scheme, _, rest = value.partition("://")
+    host = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if scheme.lower() not in ("http", "https") or not host:
+        raise ValueError("expected an http:// or https:// URL")
+    if "@" in host:
+        raise ValueError("credentials go in auth (a token_file or password_file), not in the URL")
+    return value
+
+
+class HttpEndpoint(Section):
+    """How the node talks to an HTTPS (or HTTP) service it posts to (see
+    :mod:`dicom_node.http_client`): its authentication, and how its certificate is checked."""
+
+    auth: HttpAuth | None = Field(None, description="none when absent")
     ca_certificates: Path | None = Field(
         None, description="CA bundle the server's certificate is checked against; default: the system's")
     insecure_skip_tls_verify: bool = Field(
         False, description="send without checking the server's certificate: anyone on the path "
         "can read and alter what is sent")
 
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        scheme, _, rest = value.partition("://")
-        host = re.split(r"[/?#]", rest, maxsplit=1)[0]
-        if scheme.lower() not in ("http", "https") or not host:
-            raise ValueError("expected an http:// or https:// URL of the /studies endpoint")
-        if "@" in host:
-            raise ValueError("credentials go in auth (a token_file or password_file), not in the URL")
-        return value
-class HttpEndpoint(Section):
-    """An HTTPS (or HTTP) service the node posts to: a bearer token when one is configured, the
-    server's certificate always verified (against ``ca_certificates`` when given)."""
 
-    token: SecretStr | None = Field(None, description="bearer token; or token_file")
-    token_file: Path | None = Field(None, description="file holding the bearer token")
-    ca_certificates: Path | None = Field(None, description="CA bundle of the server; default: the system's")
+class StowDestination(DestinationBase, HttpEndpoint):
+    """A DICOMweb archive the results are sent to with STOW-RS (see :mod:`dicom_node.senders.stow`)."""
 
-    @model_validator(mode="after")
-    def _one_token(self) -> HttpEndpoint:
-        if self.token is not None and self.token_file is not None:
-            raise ValueError("give the bearer token as token or token_file, not both")
-        return self
+    type: Literal["stow"]
+    url: str = Field(description="the archive's /studies endpoint, https:// (or http://)")
 
-    def bearer_token(self) -> str | None:
-        """Return the bearer token (read from ``token_file`` now), or None without one."""
-        if self.token_file is not None:
-            return self.token_file.read_text().strip()
-        return self.token.get_secret_value() if self.token is not None else None
-
-
-HTTP_URL = r"^https?://"
+    _url = field_validator("url")(_check_http_url)
 
 
 class FhirDestination(DestinationBase, HttpEndpoint):
@@ -272,8 +261,10 @@ class FhirDestination(DestinationBase, HttpEndpoint):
     DiagnosticReport and its Observations (see :mod:`dicom_node.senders.fhir`)."""
 
     type: Literal["fhir"] = "fhir"
-    base_url: str = Field(pattern=HTTP_URL, description="the server's base, e.g. https://fhir.example/r4")
+    base_url: str = Field(description="the server's base, e.g. https://fhir.example/r4")
     outputs: list[Literal["sr"]] = Field(default_factory=lambda: ["sr"])
+
+    _url = field_validator("base_url")(_check_http_url)
 
 
 def _dimse_by_default(value: Any) -> Any:
@@ -307,12 +298,14 @@ NotificationEvent = Literal["finding-flagged", "delivery-dead-lettered"]
 class WebhookSettings(HttpEndpoint):
     """Where notifications are posted as JSON (see :mod:`dicom_node.notifications`)."""
 
-    url: str = Field(pattern=HTTP_URL)
+    url: str
     events: list[NotificationEvent] = Field(
         default_factory=lambda: ["finding-flagged", "delivery-dead-lettered"])
     timeout_s: float = Field(10, gt=0)
     max_age_s: float = Field(86400, gt=0, description="a notification is retried this long, with "
                              "the back-off of delivery")
+
+    _url = field_validator("url")(_check_http_url)
 
 
 class NotificationSettings(Section):

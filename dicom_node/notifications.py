@@ -12,13 +12,14 @@ A delivery-lane worker builds the JSON from the rows when it sends (:class:`Noti
 
     {"event": "delivery-dead-lettered", "job_id": 7, "study_instance_uid": "1.2...",
      "sop_instance_uid": "1.2...", "kind": "sr", "destination": "ris-fhir",
-     "reason": "the server refused it: HTTP 400", "findings": [], "time": "2025-...Z"}
+     "reason": "HTTP 400: request refused", "findings": [], "time": "2025-...Z"}
 
 UIDs, ids, scores and fixed texts only: never a patient's name or id. ``time`` is when the
 event happened. A failed POST that may succeed later (no answer, HTTP 408, 429, 5xx) is
 queued again with delivery's back-off (``delivery.first_retry_s`` doubling up to
-``delivery.max_retry_interval_s``, with jitter) until ``max_age_s`` after the event; a refusal
-(other 4xx) is logged and dropped. Delivery is at least once: a broker that hands a message
+``delivery.max_retry_interval_s``, with jitter) until ``max_age_s`` after the event; any other
+outcome (a refusal, a redirect, a failed TLS handshake: see :mod:`dicom_node.http_client`) is
+logged and dropped. Delivery is at least once: a broker that hands a message
 out twice makes a second POST.
 
 Which events are wanted is set once per worker process by :func:`configure` (called at
@@ -37,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicom_node.config import DeliverySettings, NotificationSettings, Settings, WebhookSettings, redact_url
+from dicom_node.config import DeliverySettings, NotificationSettings, Settings, WebhookSettings
 from dicom_node.db import Delivery, Instance, Job, NodeDatabase, OutboxMessage, Task, queue_message, utcnow
-from dicom_node.http_post import post_json
+from dicom_node.http_client import HttpClient
 from dicom_node.results import result_dir
 from dicom_node.senders.base import Disposition
 
@@ -74,11 +75,16 @@ def notify_dead_lettered(session: Session, delivery_id: int) -> None:
 
 
 class Notifier:
-    """Posts notifications to the webhook and queues the retries of those that failed."""
+    """Posts notifications to the webhook and queues the retries of those that failed.
+
+    Raises :class:`~dicom_node.errors.ConfigError` as :class:`~dicom_node.http_client.HttpClient`
+    (a secret file unreadable, the CA bundle missing), so that the worker refuses to start."""
 
     def __init__(self, webhook: WebhookSettings, db: NodeDatabase, settings: Settings, *,
                  jitter: Callable[[], float] = random.random) -> None:
         self.webhook = webhook
+        self.client = HttpClient(webhook, webhook.url, timeout_s=webhook.timeout_s,
+                                 name="notifications.webhook")
         self.db = db
         self.results_root = settings.results_dir
         self.policy: DeliverySettings = settings.delivery
@@ -86,7 +92,8 @@ class Notifier:
 
     @classmethod
     def from_settings(cls, settings: Settings, db: NodeDatabase) -> Notifier | None:
-        """Return the notifier of the configured webhook, or None without one."""
+        """Return the notifier of the configured webhook, or None without one; raises
+        :class:`~dicom_node.errors.ConfigError` as the constructor."""
         webhook = settings.notifications.webhook
         return cls(webhook, db, settings) if webhook else None
 
@@ -103,8 +110,9 @@ class Notifier:
             return None
         first = first or utcnow()
         payload["time"] = first.isoformat().replace("+00:00", "Z")
-        result = post_json(self.webhook.url, payload, self.webhook, timeout_s=self.webhook.timeout_s)
-        where = redact_url(self.webhook.url)
+        result = self.client.post(json.dumps(payload).encode(), {"Content-Type": "application/json"},
+                                  read_body=())
+        where = self.client.remote
         if result.disposition is Disposition.DELIVERED:
             logger.info("Notification %s %d sent to %s", task.value, target_id, where)
         elif result.disposition is Disposition.RETRY and (retry_at := self._retry_at(first, attempts)):

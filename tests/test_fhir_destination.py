@@ -63,7 +63,7 @@ def test_an_sr_becomes_a_valid_transaction_with_its_findings(fhir_server, sr_fil
     path, source = sr_file
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
-    sender = sender_to(fhir_server.url + "/r4/", tmp_path, token_file=str(token))
+    sender = sender_to(fhir_server.url + "/r4/", tmp_path, auth={"type": "bearer", "token_file": str(token)})
     caplog.set_level(logging.DEBUG)
     [outcome] = sender.send([SendObject(path, "1.2.3", "sr")])
     assert outcome.disposition is Disposition.DELIVERED, outcome
@@ -129,17 +129,31 @@ def test_no_answer_is_retried_and_a_failed_entry_given_up(fhir_server, sr_file, 
     assert refused.disposition is Disposition.GIVE_UP and "transaction-response" in refused.detail
 
 
-def test_the_server_certificate_is_verified(certificate, sr_file, tmp_path):
+def test_basic_auth_is_sent(fhir_server, sr_file, tmp_path):
+    password = tmp_path / "fhir.password"
+    password.write_text("fhir-Pa55\n")
+    sender = sender_to(fhir_server.url, tmp_path,
+                       auth={"type": "basic", "username": "node", "password_file": str(password)})
+    [outcome] = sender.send([SendObject(sr_file[0], "1.2.3", "sr")])
+    assert outcome.disposition is Disposition.DELIVERED
+    assert fhir_server.received[0].headers["Authorization"] == "Basic bm9kZTpmaGlyLVBhNTU="  # node:fhir-Pa55
+
+
+def test_the_server_certificate_is_verified_unless_told_not_to(certificate, sr_file, tmp_path, caplog):
     server = HttpReceiver(answer=transaction_response,
                           tls=(certificate.certificate, certificate.private_key)).start()
     try:
         objects = [SendObject(sr_file[0], "1.2.3", "sr")]
         [unverified] = sender_to(server.url, tmp_path).send(objects)
         assert (unverified.disposition, unverified.detail) == (
-            Disposition.GIVE_UP, "TLS verification of the server failed")
+            Disposition.GIVE_UP, "TLS failed: certificate not trusted or no common protocol")
+        assert server.received == []
         [verified] = sender_to(server.url, tmp_path, ca_certificates=str(certificate.certificate)).send(objects)
         assert verified.disposition is Disposition.DELIVERED
-        assert len(server.received) == 1
+        [unchecked] = sender_to(server.url, tmp_path, insecure_skip_tls_verify=True).send(objects)
+        assert unchecked.disposition is Disposition.DELIVERED
+        assert "destination ris: the server's TLS certificate is NOT checked" in caplog.text
+        assert len(server.received) == 2
     finally:
         server.stop()
 
@@ -147,12 +161,16 @@ def test_the_server_certificate_is_verified(certificate, sr_file, tmp_path):
 def test_only_srs_are_sent_and_secrets_are_hidden(tmp_path):
     with pytest.raises(ValueError, match="outputs"):
         FhirDestination(name="ris", base_url="https://fhir.example/r4", outputs=["sc"])
-    with pytest.raises(ValueError, match="token or token_file"):
-        FhirDestination(name="ris", base_url="https://fhir.example/r4", token="a", token_file="b")
+    with pytest.raises(ValueError, match="give either token or token_file"):
+        FhirDestination(name="ris", base_url="https://fhir.example/r4",
+                        auth={"type": "bearer", "token": "a", "token_file": "b"})
+    with pytest.raises(ValueError, match="credentials go in auth"):
+        FhirDestination(name="ris", base_url="https://u:pw@fhir.example/r4")
     settings = Settings(state_dir=tmp_path, audit={"secret": "s"}, destinations=[
-        {"name": "ris", "type": "fhir", "base_url": "https://u:pw@fhir.example/r4?token=t", "token": "t"}])
+        {"name": "ris", "type": "fhir", "base_url": "https://fhir.example/r4?token=t",
+         "auth": {"type": "bearer", "token": "t"}}])
     redacted = settings.redacted()["destinations"][0]
-    assert (redacted["token"], redacted["base_url"]) == ("***", "https://u:***@fhir.example/r4?token=***")
+    assert (redacted["auth"]["token"], redacted["base_url"]) == ("***", "https://fhir.example/r4?token=***")
 
 
 @pytest.mark.slow
@@ -176,7 +194,7 @@ def test_serve_sends_the_report_retries_a_500_and_dead_letters_a_400(node_factor
         rows = {d.destination: d for d in wait_for(finished, 300, "both deliveries to finish")}
         assert rows["ris"].status is DeliveryStatus.DELIVERED and rows["ris"].attempts == 2
         assert rows["refusing"].status is DeliveryStatus.DEAD and rows["refusing"].attempts == 1
-        assert rows["refusing"].last_error == "the server refused it: HTTP 400"
+        assert rows["refusing"].last_error == "HTTP 400: request refused"
         assert len(fhir_server.received) == 2 and len(refusing.received) == 1
         bundle = fhir_server.received[-1].json()
         Bundle.model_validate(bundle)
@@ -187,7 +205,7 @@ def test_serve_sends_the_report_retries_a_500_and_dead_letters_a_400(node_factor
         first, second = (r.json() for r in webhook.received)
         assert first == second
         assert (second["event"], second["destination"], second["kind"], second["reason"]) == (
-            "delivery-dead-lettered", "refusing", "sr", "the server refused it: HTTP 400")
+            "delivery-dead-lettered", "refusing", "sr", "HTTP 400: request refused")
         assert second["job_id"] == rows["refusing"].job_id
         assert node.stop() == 0
         for secret in (b"CompressedSamples", b"9RG1"):

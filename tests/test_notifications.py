@@ -15,6 +15,7 @@ from dicom_node.audit import AuditTrail
 from dicom_node.config import NotificationSettings, Settings
 from dicom_node.db import Delivery, DeliveryStatus, Instance, Job, JobStatus, NodeDatabase, OutboxMessage, Task
 from dicom_node.delivery import Deliverer
+from dicom_node.errors import ConfigError
 from dicom_node.notifications import Notifier, notify_flagged
 from dicom_node.results import result_dir, save_result
 from dicom_node.senders.base import Disposition
@@ -46,7 +47,8 @@ def node(tmp_path, webhook):
     settings = Settings(
         state_dir=tmp_path / "state", audit={"secret": "s"}, delivery={"max_failures": 1, "timeout_s": 5},
         destinations=[{"name": "ris", "type": "fhir", "base_url": refusing.url}],
-        notifications={"webhook": {"url": webhook.url + "/notify?token=t", "token": "hook-token"}})
+        notifications={"webhook": {"url": webhook.url + "/notify?token=t",
+                                    "auth": {"type": "bearer", "token": "hook-token"}}})
     db = NodeDatabase(settings.node_database_url)
     audit = AuditTrail.from_settings(settings)
     notifications.configure(settings.notifications)
@@ -145,8 +147,16 @@ def test_a_dead_lettered_delivery_is_posted(node, webhook, analysed, tmp_path):
     assert {k: v for k, v in sent.items() if k != "time"} == {
         "event": "delivery-dead-lettered", "job_id": instance.job_id, "study_instance_uid": source.StudyInstanceUID,
         "sop_instance_uid": sr.SOPInstanceUID, "kind": "sr", "destination": "ris",
-        "reason": "the server refused it: HTTP 400", "findings": []}
+        "reason": "HTTP 400: request refused", "findings": []}
     assert_no_phi(source, webhook)
+
+
+def test_an_unreadable_token_file_stops_the_notifier_at_start(node, tmp_path):
+    settings, db, _ = node
+    missing = settings.model_copy(update={"notifications": NotificationSettings(webhook={
+        "url": "https://hook.example", "auth": {"type": "bearer", "token_file": str(tmp_path / "absent")}})})
+    with pytest.raises(ConfigError, match="notifications.webhook: cannot read the secret file .*absent"):
+        Notifier.from_settings(missing, db)
 
 
 def test_a_refused_notification_is_dropped_not_retried(node, webhook, analysed):

@@ -232,16 +232,16 @@ def test_an_unavailable_destination_is_retried_past_max_failures_until_it_stores
               else f"HTTP {first}: destination busy or unavailable")
     assert statuses(db) == dict.fromkeys(("sc", "seg", "sr"), (DeliveryStatus.RETRYING, None, detail))
     if first == "refused":  # the destination comes up where it was configured
-        deliverer.senders["archive"].url = peer.url
+        deliverer.senders["archive"].client.url = peer.url
     assert run_when_due(deliverer, db, lead) is DeliveryStatus.DELIVERED
     assert {kind: (row.status, row.attempts) for kind, row in deliveries(db).items()} == dict.fromkeys(
         ("sc", "seg", "sr"), (DeliveryStatus.DELIVERED, 4))
 
 
 @pytest.mark.parametrize(("code", "status", "detail"), [
-    (401, DeliveryStatus.RETRYING, "HTTP 401: not authorised, check the destination's auth"),
-    (403, DeliveryStatus.RETRYING, "HTTP 403: not authorised, check the destination's auth"),
-    (415, DeliveryStatus.DEAD, "HTTP 415: the destination does not take application/dicom"),
+    (401, DeliveryStatus.RETRYING, "HTTP 401: not authorised, check the auth settings"),
+    (403, DeliveryStatus.RETRYING, "HTTP 403: not authorised, check the auth settings"),
+    (415, DeliveryStatus.DEAD, "HTTP 415: the destination does not take the media type sent"),
     (400, DeliveryStatus.RETRYING, "HTTP 400: request refused"),
     (302, DeliveryStatus.RETRYING, "HTTP 302: redirected, configure the final URL"),
 ])

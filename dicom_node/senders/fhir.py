@@ -2,13 +2,14 @@
 
 The Bundle is :func:`~dicom_node.senders.fhir_report.report_bundle`'s. The server must answer
 a ``transaction-response`` Bundle with a 2xx status for every entry; then each SR is
-delivered. No answer, a timeout or HTTP 408, 429 or 5xx is retried; any other answer is
-given up (see :mod:`dicom_node.http_post`). A transaction is all or nothing, so every SR of
-the send gets the same outcome.
+delivered. Every other answer is classified as :mod:`dicom_node.http_client` says (no answer,
+a timeout, HTTP 408, 429 or 5xx retried; 415 not accepted; any other given up). A transaction
+is all or nothing, so every SR of the send gets the same outcome.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -16,8 +17,8 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.config import FhirDestination, Settings, redact_url
-from dicom_node.http_post import post_json
+from dicom_node.config import FhirDestination, Settings
+from dicom_node.http_client import HttpClient
 from dicom_node.senders.base import Disposition, SendObject, SendOutcome
 from dicom_node.senders.fhir_report import report_bundle
 
@@ -37,13 +38,15 @@ def transaction_succeeded(answer: Any, entries: int) -> bool:
 
 
 class FhirSender:
-    """Sends SRs to a FHIR R4 server, with the node's delivery timeout."""
+    """Sends SRs to a FHIR R4 server, with the node's delivery timeout.
+
+    Raises :class:`~dicom_node.errors.ConfigError` as :class:`~dicom_node.http_client.HttpClient`
+    (a secret file unreadable, the CA bundle missing), so that the node refuses to start."""
 
     def __init__(self, destination: FhirDestination, settings: Settings) -> None:
-        self.destination = destination
-        self.url = destination.base_url.rstrip("/")
-        self.timeout_s = settings.delivery.timeout_s
-        self.remote = redact_url(self.url)
+        self.client = HttpClient(destination, destination.base_url.rstrip("/"),
+                                 timeout_s=settings.delivery.timeout_s, name=f"destination {destination.name}")
+        self.remote = self.client.remote
 
     def send(self, objects: Sequence[SendObject]) -> list[SendOutcome]:
         """POST the SRs among ``objects`` as one transaction; return one outcome per object:
@@ -71,12 +74,19 @@ class FhirSender:
             bundle = report_bundle(srs)
         except (ValueError, AttributeError, KeyError, IndexError, StopIteration):
             return SendOutcome(Disposition.GIVE_UP, None, "the SRs cannot be read as a report of ours")
-        result = post_json(self.url, bundle, self.destination, timeout_s=self.timeout_s,
-                           content_type=FHIR_JSON)
-        if result.disposition is Disposition.DELIVERED and not transaction_succeeded(
-                result.body, len(bundle["entry"])):
-            return SendOutcome(Disposition.GIVE_UP, result.status,
+        answer = self.client.post(json.dumps(bundle).encode(), {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON})
+        if answer.disposition is Disposition.DELIVERED and not transaction_succeeded(
+                _json(answer.body), len(bundle["entry"])):
+            return SendOutcome(Disposition.GIVE_UP, answer.status,
                                "the answer is no transaction-response with every entry 2xx")
         logger.info("FHIR transaction of %d resource(s) to %s: %s", len(bundle["entry"]), self.remote,
-                    result.disposition.value)
-        return SendOutcome(result.disposition, result.status, result.detail)
+                    answer.disposition.value)
+        return SendOutcome(answer.disposition, answer.status, answer.detail)
+
+
+def _json(body: bytes | None) -> Any:
+    """Return the JSON ``body``, or None when there is none or it is no JSON."""
+    try:
+        return json.loads(body) if body else None
+    except (ValueError, RecursionError):
+        return None

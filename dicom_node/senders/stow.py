@@ -10,18 +10,18 @@ PS3.19 where the server answers that):
 - in FailedSOPSequence, by its FailureReason: out of resources (0xA7xx) or resource limitation
   (0x0213) retried; SOP class (0x0122) or transfer syntax (0xC122) not supported: not accepted;
   any other (0xA9xx, 0xCxxx, 0x0110 ...) given up;
-- named in neither: delivered after a 200 (all stored), given up after a 202 or 409.
+- named in neither: delivered after a 200 (all stored), given up after a 202, 409 or another
+  2xx.
 
-Any other answer decides for every object: 401 and 403 given up (the credentials are wrong
-or lack the right), 415 not accepted, 408, 429 and 5xx retried, as are refused connections
-and timeouts; redirects (not followed: credentials never go elsewhere) and every other status
-given up. Outcome details are fixed texts of this module, never a response body or a
-library's message.
+Any other answer decides for every object, as :func:`dicom_node.http_client.status_outcome`
+says: 401 and 403 given up (the credentials are wrong or lack the right), 415 not accepted,
+408, 429 and 5xx retried, as are refused connections and timeouts; redirects (not followed:
+credentials never go elsewhere) and every other status given up. Outcome details are fixed
+texts, never a response body or a library's message.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import uuid
@@ -29,11 +29,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from xml.etree import ElementTree
 
-import requests
-from pydantic import SecretStr
-
-from dicom_node.config import BasicAuth, BearerAuth, Settings, StowDestination, redact_url
-from dicom_node.errors import ConfigError
+from dicom_node.config import Settings, StowDestination
+from dicom_node.http_client import Answer, HttpClient
 from dicom_node.scu import classify
 from dicom_node.senders.base import Disposition, SendObject, SendOutcome
 
@@ -43,8 +40,6 @@ MEDIA_TYPE = "application/dicom"
 ACCEPT = "application/dicom+json, application/dicom+xml;q=0.9"
 #: The HTTP statuses whose body is a Store Instances Response.
 ITEMISED = (200, 202, 409)
-#: The longest response body read; a longer one is not parsed.
-MAX_RESPONSE_BYTES = 16 * 2**20
 
 REFERENCED_SOP_SEQUENCE, FAILED_SOP_SEQUENCE = "00081199", "00081198"
 REFERENCED_SOP_INSTANCE_UID, WARNING_REASON, FAILURE_REASON = "00081155", "00081196", "00081197"
@@ -59,39 +54,15 @@ FAILURE_DETAILS = {
 
 
 class StowSender:
-    """Sends to a DICOMweb archive's ``/studies`` URL, with the node's delivery timeout, its
-    certificate checked unless the destination says ``insecure_skip_tls_verify``.
+    """Sends to a DICOMweb archive's ``/studies`` URL, with the node's delivery timeout.
 
-    Raises :class:`ConfigError` when a secret's file cannot be read or the CA bundle is missing,
-    so that the node refuses to start rather than fail at the first send."""
+    Raises :class:`~dicom_node.errors.ConfigError` as :class:`~dicom_node.http_client.HttpClient`
+    (a secret file unreadable, the CA bundle missing), so that the node refuses to start."""
 
     def __init__(self, destination: StowDestination, settings: Settings) -> None:
-        self.url = destination.url
-        self.auth = destination.auth
-        self.timeout_s = settings.delivery.timeout_s
-        self.remote = redact_url(destination.url)
-        self.verify: bool | str = not destination.insecure_skip_tls_verify
-        if destination.ca_certificates and self.verify:
-            if not destination.ca_certificates.is_file():
-                raise ConfigError(f"destination {destination.name}: ca_certificates "
-                                  f"{destination.ca_certificates} is not a file")
-            self.verify = str(destination.ca_certificates)
-        self._authorization()
-        if destination.insecure_skip_tls_verify:
-            logger.warning("Destination %s: the server's TLS certificate is NOT checked "
-                           "(insecure_skip_tls_verify)", destination.name)
-        if self.auth and self.url.lower().startswith("http://"):
-            logger.warning("Destination %s: credentials travel unencrypted over http://",
-                           destination.name)
-
-    def _authorization(self) -> dict[str, str]:
-        """Return the Authorization header, its secret read now; raises :class:`ConfigError`."""
-        if isinstance(self.auth, BearerAuth):
-            return {"Authorization": f"Bearer {_secret(self.auth.token, self.auth.token_file)}"}
-        if isinstance(self.auth, BasicAuth):
-            pair = f"{self.auth.username}:{_secret(self.auth.password, self.auth.password_file)}"
-            return {"Authorization": f"Basic {base64.b64encode(pair.encode()).decode()}"}
-        return {}
+        self.client = HttpClient(destination, destination.url, timeout_s=settings.delivery.timeout_s,
+                                 name=f"destination {destination.name}")
+        self.remote = self.client.remote
 
     def send(self, objects: Sequence[SendObject]) -> list[SendOutcome]:
         """POST ``objects`` in one multipart request; return one outcome per object, classified
@@ -104,48 +75,17 @@ class StowSender:
     def _post(self, files: list[bytes]) -> tuple[dict[str, SendOutcome], SendOutcome]:
         """Send ``files``; return the outcomes the response names, by SOP Instance UID, and the
         outcome of every object it does not name."""
-        try:
-            authorization = self._authorization()
-        except ConfigError:
-            return {}, SendOutcome(Disposition.GIVE_UP, None, "credentials file unreadable")
         boundary = uuid.uuid4().hex
-        headers = {"Content-Type": f'multipart/related; type="{MEDIA_TYPE}"; boundary={boundary}',
-                   "Accept": ACCEPT, **authorization}
-        try:
-            with requests.Session() as session:
-                session.trust_env = False  # no proxy, .netrc or CA bundle from the environment
-                with session.post(self.url, data=_multipart(files, boundary), headers=headers,
-                                  timeout=self.timeout_s, verify=self.verify, allow_redirects=False,
-                                  stream=True) as response:
-                    code = response.status_code
-                    body = _limited(response) if code in ITEMISED else None
-                    content_type = response.headers.get("Content-Type", "")
-        except requests.exceptions.SSLError:
-            return {}, SendOutcome(Disposition.GIVE_UP, None,
-                                   "TLS failed: certificate not trusted or no common protocol")
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError):
-            return {}, SendOutcome(Disposition.RETRY, None, "no answer: unreachable, refused or timed out")
-        except requests.RequestException:
-            return {}, SendOutcome(Disposition.GIVE_UP, None, "request failed")
-        named = _named_outcomes(_response_items(content_type, body)) if body else {}
+        answer = self.client.post(
+            _multipart(files, boundary),
+            {"Content-Type": f'multipart/related; type="{MEDIA_TYPE}"; boundary={boundary}', "Accept": ACCEPT},
+            read_body=ITEMISED)
+        if answer.status is None:
+            return {}, SendOutcome(answer.disposition, None, answer.detail)
+        named = _named_outcomes(_response_items(answer.content_type, answer.body)) if answer.body else {}
         logger.info("STOW-RS to %s: HTTP %d, %d of %d objects named in the response",
-                    self.remote, code, len(named), len(files))
-        return named, _unnamed_outcome(code)
-
-
-def _secret(value: SecretStr | None, file: Path | None) -> str:
-    """Return the secret given, or the content of its file without surrounding white space;
-    raises :class:`ConfigError` naming the file when it cannot be read or is empty."""
-    if value is not None:
-        return value.get_secret_value()
-    assert file is not None  # the settings give one or the other
-    try:
-        secret = file.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the secret file {file}") from exc
-    if not secret:
-        raise ConfigError(f"the secret file {file} is empty")
-    return secret
+                    self.remote, answer.status, len(named), len(files))
+        return named, _unnamed_outcome(answer)
 
 
 def _read(path: Path) -> bytes | None:
@@ -162,16 +102,6 @@ def _multipart(files: list[bytes], boundary: str) -> bytes:
     return b"".join(head + data + b"\r\n" for data in files) + f"--{boundary}--\r\n".encode()
 
 
-def _limited(response: requests.Response) -> bytes | None:
-    """Return the response body, or None when it is longer than :data:`MAX_RESPONSE_BYTES`."""
-    body = bytearray()
-    for chunk in response.iter_content(65536):
-        body += chunk
-        if len(body) > MAX_RESPONSE_BYTES:
-            return None
-    return bytes(body)
-
-
 def _response_items(content_type: str, body: bytes) -> list[tuple[str, str | None, int | None]]:
     """Return (sequence tag, SOP Instance UID, warning or failure reason) for each item of the
     Referenced and Failed SOP Sequences of a Store Instances Response; none when it cannot be
@@ -180,7 +110,8 @@ def _response_items(content_type: str, body: bytes) -> list[tuple[str, str | Non
         if "xml" in content_type.lower():
             return list(_xml_items(body))
         return list(_json_items(body))
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError, ElementTree.ParseError):
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError,
+            ElementTree.ParseError):
         return []
 
 
@@ -250,21 +181,11 @@ def classify_failure(reason: int | None) -> Disposition:
     return Disposition.GIVE_UP if disposition is Disposition.DELIVERED else disposition
 
 
-def _unnamed_outcome(code: int) -> SendOutcome:
-    """Return the outcome of an object that the response of HTTP status ``code`` does not name."""
-    if code == 200:
+def _unnamed_outcome(answer: Answer) -> SendOutcome:
+    """Return the outcome of an object that an HTTP ``answer`` does not name: delivered after a
+    200, given up after another 2xx (202, 409 included), else the answer's."""
+    if answer.status == 200:
         return SendOutcome(Disposition.DELIVERED, None, "HTTP 200: all stored")
-    if code in (202, 409):
-        return SendOutcome(Disposition.GIVE_UP, None, f"HTTP {code}: not named in the response")
-    if code in (401, 403):
-        return SendOutcome(Disposition.GIVE_UP, None, f"HTTP {code}: not authorised, check the "
-                                                      "destination's auth")
-    if code == 415:
-        return SendOutcome(Disposition.NOT_ACCEPTED, None, "HTTP 415: the destination does not "
-                                                           "take application/dicom")
-    if code in (408, 429) or code >= 500:
-        return SendOutcome(Disposition.RETRY, None, f"HTTP {code}: destination busy or unavailable")
-    if 300 <= code < 400:
-        return SendOutcome(Disposition.GIVE_UP, None, f"HTTP {code}: redirected, configure the "
-                                                      "final URL")
-    return SendOutcome(Disposition.GIVE_UP, None, f"HTTP {code}: request refused")
+    if answer.status in ITEMISED or answer.disposition is Disposition.DELIVERED:
+        return SendOutcome(Disposition.GIVE_UP, None, f"HTTP {answer.status}: not named in the response")
+    return SendOutcome(answer.disposition, None, answer.detail)
