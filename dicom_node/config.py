@@ -388,10 +388,12 @@ class RetentionSettings(Section):
     )
 
 
-Risk = Literal["scp-open", "audit-disabled"]
+Risk = Literal["scp-open", "audit-disabled", "tls-unverified"]
 RISKY_SETTINGS: dict[str, str] = {
     "scp-open": "scp.accept_any_peer: true admits every calling AE from every host",
     "audit-disabled": "audit.enabled: false records no audit trail and no pseudonyms",
+    "tls-unverified": "insecure_skip_tls_verify: true sends to an HTTPS peer whose certificate is not checked: "
+                      "anyone on the path can read and alter what is sent",
 }
 
 
@@ -429,11 +431,18 @@ class Settings(BaseSettings):
     acknowledged_risks: list[Risk] = Field(
         default_factory=list, description="settings that weaken the node, confirmed on purpose")
 
+    def _risks_on(self) -> set[str]:
+        """Return the risks the settings take, confirmed or not."""
+        endpoints = [d for d in self.destinations if isinstance(d, HttpEndpoint)]
+        endpoints += [self.notifications.webhook] if self.notifications.webhook else []
+        on = {"scp-open": self.scp.accept_any_peer and not self.scp.allowed_peers,
+              "audit-disabled": not self.audit.enabled,
+              "tls-unverified": any(e.insecure_skip_tls_verify for e in endpoints)}
+        return {risk for risk, taken in on.items() if taken}
+
     @model_validator(mode="after")
     def _risks_confirmed(self) -> Settings:
-        taken = [risk for risk, on in (("scp-open", self.scp.accept_any_peer and not self.scp.allowed_peers),
-                                       ("audit-disabled", not self.audit.enabled))
-                 if on and risk not in self.acknowledged_risks]
+        taken = sorted(self._risks_on() - set(self.acknowledged_risks))
         if taken:
             raise ValueError("; ".join(
                 f"{RISKY_SETTINGS[risk]}: confirm it by adding '{risk}' to acknowledged_risks"
@@ -464,9 +473,7 @@ class Settings(BaseSettings):
 
     def risks_taken(self) -> list[str]:
         """Return, for a warning at every start, what each acknowledged risk leaves open."""
-        return [RISKY_SETTINGS[risk] for risk in self.acknowledged_risks
-                if (risk == "scp-open" and self.scp.accept_any_peer and not self.scp.allowed_peers)
-                or (risk == "audit-disabled" and not self.audit.enabled)]
+        return [RISKY_SETTINGS[risk] for risk in self.acknowledged_risks if risk in self._risks_on()]
 
     @classmethod
     def settings_customise_sources(

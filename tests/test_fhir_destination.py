@@ -47,8 +47,10 @@ def sr_file(tmp_path_factory) -> tuple[Path, Dataset]:
 
 
 def sender_to(url: str, tmp_path: Path, **destination: object) -> FhirSender:
+    risks = ["tls-unverified"] if destination.get("insecure_skip_tls_verify") else []
     settings = Settings(state_dir=tmp_path / "state", audit={"secret": "s"}, delivery={"timeout_s": 5},
-                        destinations=[{"name": "ris", "type": "fhir", "base_url": url, **destination}])
+                        destinations=[{"name": "ris", "type": "fhir", "base_url": url, **destination}],
+                        acknowledged_risks=risks)
     sender = build_sender(settings.destinations[0], settings)
     assert isinstance(sender, FhirSender)
     return sender

@@ -165,6 +165,8 @@ def test_erasure_leaves_no_row_or_file_naming_the_subjects_images(node_factory) 
 @pytest.mark.parametrize("settings, named", [
     ({"audit": {"enabled": False}}, "acknowledged_risks"),
     ({"scp": {"accept_any_peer": True}}, "acknowledged_risks"),
+    ({"destinations": [{"name": "archive", "type": "stow", "url": "https://archive.example/dicom-web/studies",
+                        "insecure_skip_tls_verify": True}]}, "'tls-unverified' to acknowledged_risks"),
     ({"scp": {"max_dataset_mb": 8192}}, "scp.max_dataset_mb"),
 ])
 def test_risky_settings_are_refused_unless_confirmed(tmp_path: Path, settings: dict, named: str) -> None:
