@@ -364,7 +364,10 @@ class MetricsSettings(Section):
 
     host: str = "127.0.0.1"
     serve_port: int | None = Field(None, ge=1, le=65535)
-    worker_port: int | None = Field(None, ge=1, le=65535)
+    worker_port: int | None = Field(
+        None, ge=1, le=65535, description="an analysis (or both-lanes) worker's; a second worker on the same "
+        "host takes another, e.g. DICOM_NODE_METRICS__WORKER_PORT in its environment")
+    delivery_port: int | None = Field(None, ge=1, le=65535, description="a delivery-lane worker's")
 
 
 class AuditSettings(Section):

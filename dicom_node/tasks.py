@@ -180,6 +180,7 @@ def start_worker(settings: Settings, *, lane: str = "both", name: str | None = N
     _context = WorkerContext(analyzer=analyzer, deliverer=deliverer, notifier=notifier)
     if lane == "delivery":
         pool, concurrency = "threads", settings.delivery.threads
+        serve_metrics(settings.metrics.host, settings.metrics.delivery_port)
     else:
         pool, concurrency = settings.worker.pool, settings.worker.concurrency
         serve_metrics(settings.metrics.host, settings.metrics.worker_port)

@@ -8,6 +8,7 @@ in the audit trail, in order, and no patient name or ID is in it or in the logs.
 from __future__ import annotations
 
 import json
+import urllib.request
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import yaml
 from pydicom import dcmread
 
 from dicom_node.db import DeliveryStatus, Job, JobStatus
-from tests.conftest import dcmtk_tool, run_tool, sample_file, wait_for
+from tests.conftest import dcmtk_tool, free_port, run_tool, sample_file, wait_for
 from tests.receiving_scp import ReceivingSCP
 
 pytestmark = pytest.mark.slow
@@ -50,8 +51,9 @@ def all_delivered(node, job_id: int) -> bool:
 
 
 def test_rg1_is_analysed_and_delivered_rg3_is_skipped(node_factory, pacs):
+    ports = {name: free_port() for name in ("serve_port", "worker_port", "delivery_port")}
     node = node_factory({"destinations": [
-        {"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}]})
+        {"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}], "metrics": ports})
     node.start()
     sent = run_tool(dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", "DICOM_NODE",
                     "127.0.0.1", str(node.port), str(sample_file("RG1_UNCI.dcm")),
@@ -84,6 +86,14 @@ def test_rg1_is_analysed_and_delivered_rg3_is_skipped(node_factory, pacs):
     events = [e["event"] for e in json.loads(node.cli("audit", "list", "--study", rg3,
                                                  "--format", "json"))]
     assert events == ["instance-received", "job-queued", "job-started", "job-skipped"]
+
+    # Each process counts its own stages: serve the completed studies, the analysis worker the
+    # jobs, the delivery worker the deliveries.
+    metrics = {name: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+               for name, port in ports.items()}
+    assert 'dicom_node_stage_seconds_count{stage="complete"} 2.0' in metrics["serve_port"]
+    assert 'dicom_node_jobs_total{status="done"} 1.0' in metrics["worker_port"]
+    assert 'dicom_node_deliveries_total{status="delivered"} 3.0' in metrics["delivery_port"]
 
     # Running the job again delivers the same three objects, replacing the first ones.
     node.cli("jobs", "retry", str(job.id))
