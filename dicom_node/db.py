@@ -7,7 +7,8 @@ SQLite (WAL) by default, any SQLAlchemy URL otherwise. Sessions come from
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,11 +25,14 @@ from sqlalchemy import (
     create_engine,
     event,
     text,
+    update,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from dicom_node import migrations
+
+logger = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -182,8 +186,15 @@ class OutboxMessage(Base):
 
 def queue_message(session: Session, task: Task, target_id: int, *,
                   not_before: datetime | None = None) -> None:
-    """Add an outbox message in the caller's transaction; it is published after commit."""
-    session.add(OutboxMessage(task=task, target_id=target_id, not_before=not_before))
+    """Add an outbox message in the caller's transaction; it is published after commit (at once
+    where the database publishes at commit, see :meth:`NodeDatabase.publish_at_commit`)."""
+    message = OutboxMessage(task=task, target_id=target_id, not_before=not_before)
+    session.add(message)
+    session.info.setdefault(QUEUED_MESSAGES, []).append(message)
+
+
+#: Where a session keeps the outbox messages queued in its transaction.
+QUEUED_MESSAGES = "dicom_node.queued_messages"
 
 
 SCHEMA_LOCK_KEY = 0x6E6F6465  # "node"
@@ -247,12 +258,36 @@ class NodeDatabase:
             self.engine.dispose()
             raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._publish: Callable[[OutboxMessage], None] | None = None
+
+    def publish_at_commit(self, publish: Callable[[OutboxMessage], None]) -> None:
+        """Publish each outbox message due now as soon as the transaction that queued it commits
+        (a worker's fast path: its next task need not wait for the scheduler's tick). A message the
+        broker does not take stays in the outbox for the scheduler; one published twice is harmless."""
+        self._publish = publish
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """Yield a session committed on success and rolled back on error."""
-        with self._sessions() as session, session.begin():
-            yield session
+        with self._sessions() as session:
+            with session.begin():
+                yield session
+            queued = session.info.pop(QUEUED_MESSAGES, [])
+        if self._publish is not None and queued:
+            self._publish_now([m for m in queued if m.not_before is None or m.not_before <= utcnow()])
+
+    def _publish_now(self, messages: list[OutboxMessage]) -> None:
+        assert self._publish is not None
+        for message in messages:
+            try:
+                self._publish(message)
+            except Exception as exc:  # the scheduler publishes it later
+                logger.info("Outbox message %d left to the scheduler: %s", message.id, type(exc).__name__)
+                continue
+            with self._sessions() as session, session.begin():
+                session.execute(update(OutboxMessage).where(OutboxMessage.id == message.id,
+                                                            OutboxMessage.published_at.is_(None))
+                                .values(published_at=utcnow()))
 
     def truncate_log(self) -> None:
         """Copy an SQLite write-ahead log into the database and empty it (waiting for readers

@@ -155,12 +155,14 @@ def start_worker(settings: Settings, *, lane: str = "both", name: str | None = N
     The analysis lane loads the models now (weights checked, not on the first study)
     and runs the configured pool; the delivery lane loads no model and sends with a
     pool of ``delivery.threads`` threads. Work a dead predecessor left half done
-    (running jobs, deliveries whose lease ran out) is queued again first.
+    (running jobs, deliveries whose lease ran out) is queued again first. Outbox messages the
+    worker queues are published as their transaction commits.
     """
     global _context
     configure(settings)
     name = name or worker_name()
     db = NodeDatabase(settings.node_database_url)
+    db.publish_at_commit(publish)  # the next task (a delivery, a retry) goes at once, not at the scheduler's tick
     audit = AuditTrail.from_settings(settings)
     queues = LANES[lane]
     analyzer = deliverer = notifier = None

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from dicom_node.arrivals import Arrivals
 from dicom_node.audit import AuditTrail
 from dicom_node.config import load_settings
-from dicom_node.db import Instance, Job, JobStatus, NodeDatabase, OutboxMessage, utcnow
+from dicom_node.db import Instance, Job, JobStatus, NodeDatabase, OutboxMessage, Task, queue_message, utcnow
 from dicom_node.routing import Route, Router
 from dicom_node.scheduler import Scheduler
 from tests.conftest import dcmtk_tool, run_tool, wait_for
@@ -224,3 +224,26 @@ def test_a_study_is_complete_once_its_routes_expected_series_have_arrived(state,
     scheduler.tick()
     [job] = jobs(db)
     assert instance_ids(db, job) == {"1.9.1", "1.9.2"}
+
+
+def test_a_worker_publishes_what_it_queues_as_its_transaction_commits(state):
+    """The fast path: a message due now goes to the broker at commit, not at the scheduler's next tick;
+    one the broker refuses, or one due later, stays in the outbox for the scheduler."""
+    db, _ = state
+    broker = Broker()
+    db.publish_at_commit(broker.publish)
+    with db.session() as session:
+        queue_message(session, Task.DELIVER, 7)
+        queue_message(session, Task.DELIVER, 8, not_before=utcnow() + timedelta(minutes=5))
+        assert broker.sent == []  # not before the commit
+    assert broker.sent == [("deliver", 7)]
+    broker.up = False
+    with db.session() as session:
+        queue_message(session, Task.DELIVER, 9)
+    with db.session() as session:
+        unpublished = session.scalars(select(OutboxMessage.target_id).where(OutboxMessage.published_at.is_(None)))
+        assert sorted(unpublished) == [8, 9]
+    with pytest.raises(RuntimeError), db.session() as session:  # a rolled-back transaction publishes nothing
+        queue_message(session, Task.DELIVER, 10)
+        raise RuntimeError("rolled back")
+    assert broker.sent == [("deliver", 7)]
