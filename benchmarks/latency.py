@@ -40,6 +40,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.request import urlopen
 
 import yaml
 from pydicom import dcmread
@@ -50,6 +51,8 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 ROOT = Path(__file__).resolve().parent.parent
 STORESCU, ECHOSCU = "/usr/bin/storescu", "/usr/bin/echoscu"
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+#: The node's stages in the order of the data flow (dicom_node/metrics.py).
+STAGES = ["store", "audit", "complete", "decode", "pipeline", "writers", "deliver"]
 
 
 def free_port() -> int:
@@ -132,17 +135,35 @@ def wait(what: str, probe, timeout: float = 600):  # type: ignore[no-untyped-def
     return value
 
 
-def run_node(root: Path, studies: list[tuple[Path, str]], scheduler: dict) -> tuple[list[float], list[float]]:
+def stage_means(ports: list[int]) -> dict[str, float]:
+    """Return the mean seconds per stage from the processes' Prometheus metrics."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for port in ports:
+        text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for line in text.splitlines():
+            for suffix, into in (("_sum", sums), ("_count", counts)):
+                prefix = f"dicom_node_stage_seconds{suffix}{{stage=\""
+                if line.startswith(prefix):
+                    stage, value = line[len(prefix):].split('"}', 1)
+                    into[stage] = into.get(stage, 0.0) + float(value)
+    return {stage: sums[stage] / counts[stage] for stage in sums if counts.get(stage)}
+
+
+def run_node(root: Path, studies: list[tuple[Path, str]],
+             scheduler: dict) -> tuple[list[float], list[float], dict[str, float]]:
     """Send ``studies`` to a node with ``scheduler`` settings; return (trigger, arrival to result) per
-    study but the first (which also waits for the worker to load its models)."""
+    study but the first (which also waits for the worker to load its models), and the mean seconds
+    of each stage over all studies."""
     destination = Destination()
     port = free_port()
+    metrics = {"serve_port": free_port(), "worker_port": free_port(), "delivery_port": free_port()}
     config = root / "node.yaml"
     config.write_text(yaml.safe_dump({
         "state_dir": str(root / "state"), "log_level": "WARNING",
         "scp": {"host": "127.0.0.1", "port": port, "min_free_disk_mb": 100,
                 "allowed_peers": [{"ae_title": "STORESCU"}, {"ae_title": "ECHOSCU"}]},
-        "scheduler": scheduler, "worker": {"device": "cpu"},
+        "scheduler": scheduler, "worker": {"device": "cpu"}, "metrics": metrics,
         "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": destination.port}],
     }))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
@@ -160,11 +181,12 @@ def run_node(root: Path, studies: list[tuple[Path, str]], scheduler: dict) -> tu
             if index:
                 triggers.append(made - acknowledged)
                 results.append(done - acknowledged)
+        stages = stage_means(list(metrics.values()))
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(120)
         destination.server.shutdown()
-    return triggers, results
+    return triggers, results, stages
 
 
 def run_orthanc(root: Path, studies: list[tuple[Path, str]]) -> list[float] | None:
@@ -254,15 +276,17 @@ def main() -> None:
                                                             make_studies(root / "orthanc-studies", args.count))
     print(f"{args.count} one-image studies per configuration (RG1, 1955x1841 CR), sent one after another")
     print(f"reference, decode + pipeline + writers in one process: {reference:.2f} s")
-    for name, (triggers, results) in nodes.items():
+    for name, (triggers, results, stages) in nodes.items():
         print(f"{name}:")
         print(f"  trigger (acknowledged -> job made):          {summary(triggers)}")
         print(f"  arrival to SC+SEG+SR received:               {summary(results)}")
         print(f"  overhead beyond the reference (median):      {statistics.median(results) - reference:6.2f} s")
+        print("  mean per stage: " + ", ".join(f"{stage} {seconds:.3f} s" for stage, seconds in sorted(
+            stages.items(), key=lambda item: STAGES.index(item[0]) if item[0] in STAGES else len(STAGES))))
     if orthanc:
         print(f"Orthanc, acknowledged -> StableStudy:          {summary(orthanc)}")
-    after_triggers, after_results = nodes["node, on release (after)"]
-    before_triggers, before_results = nodes["node, quiet period only (before)"]
+    after_triggers, after_results, _ = nodes["node, on release (after)"]
+    before_triggers, before_results, _ = nodes["node, quiet period only (before)"]
     print(f"trigger, after / before: {statistics.median(after_triggers) / statistics.median(before_triggers):.3f}")
     print(f"arrival to result, after / before: {statistics.median(after_results) / statistics.median(before_results):.3f}")
     if orthanc:
