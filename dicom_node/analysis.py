@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from dicom_node.metrics import JOBS, STAGE_SECONDS
 from dicom_node.notifications import notify_flagged
 from dicom_node.results import findings_summary, result_dir, save_result
 from dicom_node.workflow import (
-    claim_job, defer_job, finish_job, queue_deliveries, requeue_interrupted_jobs,
+    claim_job, defer_job, finish_job, queue_deliveries, renew_job_lease, requeue_interrupted_jobs,
 )
 from dicom_node.writers import AlgorithmIdentity, OutputKind, write_not_analysed, write_results
 from dicom_node.plugins import build_pipelines
@@ -75,8 +76,10 @@ class Analyzer:
 
     def __init__(self, db: NodeDatabase, audit: AuditTrail,
                  pipelines: Mapping[str, tuple[PipelinePlugin, Pipeline]], router: Router,
-                 results_root: Path, *, worker: str, note_skipped: bool = False) -> None:
+                 results_root: Path, *, worker: str, note_skipped: bool = False,
+                 job_lease: timedelta = timedelta(seconds=30)) -> None:
         self.db = db
+        self.job_lease = job_lease
         self.audit = audit
         self.pipelines = {name: RoutedPipeline.of(*built) for name, built in pipelines.items()}
         self.router = router
@@ -90,7 +93,8 @@ class Analyzer:
         """Build the analyzer with every pipeline the routes run; loads their weights now and raises
         :class:`pipelines.errors.WeightsError` if any is bad (ConfigError for an unknown pipeline)."""
         return cls(db, audit, build_pipelines(settings), Router.from_settings(settings), settings.results_dir,
-                   worker=worker, note_skipped=settings.outputs.not_analysed_note)
+                   worker=worker, note_skipped=settings.outputs.not_analysed_note,
+                   job_lease=timedelta(seconds=settings.worker.job_lease_s))
 
     def requeue_interrupted(self) -> list[int]:
         """Queue again the jobs dead workers left, this worker's name included (see
@@ -98,11 +102,17 @@ class Analyzer:
         return requeue_interrupted_jobs(self.db, worker=self.worker)
 
     def run(self, job_id: int) -> JobStatus | None:
-        """Analyse the job's instances; return its final status, or None if nothing to do."""
-        job = claim_job(self.db, job_id, worker=self.worker)
+        """Analyse the job's instances, its lease renewed meanwhile; return its final status, or
+        None if nothing to do."""
+        job = claim_job(self.db, job_id, worker=self.worker, lease=self.job_lease)
         if job is None:
             logger.info("Job %d is not queued: nothing to do", job_id)
             return None
+        with _lease_kept(self.db, job_id, worker=self.worker, lease=self.job_lease):
+            return self._run(job)
+
+    def _run(self, job: Job) -> JobStatus:
+        job_id = job.id
         with self.db.session() as session:
             instances = session.scalars(
                 select(Instance).where(Instance.job_id == job_id).order_by(Instance.id)).all()
@@ -253,6 +263,29 @@ class Analyzer:
         with self.db.session() as session:
             queue_deliveries(session, job_id=job_id, source_sop_uid=instance.sop_instance_uid,
                              outputs=written, destinations=decision.destinations)
+
+
+@contextmanager
+def _lease_kept(db: NodeDatabase, job_id: int, *, worker: str, lease: timedelta) -> Iterator[None]:
+    """Renew ``worker``'s lease of the job every third of ``lease`` on a thread, while the block runs."""
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(lease.total_seconds() / 3):
+            try:
+                if not renew_job_lease(db, job_id, worker=worker, lease=lease):
+                    logger.warning("Job %d is no longer this worker's: its lease was taken over", job_id)
+                    return
+            except Exception as exc:  # a busy database: the next renewal tries again
+                logger.warning("Job %d: its lease could not be renewed (%s)", job_id, type(exc).__name__)
+
+    keeper = threading.Thread(target=renew, name=f"lease-{job_id}", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        done.set()
+        keeper.join()
 
 
 @contextmanager

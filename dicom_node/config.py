@@ -357,6 +357,12 @@ class WorkerSettings(Section):
     pool: Literal["solo", "threads"] = "solo"
     concurrency: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch's CPU threads in an analysis worker; null: torch's default (all "
+        "cores); several workers on one host each take their share")
+    job_lease_s: float = Field(
+        30, ge=3, description="a running job's lease, renewed by its worker every third of it; a job "
+        "whose lease lapsed (its worker died, on any host) is queued again and taken over")
 
 
 class MetricsSettings(Section):

@@ -32,6 +32,7 @@ from dicom_node.scheduler import Scheduler
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from dicom_node.state_lock import StateLock
+from dicom_node.workflow import requeue_lapsed_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class Node:
         self._last_housekeeping = time.monotonic()
         self._last_retention = time.monotonic() - RETENTION_INTERVAL_S + HOUSEKEEPING_INTERVAL_S
         self._last_lost_check = time.monotonic()
+        self._last_lease_check = time.monotonic()
 
     def start(self) -> None:
         self.audit.record(AuditEvent.CONFIG_LOADED, actor=getpass.getuser(),
@@ -181,6 +183,9 @@ class Node:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if now - self._last_lease_check >= self.settings.worker.job_lease_s / 3:
+            self._last_lease_check = now
+            requeue_lapsed_jobs(self.db)
         lost_after = self.settings.scheduler.lost_message_after_s
         if now - self._last_lost_check >= lost_after:
             self._last_lost_check = now

@@ -168,7 +168,12 @@ def start_worker(settings: Settings, *, lane: str = "both", name: str | None = N
     analyzer = deliverer = notifier = None
     configure_notifications(settings.notifications)
     if QUEUES[ANALYZE] in queues:
-        from dicom_node.analysis import Analyzer  # pulls in torch: only in analysis workers
+        import torch  # only in analysis workers
+
+        from dicom_node.analysis import Analyzer
+
+        if settings.worker.torch_threads is not None:
+            torch.set_num_threads(settings.worker.torch_threads)
 
         try:
             analyzer = Analyzer.from_settings(settings, db, audit, worker=name)

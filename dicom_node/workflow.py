@@ -76,19 +76,48 @@ class Answer(Protocol):
 
 # Jobs
 
-def claim_job(db: NodeDatabase, job_id: int, *, worker: str) -> Job | None:
-    """Mark a queued job running by ``worker`` and return it; a job running longer than
-    :data:`JOB_LEASE` belongs to a worker that died, and is taken over. Returns None when
-    the job is not queued (finished, or running in a live worker): nothing to do."""
+def claim_job(db: NodeDatabase, job_id: int, *, worker: str, lease: timedelta) -> Job | None:
+    """Mark a queued job running by ``worker``, its lease running ``lease`` from now, and return
+    it; a running job whose lease lapsed (its worker died or hangs; without a lease, running
+    longer than :data:`JOB_LEASE`) is taken over. Returns None when the job is not queued
+    (finished, or running in a live worker): nothing to do."""
     now = utcnow()
+    lapsed = (Job.status == JobStatus.RUNNING) & or_(
+        Job.lease_until < now, Job.lease_until.is_(None) & (Job.started_at < now - JOB_LEASE))
     with db.session() as session:
         claimed = session.execute(
-            update(Job).where(Job.id == job_id).where(
-                (Job.status == JobStatus.QUEUED)
-                | ((Job.status == JobStatus.RUNNING) & (Job.started_at < now - JOB_LEASE)))
-            .values(status=JobStatus.RUNNING, started_at=now, worker=worker)
+            update(Job).where(Job.id == job_id).where((Job.status == JobStatus.QUEUED) | lapsed)
+            .values(status=JobStatus.RUNNING, started_at=now, worker=worker, lease_until=now + lease)
         ).rowcount
         return session.get(Job, job_id) if claimed else None
+
+
+def renew_job_lease(db: NodeDatabase, job_id: int, *, worker: str, lease: timedelta) -> bool:
+    """Extend ``worker``'s lease of its running job to ``lease`` from now; return False when the
+    job is not running by it any more (taken over, or finished)."""
+    with db.session() as session:
+        return bool(session.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker == worker)
+            .values(lease_until=utcnow() + lease)).rowcount)
+
+
+def requeue_lapsed_jobs(db: NodeDatabase) -> list[int]:
+    """Queue again the running jobs whose lease lapsed: their worker, on whichever host, died or
+    hangs. The instances it decided keep their verdicts. Returns the ids."""
+    now = utcnow()
+    with db.session() as session:
+        lapsed = session.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING,
+                                                      Job.lease_until < now)).all()
+        for job_id in lapsed:
+            taken = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING,
+                                                      Job.lease_until < now)
+                                    .values(status=JobStatus.QUEUED, started_at=None, lease_until=None)).rowcount
+            if taken:
+                queue_message(session, Task.ANALYZE, job_id)
+    if lapsed:
+        logger.warning("Queued %d job(s) again whose worker stopped renewing its lease: %s",
+                       len(lapsed), ", ".join(map(str, lapsed)))
+    return list(lapsed)
 
 
 def requeue_interrupted_jobs(db: NodeDatabase, *, worker: str) -> list[int]:
@@ -103,7 +132,7 @@ def requeue_interrupted_jobs(db: NodeDatabase, *, worker: str) -> list[int]:
                        or owner == worker or worker_is_gone(owner)]
         for job_id in interrupted:
             session.execute(update(Job).where(Job.id == job_id)
-                            .values(status=JobStatus.QUEUED, started_at=None))
+                            .values(status=JobStatus.QUEUED, started_at=None, lease_until=None))
             queue_message(session, Task.ANALYZE, job_id)
     if interrupted:
         logger.warning("Queued %d interrupted job(s) again", len(interrupted))
@@ -114,7 +143,7 @@ def defer_job(db: NodeDatabase, job_id: int, *, reason: str, delay: timedelta) -
     """Queue a running job again, due ``delay`` from now, noting ``reason``."""
     with db.session() as session:
         session.execute(update(Job).where(Job.id == job_id).values(
-            status=JobStatus.QUEUED, started_at=None, reason=reason))
+            status=JobStatus.QUEUED, started_at=None, lease_until=None, reason=reason))
         queue_message(session, Task.ANALYZE, job_id, not_before=utcnow() + delay)
 
 
@@ -124,7 +153,7 @@ def finish_job(db: NodeDatabase, job_id: int, status: JobStatus, reason: str) ->
         raise ValueError(f"a job finishes done, skipped or failed, not {status.value}")
     with db.session() as session:
         session.execute(update(Job).where(Job.id == job_id).values(
-            status=status, finished_at=utcnow(), reason=reason))
+            status=status, finished_at=utcnow(), lease_until=None, reason=reason))
 
 
 def retry_job(db: NodeDatabase, audit: AuditTrail, job_id: int, *, actor: str) -> Job:

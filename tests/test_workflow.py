@@ -23,6 +23,8 @@ from dicom_node.errors import NoSuchJobError, StateChangeError
 from dicom_node.senders.base import Disposition
 from tests.audit_fixtures import Node, make_node
 
+LEASE = timedelta(seconds=30)
+
 STUDY = "1.2.826.0.1.3680043.8.498.3001"
 KINDS = ("sc", "seg", "sr")
 
@@ -168,13 +170,13 @@ def test_resending_a_job_without_deliveries_is_refused(node, db):
 
 def test_a_job_is_claimed_once_deferred_and_finished(db):
     job_id = add_job(db, JobStatus.QUEUED)
-    claimed = workflow.claim_job(db, job_id, worker="w1")
+    claimed = workflow.claim_job(db, job_id, worker="w1", lease=LEASE)
     assert claimed is not None and claimed.status is JobStatus.RUNNING and claimed.worker == "w1"
-    assert workflow.claim_job(db, job_id, worker="w2") is None  # a second message does nothing
+    assert workflow.claim_job(db, job_id, worker="w2", lease=LEASE) is None  # a second message does nothing
     workflow.defer_job(db, job_id, reason="the results disk is full", delay=timedelta(minutes=1))
     assert get(db, Job, job_id).status is JobStatus.QUEUED
     assert outbox(db) == [(Task.ANALYZE, job_id, True)]
-    assert workflow.claim_job(db, job_id, worker="w2") is not None
+    assert workflow.claim_job(db, job_id, worker="w2", lease=LEASE) is not None
     workflow.finish_job(db, job_id, JobStatus.DONE, "1 instance(s) analysed")
     job = get(db, Job, job_id)
     assert (job.status, job.reason) == (JobStatus.DONE, "1 instance(s) analysed") and job.finished_at
@@ -188,6 +190,22 @@ def test_a_dead_workers_job_is_queued_again(db):
     assert workflow.requeue_interrupted_jobs(db, worker="dicom-node-1@this") == [mine]
     assert get(db, Job, mine).status is JobStatus.QUEUED and get(db, Job, alive).status is JobStatus.RUNNING
     assert outbox(db) == [(Task.ANALYZE, mine, False)]
+
+
+def test_a_job_whose_lease_lapsed_is_queued_again_and_taken_over_whatever_its_host(db):
+    """A worker on another host that died stops renewing its lease: serve's housekeeping queues the
+    job again and another worker takes it; a live worker's renewed lease keeps its job."""
+    job_id, kept = add_job(db, JobStatus.QUEUED), add_job(db, JobStatus.QUEUED)
+    assert workflow.claim_job(db, job_id, worker="dicom-node-7@host-a", lease=timedelta(seconds=-1))
+    assert workflow.claim_job(db, kept, worker="dicom-node-8@host-b", lease=LEASE)
+    assert workflow.claim_job(db, job_id, worker="dicom-node-9@host-c", lease=LEASE) is not None  # lapsed: taken over
+    assert not workflow.renew_job_lease(db, job_id, worker="dicom-node-7@host-a", lease=LEASE)  # not its any more
+    assert workflow.renew_job_lease(db, kept, worker="dicom-node-8@host-b", lease=LEASE)
+    with db.session() as session:
+        session.get(Job, job_id).lease_until = utcnow() - timedelta(seconds=1)  # host-c died in turn
+    assert workflow.requeue_lapsed_jobs(db) == [job_id]
+    assert (get(db, Job, job_id).status, get(db, Job, kept).status) == (JobStatus.QUEUED, JobStatus.RUNNING)
+    assert outbox(db) == [(Task.ANALYZE, job_id, False)]
 
 
 def test_the_last_failure_dead_letters_a_delivery_audited_as_result_dead_lettered(node, db):
