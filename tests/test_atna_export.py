@@ -121,8 +121,8 @@ def exporter_factory(tmp_path: Path) -> Iterator[Callable[..., tuple[AuditTrail,
     (started)."""
     made: list[tuple[AuditTrail, SyslogExporter]] = []
 
-    def make(receiver: Rsyslog, **syslog: Any) -> tuple[AuditTrail, SyslogExporter]:
-        settings = load_settings(None, state_dir=tmp_path / f"state-{receiver.folder.name}", audit={"secret": "s", "syslog": {
+    def make(receiver: Rsyslog, state: str = "state", **syslog: Any) -> tuple[AuditTrail, SyslogExporter]:
+        settings = load_settings(None, state_dir=tmp_path / f"{state}-{receiver.folder.name}", audit={"secret": "s", "syslog": {
             "enabled": True, "host": "127.0.0.1", "port": receiver.port, "transport": "tcp",
             "first_retry_s": 0.2, "max_retry_interval_s": 1.0, "timeout_s": 5, **syslog}})
         settings.state_dir.mkdir(exist_ok=True)
@@ -270,14 +270,17 @@ def test_a_repository_that_resets_mid_stream_loses_nothing(rsyslog_factory, expo
     assert again == list(range(again[0], 3001)) if again else first[-1] == 3000
 
 
-def test_tls_with_a_client_certificate_and_an_untrusted_repository(rsyslog_factory, exporter_factory,
+def test_tls_verifies_the_repository_and_presents_the_client_certificate(rsyslog_factory, exporter_factory,
                                                                    pki):  # noqa: F811
     receiver = rsyslog_factory(tls=pki).start()
     tls = {"transport": "tls", "ca_certificates": str(pki["ca"]),
            "certificate": str(pki["pacs1.crt"]), "private_key": str(pki["pacs1.key"])}
     untrusting_receiver = rsyslog_factory("untrusted", tls=pki).start()
     refused_trail, refused = exporter_factory(untrusting_receiver, transport="tls")  # the system's CAs
+    anonymous_trail, anonymous = exporter_factory(  # no client certificate: rsyslog refuses it
+        receiver, "anonymous", transport="tls", ca_certificates=str(pki["ca"]))
     record_burst(refused_trail, 1)
+    record_burst(anonymous_trail, 1)
 
     trail, _ = exporter_factory(receiver, **tls)
     record_burst(trail, 10, pause_s=0)
@@ -287,8 +290,9 @@ def test_tls_with_a_client_certificate_and_an_untrusted_repository(rsyslog_facto
     for message, row in zip(receiver.received(), rows, strict=True):
         check_audit_message(message, row)
 
-    wait_for(lambda: refused.failures >= 2, 30, "the untrusted repository refused")
+    wait_for(lambda: refused.failures >= 2 and anonymous.failures >= 2, 30, "refused sessions")
     assert untrusting_receiver.received() == [] and cursor_of(refused_trail) == 0
+    assert len(receiver.received()) == len(rows) and cursor_of(anonymous_trail) == 0
 
 
 def test_retention_keeps_events_not_yet_exported(rsyslog_factory, exporter_factory):

@@ -267,7 +267,8 @@ class _Link:
                 context.minimum_version = ssl.TLSVersion.TLSv1_2
                 if settings.certificate and settings.private_key:
                     context.load_cert_chain(settings.certificate, settings.private_key)
-                sock = context.wrap_socket(sock, server_hostname=settings.host)
+                sock = context.wrap_socket(sock, server_hostname=settings.host,
+                                           suppress_ragged_eofs=False)
         except BaseException:
             sock.close()
             raise
@@ -310,19 +311,32 @@ class _Link:
 
     def ending(self) -> str | None:
         """Return None while the connection stands; :data:`ORDERLY` when the repository closed
-        it after reading everything it acknowledged (a FIN first: a later reset answers what
-        came after, EPIPE); :data:`ABORTED` when it reset it (ECONNRESET: unread data
-        discarded) or the cause is unknown."""
+        it after reading everything it acknowledged (a FIN first, over TLS after a close_notify:
+        a later reset answers what came after, EPIPE); :data:`ABORTED` when it reset it
+        (ECONNRESET: unread data discarded), a TLS peer closed without close_notify (a refused
+        handshake, for one), or the cause is unknown."""
         try:
             state = self._tcp_info()[0]
             if state == TCP_ESTABLISHED:
                 return None
             if state == TCP_CLOSE_WAIT:
-                return ORDERLY
+                return ORDERLY if self._closed_in_order() else ABORTED
             self._error = self._error or self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except OSError:
             return ABORTED
         return ORDERLY if self._error == errno.EPIPE else ABORTED
+
+    def _closed_in_order(self) -> bool:
+        """Over TLS, read to the end: True only for a close_notify (the repository sends no data)."""
+        if not isinstance(self.sock, ssl.SSLSocket):
+            return True
+        self.sock.settimeout(0)
+        try:
+            while self.sock.recv(4096):
+                pass
+        except OSError:  # no close_notify: ragged EOF, an alert, or a reset
+            return False
+        return True
 
     def close(self) -> None:
         try:
