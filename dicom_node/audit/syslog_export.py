@@ -6,8 +6,9 @@ APP-NAME ``dicom-node``; MSGID ``DICOM+RFC3881``; ``[meta sequenceId=...]`` carr
 id; the :mod:`~dicom_node.audit.atna` AuditMessage as MSG), framed by octet counting
 (RFC 6587 §3.4.1) over TCP or TLS (RFC 5425). The export cursor (``audit_export_cursors``:
 the id of the last event the repository took) lives in the audit store and moves only past
-messages the repository's TCP stack acknowledged: syslog has no answer of its own, so the
-node reads how many bytes were acknowledged from the kernel (``TCP_INFO``, Linux). After a
+messages the repository took: syslog has no answer of its own, so the node reads how many
+bytes the repository's TCP stack acknowledged from the kernel (``TCP_INFO``, Linux), and counts
+them taken when the connection still stood ``settle_s`` later or was closed in order. After a
 failure the exporter reconnects with doubling waits and sends again from the cursor.
 """
 
@@ -105,7 +106,7 @@ class SyslogExporter:
         when the store cannot be written."""
         self.settings: SyslogSettings = settings.audit.syslog
         self.trail = trail
-        self.hostname = socket.gethostname()
+        self.hostname = _syslog_hostname()
         self.source = AuditSource(self.settings.audit_source_id or settings.scp.ae_title,
                                   settings.scp.ae_title, self.hostname)
         self.cursor = self._saved = self._acknowledged = trail.write(_read_or_create_cursor)
@@ -193,6 +194,11 @@ class SyslogExporter:
                 logger.error("Audit export paused: the audit store cannot be read or written (%s)",
                              _reason(exc))
                 wait = POLL_S
+                continue
+            except ValueError:  # a row of an event or outcome this code does not know
+                logger.error("Audit export paused at the event after %d: its type or outcome is "
+                             "unknown to this dicom-node", self._acknowledged)
+                wait = self.settings.max_retry_interval_s
                 continue
             retry = self.settings.first_retry_s
             wait = 0.0 if sent == BATCH else POLL_S
@@ -367,6 +373,12 @@ def _read_or_create_cursor(connection: Connection) -> int:
         connection.execute(insert(export_cursors).values(exporter=EXPORTER, last_id=0))
         return 0
     return found
+
+
+def _syslog_hostname() -> str:
+    """Return this host's name as RFC 5424 HOSTNAME allows it (printable US-ASCII), else ``-``."""
+    name = socket.gethostname()
+    return name if name.isascii() and name.isprintable() and " " not in name and name else "-"
 
 
 def _timestamp(moment: datetime) -> str:
