@@ -154,7 +154,8 @@ class SyslogExporter:
         Raises ``OSError`` when the repository cannot be reached or does not take them,
         :class:`AuditError` when the store cannot be written.
         """
-        self._settle()
+        if self._settle() == ABORTED:
+            raise ConnectionResetError(errno.ECONNRESET, "reset by the repository")
         with self.trail.connect() as connection:
             rows = connection.execute(
                 select(store.events).where(store.events.c.id > self._acknowledged)
@@ -208,11 +209,11 @@ class SyslogExporter:
             self._acknowledged = acknowledged
             self._unsettled.append((time.monotonic(), acknowledged))
 
-    def _settle(self) -> None:
+    def _settle(self) -> str | None:
         """Move the cursor past what settled; after an abort by the repository, go back to send
-        again what had not."""
+        again what had not. Return how the connection ended, None while it stands."""
         if self._link is None:
-            return
+            return None
         ending = self._link.ending()
         if ending is None:
             self._note(self._link.taken())
@@ -230,6 +231,7 @@ class SyslogExporter:
             self._acknowledged = self.cursor
             self._link.close()
             self._link = None
+        return ending
 
     def _close_link(self) -> None:
         """Close the connection ourselves: what it acknowledged counts as taken."""
