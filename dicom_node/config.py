@@ -376,6 +376,40 @@ class MetricsSettings(Section):
     delivery_port: int | None = Field(None, ge=1, le=65535, description="a delivery-lane worker's")
 
 
+class SyslogSettings(Section):
+    """Export of every audit event to the hospital's audit repository: DICOM PS3.15 A.5 audit
+    messages over syslog (RFC 5424), octet-counted over TCP (RFC 6587) or TLS (RFC 5425)."""
+
+    enabled: bool = False
+    host: str | None = Field(None, description="the audit repository; required when enabled")
+    port: int = Field(6514, ge=1, le=65535, description="6514 is syslog over TLS's port")
+    transport: Literal["tls", "tcp"] = Field("tls", description="tcp sends the messages in clear")
+    ca_certificates: Path | None = Field(
+        None, description="CA bundle the repository's certificate is checked against; default: "
+        "the system's CAs")
+    certificate: Path | None = Field(None, description="this node's client certificate (TLS)")
+    private_key: Path | None = Field(None, description="its private key")
+    audit_source_id: str | None = Field(
+        None, min_length=1, description="AuditSourceID of the messages; default: scp.ae_title")
+    timeout_s: float = Field(10, gt=0, description="connecting, and waiting for the repository to "
+                             "take what was sent")
+    settle_s: float = Field(
+        2, ge=0, description="a message counts as taken once the repository acknowledged it and "
+        "did not reset the connection this long after; one it reset sooner is sent again")
+    first_retry_s: float = Field(0.5, gt=0, description="wait before the first reconnection")
+    max_retry_interval_s: float = Field(30, gt=0, description="longest wait between reconnections")
+
+    @model_validator(mode="after")
+    def _complete(self) -> SyslogSettings:
+        if self.enabled and not self.host:
+            raise ValueError("audit.syslog.enabled needs audit.syslog.host")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("audit.syslog.certificate and private_key go together")
+        if self.transport == "tcp" and (self.certificate or self.ca_certificates):
+            raise ValueError("audit.syslog certificates need transport: tls")
+        return self
+
+
 class AuditSettings(Section):
     enabled: bool = Field(True, description="false needs 'audit-disabled' in acknowledged_risks")
     database_url: str | None = Field(None, description="default: SQLite file in the state folder")
@@ -385,6 +419,7 @@ class AuditSettings(Section):
     key_file: Path | None = Field(
         None, description="file holding that key, best outside the state folder; default: "
         "state_dir/audit.key, generated once")
+    syslog: SyslogSettings = Field(default_factory=SyslogSettings)
 
 
 class RetentionSettings(Section):

@@ -1,6 +1,7 @@
 """Retention: deleting spooled images and results once kept long enough, and old audit events.
 
-Audit events outlive the data they describe: they hold pseudonyms, never patient data.
+Audit events outlive the data they describe: they hold pseudonyms, never patient data. Those
+not yet exported to the audit repository are kept until they are.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.audit.chain import purge_before
+from dicom_node.audit.syslog_export import unexported_since
 from dicom_node.config import Settings
 from dicom_node.db import (
     Delivery, DeliveryStatus, Instance, Job, JobStatus, NodeDatabase, OutboxMessage, Task,
@@ -127,15 +129,25 @@ def sweep_data(settings: Settings, trail: AuditTrail, db: NodeDatabase, *,
 
 
 def purge_audit(trail: AuditTrail, older_than: timedelta, *, actor: str,
-                now: datetime | None = None) -> int:
+                now: datetime | None = None, keep_unexported: bool = True) -> int:
     """Delete audit events older than ``older_than``; return how many.
 
-    The chain stays verifiable from the first kept event. Raises ``ValueError`` for a
-    non-positive age, :class:`AuditError` when the store stays locked.
+    With ``keep_unexported`` (the default), events the audit repository has not yet taken stay
+    (see :func:`~dicom_node.audit.syslog_export.unexported_since`). The chain stays verifiable
+    from the first kept event. Raises ``ValueError`` for a non-positive age,
+    :class:`AuditError` when the store stays locked.
     """
     if older_than <= timedelta(0):
         raise ValueError("The retention age must be positive.")
-    deleted = purge_before(trail, (now or datetime.now(UTC)) - older_than, actor=actor)
+    cutoff = (now or datetime.now(UTC)) - older_than
+    if keep_unexported:
+        with trail.connect() as connection:
+            oldest = unexported_since(connection)
+        if oldest is not None and oldest < cutoff:
+            logger.warning("audit events since %s are kept: not yet exported to the audit "
+                           "repository", oldest.isoformat())
+            cutoff = oldest
+    deleted = purge_before(trail, cutoff, actor=actor)
     logger.info("purged %d audit events older than %s", deleted, older_than)
     return deleted
 
@@ -144,7 +156,8 @@ def sweep(settings: Settings, trail: AuditTrail, db: NodeDatabase) -> None:
     """Apply every configured retention: images and results, then audit events."""
     sweep_data(settings, trail, db)
     if settings.retention.audit_days is not None:
-        purge_audit(trail, timedelta(days=settings.retention.audit_days), actor="retention")
+        purge_audit(trail, timedelta(days=settings.retention.audit_days), actor="retention",
+                    keep_unexported=settings.audit.syslog.enabled)
 
 
 def _inside(path: Path, root: Path) -> Path:

@@ -1,6 +1,6 @@
 """``dicom-node serve``: the SCP, the scheduler and a supervised worker in one process tree.
 
-Start order follows the data flow: state → spool → SCP → scheduler → worker.
+Start order follows the data flow: state → audit export → spool → SCP → scheduler → worker.
 Stop order is the reverse of arrival: stop accepting associations and let the
 ones in flight finish, publish what is pending, then stop the worker (which
 finishes its current task).
@@ -22,6 +22,7 @@ from typing import Any
 from dicom_node import retention, tasks
 from dicom_node.arrivals import Arrivals
 from dicom_node.audit import AuditEvent, AuditTrail
+from dicom_node.audit.syslog_export import SyslogExporter
 from dicom_node.config import CONFIG_FILE_ENV, ENV_PREFIX, Settings
 from dicom_node.db import NodeDatabase
 from dicom_node.lost_messages import requeue_lost
@@ -118,6 +119,8 @@ class Node:
         self.lock = StateLock(settings.state_dir)
         self.lock.acquire()  # before anything touches the state: another node's uploads included
         self.audit = AuditTrail.from_settings(settings)
+        self.exporters = [SyslogExporter(settings, self.audit)
+                          ] if settings.audit.enabled and settings.audit.syslog.enabled else []
         self.db = NodeDatabase(settings.node_database_url)
         self.spool = Spool(settings.spool_dir,
                            min_free_bytes=int(settings.scp.min_free_disk_mb * 2**20),
@@ -144,6 +147,8 @@ class Node:
         self._last_lease_check = time.monotonic()
 
     def start(self) -> None:
+        for exporter in self.exporters:
+            exporter.start()
         self.audit.record(AuditEvent.CONFIG_LOADED, actor=getpass.getuser(),
                           detail=f"state dir {self.settings.state_dir}")
         discarded = self.spool.discard_incoming()
@@ -176,6 +181,8 @@ class Node:
         for worker in self.workers:
             worker.stop()
         self.audit.record(AuditEvent.NODE_STOPPED, actor=getpass.getuser())
+        for exporter in self.exporters:
+            exporter.stop()
         self.audit.close()
         self.db.dispose()
         self.scp_db.dispose()
