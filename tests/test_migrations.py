@@ -128,17 +128,17 @@ def test_databases_of_the_release_before_migrations_are_upgraded(node_factory, t
     with pytest.raises(pytest.fail.Exception, match="serve exited with 1"):
         node.start()
     assert ("has no recorded version (made before migrations); this dicom-node needs revision "
-            "audit_0002: stop the node's processes and run `dicom-node db upgrade`") in node.log.read_text()
+            "audit_0003: stop the node's processes and run `dicom-node db upgrade`") in node.log.read_text()
     status = dicom_node(node.config, "db", "status")
     assert status.returncode == 1 and "made before migrations" in status.stdout, status.stderr
 
     upgraded = dicom_node(node.config, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
     assert "audit store sqlite:///" in upgraded.stdout
-    assert "made before migrations, stamped audit_0002" in upgraded.stdout
+    assert "made before migrations, stamped audit_0002, upgraded to audit_0003" in upgraded.stdout
     assert "made before migrations, stamped node_0001" in upgraded.stdout
     assert [detail for _, detail in audit_rows(node.state_dir, "schema-upgraded")] == [
-        "audit store: made before migrations, stamped audit_0002",
+        "audit store: made before migrations, stamped audit_0002, upgraded to audit_0003",
         "node database: made before migrations, stamped node_0001, upgraded to node_0003"]
     status = dicom_node(node.config, "db", "status")
     assert status.returncode == 0 and status.stdout.count(", current") == 2, status.stdout
@@ -164,12 +164,12 @@ def test_an_audit_store_from_before_the_head_was_keyed_is_upgraded_then_keyed(tm
     released_databases(state_dir, head_mac=False)
     config = tmp_path / "config.yaml"
     config.write_text(f"state_dir: {state_dir}\naudit: {{secret: {SECRET.decode()}}}\n")
-    with pytest.raises(SchemaVersionError, match="needs revision audit_0002"):
+    with pytest.raises(SchemaVersionError, match="needs revision audit_0003"):
         AuditTrail(f"sqlite:///{state_dir / 'audit.db'}", SECRET)
 
     upgraded = dicom_node(config, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "stamped audit_0001, upgraded to audit_0002" in upgraded.stdout
+    assert "stamped audit_0001, upgraded to audit_0003" in upgraded.stdout
     assert len(audit_rows(state_dir, "chain-head-keyed")) == 1  # keyed when the trail opened it
     trail = AuditTrail(f"sqlite:///{state_dir / 'audit.db'}", SECRET)
     report = verify_chain(trail)
@@ -202,7 +202,7 @@ def test_db_upgrade_creates_both_databases_in_one_postgresql_database(tmp_path, 
                       f"audit: {{secret: s, database_url: {postgres_url}}}\n")
     upgraded = dicom_node(config, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "audit store postgresql" in upgraded.stdout and "created at audit_0002" in upgraded.stdout
+    assert "audit store postgresql" in upgraded.stdout and "created at audit_0003" in upgraded.stdout
     assert "node database postgresql" in upgraded.stdout and "created at node_0003" in upgraded.stdout
     status = dicom_node(config, "db", "status")
     assert status.returncode == 0 and status.stdout.count(", current") == 2, status.stdout

@@ -266,9 +266,11 @@ def verify_command(ctx: click.Context) -> None:
 @click.pass_context
 @node_errors_as_click
 def purge_command(ctx: click.Context, older_than: timedelta) -> None:
-    """Delete old events; the chain stays verifiable from the first kept one."""
+    """Delete old events; the chain stays verifiable from the first kept one. With the syslog export
+    on, events the audit repository has not taken yet are kept."""
+    export_on = settings_from(ctx).audit.syslog.enabled
     with _trail(ctx) as trail:
-        deleted = purge_audit(trail, older_than, actor=os_user())
+        deleted = purge_audit(trail, older_than, actor=os_user(), keep_unexported=export_on)
     click.echo(f"deleted {deleted} audit events older than {older_than.days} days"
                if older_than.days else f"deleted {deleted} audit events older than {older_than}")
 
