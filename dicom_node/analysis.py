@@ -31,7 +31,7 @@ from dicom_node.metrics import JOBS, STAGE_SECONDS
 from dicom_node.notifications import notify_flagged
 from dicom_node.results import findings_summary, result_dir, save_result
 from dicom_node.workflow import (
-    claim_job, defer_job, finish_job, queue_deliveries, renew_job_lease, requeue_interrupted_jobs,
+    claim_job, defer_job, finish_job, queue_results, renew_job_lease, requeue_interrupted_jobs,
 )
 from dicom_node.writers import AlgorithmIdentity, OutputKind, write_not_analysed, write_results
 from dicom_node.plugins import build_pipelines
@@ -250,7 +250,7 @@ class Analyzer:
     def _queue_outputs(self, job_id: int, instance: Instance, folder: Path,
                        outputs: dict[OutputKind, Dataset], decision: RouteDecision) -> None:
         """Write each output object durably, then queue its deliveries to the route's destinations in
-        one transaction."""
+        one transaction (held, on a shadow route)."""
         written = []
         with _disk_full_deferred(folder):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -260,9 +260,8 @@ class Analyzer:
                 dataset.save_as(partial, enforce_file_format=True)
                 os.replace(partial, path)
                 written.append((kind.value, str(dataset.SOPInstanceUID), path))
-        with self.db.session() as session:
-            queue_deliveries(session, job_id=job_id, source_sop_uid=instance.sop_instance_uid,
-                             outputs=written, destinations=decision.destinations)
+        queue_results(self.db, self.audit, job_id=job_id, source=instance, outputs=written,
+                      decision=decision, actor=self.worker)
 
 
 @contextmanager

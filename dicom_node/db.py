@@ -85,10 +85,15 @@ class DeliveryStatus(enum.StrEnum):
     #: Stored, and its storage committed by the destination.
     COMMITTED = "committed"
     DEAD = "dead"
+    #: Kept, not sent: its route is in shadow mode; ``jobs release`` makes it pending.
+    HELD = "held"
 
     @property
     def finished(self) -> bool:
-        return self in {DeliveryStatus.DELIVERED, DeliveryStatus.COMMITTED, DeliveryStatus.DEAD}
+        """Whether the node does nothing more with it on its own (only an administrator's
+        resend or release does): delivered, committed, dead-lettered or held."""
+        return self in {DeliveryStatus.DELIVERED, DeliveryStatus.COMMITTED, DeliveryStatus.DEAD,
+                        DeliveryStatus.HELD}
 
 
 def _enum(cls: type[enum.StrEnum]) -> Enum:

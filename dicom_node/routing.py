@@ -7,7 +7,9 @@ present or absent). A condition lists the values it accepts; a rule without cond
 takes everything. A rule names its pipelines (none: kept, not analysed), its
 destinations (absent: every destination) and, optionally, the series a study it takes is
 complete with (``expected_series``, each a set of conditions as above; see
-:mod:`dicom_node.scheduler`).
+:mod:`dicom_node.scheduler`) and whether it runs in shadow mode (``shadow``: its results are
+written and kept, their deliveries held, nothing sent until ``dicom-node jobs release``; see
+docs/shadow-mode.md).
 
 The default: with no ``routes`` configured, every instance goes to ``pipeline.name`` and
 its results to every destination (the route ``default``). With routes configured, an
@@ -156,6 +158,8 @@ class Route(_Rules):
     expected_series: list[Conditions] = Field(
         default_factory=list, description="a study it takes is complete once, for each of these, a series "
         "meeting it has arrived; none: on its association's release or the quiet period")
+    shadow: bool = Field(False, description="analyse and keep the results, send nothing until "
+                         "`dicom-node jobs release`")
 
     @field_validator("name")
     @classmethod
@@ -167,11 +171,13 @@ class Route(_Rules):
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """The route an instance takes: its name, pipelines, and destinations."""
+    """The route an instance takes: its name, pipelines, destinations, and whether their results
+    are held (shadow mode)."""
 
     route: str
     pipelines: tuple[str, ...]
     destinations: tuple[Destination, ...]
+    shadow: bool = False
 
 
 @dataclass(frozen=True)
@@ -225,7 +231,8 @@ class Router:
         route = next(r for r in self.routes if r.name == taken)
         wanted = None if route.destinations is None else set(route.destinations)
         return RouteDecision(route.name, tuple(route.pipelines),
-                             tuple(d for d in self.destinations if wanted is None or d.name in wanted))
+                             tuple(d for d in self.destinations if wanted is None or d.name in wanted),
+                             route.shadow)
 
 
     def expects_series(self) -> bool:

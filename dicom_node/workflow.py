@@ -12,19 +12,21 @@ administrator has a job's results sent again (:func:`resend_job`). To a destinat
 storage, a stored object is ``stored`` (not ``delivered``) while its commitment is asked
 (:func:`request_commitment`), then ``committed`` by the answer (:func:`record_commitment`), or
 ``retrying`` to be sent again when the answer says it failed; dead-lettered
-(:func:`dead_letter`) after too many requests.
+(:func:`dead_letter`) after too many requests. A shadow route's deliveries are ``held`` instead of
+pending (:func:`queue_results`): never due, never claimed, until an administrator releases them
+(:func:`release_job`, :func:`release_finished_between`), which makes them pending.
 
 Whatever queues work adds its outbox message (a :class:`~dicom_node.db.Task`) in the same
-transaction. Each change is audited: the administrator's (retry, resend) here with the OS
-user as actor, a delivery attempt here with the worker as actor, a job's start, verdicts and
-deferral by the analysis, which knows its instances.
+transaction. Each change is audited: the administrator's (retry, resend, release) here with the
+OS user as actor, a delivery attempt and a held result here with the worker as actor, a job's
+start, verdicts and deferral by the analysis, which knows its instances.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -39,6 +41,7 @@ from dicom_node.db import (
 )
 from dicom_node.errors import NoSuchJobError, StateChangeError
 from dicom_node.notifications import notify_dead_lettered
+from dicom_node.routing import RouteDecision
 from dicom_node.senders.base import Disposition, SendOutcome
 from dicom_node.worker_identity import worker_is_gone
 
@@ -58,6 +61,8 @@ DELIVERY_EVENTS: dict[DeliveryStatus, tuple[AuditEvent, Outcome]] = {
 """How an attempt's outcome is audited, by the delivery's new status."""
 RETRIED = "queued again by an administrator (jobs retry)"
 RESENT = "queued again by an administrator (jobs resend)"
+HELD = "held: its route runs in shadow mode"
+RELEASED = "released by an administrator (jobs release)"
 
 Step = tuple[DeliveryStatus, datetime | None]
 """A delivery's new status and, when retrying, the time of its next attempt."""
@@ -182,13 +187,33 @@ def retry_job(db: NodeDatabase, audit: AuditTrail, job_id: int, *, actor: str) -
 
 # Deliveries
 
+def queue_results(db: NodeDatabase, audit: AuditTrail, *, job_id: int, source: Instance,
+                  outputs: Iterable[tuple[str, str, Path]], decision: RouteDecision, actor: str) -> list[int]:
+    """Queue the deliveries of ``source``'s outputs to the destinations of its route in one
+    transaction (see :func:`queue_deliveries`); a shadow route's are held, each audited as held
+    as ``actor``. Returns the delivery ids."""
+    with db.session() as session:
+        ids = queue_deliveries(session, job_id=job_id, source_sop_uid=source.sop_instance_uid,
+                               outputs=outputs, destinations=decision.destinations, held=decision.shadow)
+        held = (list(session.scalars(select(Delivery).where(Delivery.id.in_(ids)).order_by(Delivery.id)))
+                if decision.shadow else [])
+    if held:
+        logger.info("Job %d: %d result deliveries held (route %s in shadow mode)", job_id, len(held),
+                    decision.route)
+    for delivery in held:
+        audit.record(AuditEvent.RESULT_HELD, actor=actor, job_id=job_id, sop_uid=delivery.sop_instance_uid,
+                     study_uid=source.study_instance_uid, pseudonym=source.patient_pseudonym,
+                     detail=f"{delivery.kind} to {delivery.destination} {HELD} (route {decision.route})")
+    return ids
+
+
 def queue_deliveries(session: Session, *, job_id: int, source_sop_uid: str,
                      outputs: Iterable[tuple[str, str, Path]],
-                     destinations: Iterable[Destination]) -> list[int]:
+                     destinations: Iterable[Destination], held: bool = False) -> list[int]:
     """Create (or reset, for a re-run) one delivery per output and destination, each with
-    its outbox message, in the caller's transaction. ``outputs`` are (kind, SOP Instance
-    UID, file). One message per destination carries all of its deliveries. Returns the
-    delivery ids."""
+    its outbox message, in the caller's transaction; with ``held``, held and without a message.
+    ``outputs`` are (kind, SOP Instance UID, file). One message per destination carries all of
+    its deliveries. Returns the delivery ids."""
     ids = []
     outputs = list(outputs)
     for destination in destinations:
@@ -204,10 +229,12 @@ def queue_deliveries(session: Session, *, job_id: int, source_sop_uid: str,
             row.job_id, row.source_sop_instance_uid, row.kind, row.path = (
                 job_id, source_sop_uid, kind, str(path))
             _make_pending(row)
+            if held:
+                row.status = DeliveryStatus.HELD
             session.flush()
             lead = lead or row.id
             ids.append(row.id)
-        if lead is not None:
+        if lead is not None and not held:
             queue_message(session, Task.DELIVER, lead)
     return ids
 
@@ -431,14 +458,19 @@ def resend_job(db: NodeDatabase, audit: AuditTrail, job_id: int, *, actor: str) 
     """Make every delivery of a job pending again, dead-lettered and delivered ones included,
     with one message per destination, and audit each as ``actor``; return the deliveries.
 
+    Held deliveries stay held: :func:`release_job` sends those.
+
     Raises :class:`NoSuchJobError` for an unknown id, :class:`StateChangeError` when the job
-    has no deliveries.
+    has no deliveries, or only held ones.
     """
     with db.session() as session:
         job = _job(session, job_id)
-        deliveries = _deliveries(session, job_id)
+        every = _deliveries(session, job_id)
+        deliveries = [d for d in every if d.status is not DeliveryStatus.HELD]
         if not deliveries:
-            raise StateChangeError(f"job {job_id} has no deliveries")
+            raise StateChangeError(f"job {job_id} has no deliveries" if not every else
+                                   f"job {job_id}'s results are held (shadow mode): "
+                                   f"`dicom-node jobs release {job_id}` sends them")
         leads: dict[str, int] = {}  # one message per destination sends all of its results
         for delivery in deliveries:
             _make_pending(delivery)
@@ -453,17 +485,89 @@ def resend_job(db: NodeDatabase, audit: AuditTrail, job_id: int, *, actor: str) 
     return deliveries
 
 
+def release_job(db: NodeDatabase, audit: AuditTrail, job_id: int, *, actor: str) -> list[Delivery]:
+    """Make the held deliveries of a finished job pending, with one message per destination, and
+    audit each as released by ``actor``; return them.
+
+    Raises :class:`NoSuchJobError` for an unknown id, :class:`StateChangeError` when the job is
+    not finished (more of its results may come) or holds no result.
+    """
+    with db.session() as session:
+        job = _job(session, job_id)
+        if not job.status.finished:
+            raise StateChangeError(f"job {job_id} is {job.status.value}: release it once it has finished")
+        released = _release(session, [job_id])
+        if not released:
+            raise StateChangeError(f"job {job_id} holds no results")
+        sources = _sources(session, released)
+    _audit_released(audit, released, sources, actor=actor)
+    return released
+
+
+def release_finished_between(db: NodeDatabase, audit: AuditTrail, since: datetime, until: datetime, *,
+                             actor: str) -> list[Delivery]:
+    """Release (see :func:`release_job`) the held deliveries of the jobs that finished from ``since``
+    up to, not including, ``until``; return them (none when no such job holds a result).
+
+    Raises ``ValueError`` when ``until`` is not after ``since`` or either has no time zone.
+    """
+    if since.tzinfo is None or until.tzinfo is None:
+        raise ValueError("The release range needs times with a time zone.")
+    if until <= since:
+        raise ValueError("The release range must end after it starts.")
+    with db.session() as session:
+        jobs = list(session.scalars(select(Job.id).where(
+            Job.finished_at >= since.astimezone(UTC), Job.finished_at < until.astimezone(UTC))))
+        released = _release(session, jobs)
+        sources = _sources(session, released)
+    _audit_released(audit, released, sources, actor=actor)
+    return released
+
+
+def _release(session: Session, job_ids: list[int]) -> list[Delivery]:
+    """Make the held deliveries of ``job_ids`` pending (their age counted from now, for the retry
+    limits), queue one message per job and destination; return them. A delivery another release
+    took meanwhile is left to it."""
+    now = utcnow()
+    released: list[Delivery] = []
+    leads: dict[tuple[int, str], int] = {}
+    held = session.scalars(select(Delivery.id).where(
+        Delivery.job_id.in_(job_ids), Delivery.status == DeliveryStatus.HELD).order_by(Delivery.id)).all()
+    for delivery_id in held:
+        if session.execute(update(Delivery).where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.HELD)
+                           .values(status=DeliveryStatus.PENDING, created_at=now, next_attempt_at=None)).rowcount:
+            delivery = session.get_one(Delivery, delivery_id)
+            released.append(delivery)
+            leads.setdefault((delivery.job_id, delivery.destination), delivery_id)
+    for lead in leads.values():
+        queue_message(session, Task.DELIVER, lead)
+    return released
+
+
+def _audit_released(audit: AuditTrail, released: list[Delivery], sources: Mapping[str, Instance], *,
+                    actor: str) -> None:
+    """Audit each of ``released`` as released by ``actor``, with its source instance's study and pseudonym."""
+    if released:
+        logger.info("%d held deliveries released by %s", len(released), actor)
+    for delivery in released:
+        source = sources.get(delivery.source_sop_instance_uid)
+        audit.record(AuditEvent.RESULT_RELEASED, actor=actor, job_id=delivery.job_id,
+                     study_uid=source.study_instance_uid if source else None,
+                     pseudonym=source.patient_pseudonym if source else None,
+                     sop_uid=delivery.sop_instance_uid, detail=f"{delivery.kind} to {delivery.destination} {RELEASED}")
+
+
 # What the administrator looks at
 
-def list_jobs(db: NodeDatabase, *, statuses: Iterable[JobStatus] = (), dead_lettered: bool = False,
-              limit: int = 50) -> list[tuple[Job, list[Delivery]]]:
-    """Return the newest jobs with their deliveries: all, or those in ``statuses`` and, with
-    ``dead_lettered``, those with a dead-lettered delivery."""
-    statuses = list(statuses)
+def list_jobs(db: NodeDatabase, *, statuses: Iterable[JobStatus] = (),
+              delivery_statuses: Iterable[DeliveryStatus] = (), limit: int = 50) -> list[tuple[Job, list[Delivery]]]:
+    """Return the newest jobs with their deliveries: all, or those in ``statuses`` and those with a
+    delivery in ``delivery_statuses`` (dead-lettered, held)."""
+    statuses, delivery_statuses = list(statuses), list(delivery_statuses)
     query = select(Job).order_by(Job.id.desc()).limit(limit)
-    if dead_lettered:
-        dead = select(Delivery.job_id).where(Delivery.status == DeliveryStatus.DEAD)
-        query = query.where(Job.id.in_(dead) | Job.status.in_(statuses))
+    if delivery_statuses:
+        having = select(Delivery.job_id).where(Delivery.status.in_(delivery_statuses))
+        query = query.where(Job.id.in_(having) | Job.status.in_(statuses))
     elif statuses:
         query = query.where(Job.status.in_(statuses))
     with db.session() as session:

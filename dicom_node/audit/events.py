@@ -46,6 +46,8 @@ class AuditEvent(enum.StrEnum):
     RESULT_FAILED = "result-failed"
     RESULT_QUEUED = "result-queued"
     RESULT_RESENT = "result-resent"
+    RESULT_HELD = "result-held"
+    RESULT_RELEASED = "result-released"
     RESULT_DEAD_LETTERED = "result-dead-lettered"
     RESULT_COMMIT_REQUESTED = "result-commit-requested"
     RESULT_COMMITTED = "result-committed"
@@ -88,6 +90,8 @@ _EVENT_IDS: dict[AuditEvent, DicomCode] = {
     AuditEvent.RESULT_FAILED: INSTANCES_TRANSFERRED,
     AuditEvent.RESULT_QUEUED: INSTANCES_TRANSFERRED,
     AuditEvent.RESULT_RESENT: INSTANCES_TRANSFERRED,  # an administrator has a result sent again
+    AuditEvent.RESULT_HELD: INSTANCES_ACCESSED,  # a shadow route's result made and kept on the node, not sent
+    AuditEvent.RESULT_RELEASED: INSTANCES_TRANSFERRED,  # an administrator has a held result sent
     AuditEvent.RESULT_DEAD_LETTERED: INSTANCES_TRANSFERRED,  # the node gave up sending a result
     # Storage commitment (PS3.4 Annex J) is part of the transfer: asked, confirmed, refused or unanswered.
     AuditEvent.RESULT_COMMIT_REQUESTED: INSTANCES_TRANSFERRED,
@@ -113,6 +117,8 @@ _ACTIONS: dict[AuditEvent, str] = {
     AuditEvent.RESULT_QUEUED: "R",
     AuditEvent.JOB_RETRIED: "R",
     AuditEvent.RESULT_RESENT: "R",
+    AuditEvent.RESULT_HELD: "C",
+    AuditEvent.RESULT_RELEASED: "R",
     AuditEvent.RESULT_DEAD_LETTERED: "R",
     AuditEvent.RESULT_COMMIT_REQUESTED: "R",
     AuditEvent.RESULT_COMMITTED: "R",

@@ -1,4 +1,4 @@
-"""``jobs list|show|retry|resend``: look at jobs and their deliveries, and act on them.
+"""``jobs list|show|retry|resend|release``: look at jobs and their deliveries, and act on them.
 
 The commands parse and print; what they change is :mod:`dicom_node.workflow`'s.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -17,8 +17,12 @@ from rich.table import Table
 
 from dicom_node import workflow
 from dicom_node.audit import AuditTrail
+from dicom_node.cli.audit import Moment
 from dicom_node.cli.common import node_errors_as_click, os_user, settings_from
-from dicom_node.db import Delivery, Job, JobStatus, NodeDatabase
+from dicom_node.db import Delivery, DeliveryStatus, Job, JobStatus, NodeDatabase
+
+#: ``jobs list --status`` values that select jobs by a delivery's status.
+DELIVERY_FILTERS = {"dead-letter": DeliveryStatus.DEAD, "held": DeliveryStatus.HELD}
 
 
 @contextmanager
@@ -69,8 +73,9 @@ def jobs() -> None:
 
 @jobs.command("list")
 @click.option("--status", "statuses", multiple=True,
-              type=click.Choice([s.value for s in JobStatus] + ["dead-letter"]),
-              help="Only jobs in this state (repeatable); dead-letter: a delivery gave up.")
+              type=click.Choice([s.value for s in JobStatus] + list(DELIVERY_FILTERS)),
+              help="Only jobs in this state (repeatable); dead-letter: a delivery gave up; "
+                   "held: results held by a shadow route.")
 @click.option("--limit", default=50, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @click.pass_context
@@ -79,8 +84,8 @@ def list_jobs(ctx: click.Context, statuses: tuple[str, ...], limit: int, fmt: st
     """List the newest jobs with their delivery counts."""
     with _db(ctx) as db:
         jobs_found = workflow.list_jobs(
-            db, statuses=[JobStatus(s) for s in statuses if s != "dead-letter"],
-            dead_lettered="dead-letter" in statuses, limit=limit)
+            db, statuses=[JobStatus(s) for s in statuses if s not in DELIVERY_FILTERS],
+            delivery_statuses=[DELIVERY_FILTERS[s] for s in statuses if s in DELIVERY_FILTERS], limit=limit)
     rows = [_job_row(job, deliveries) for job, deliveries in jobs_found]
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
@@ -125,6 +130,8 @@ def show(ctx: click.Context, job_id: int, fmt: str) -> None:
                                  str(d["attempts"]), d["last_status"] or "",
                                  d["next_attempt_at"] or "", (d["last_error"] or "")[:50])
     console.print(deliveries_table)
+    if any(d["status"] == DeliveryStatus.HELD for d in report["deliveries"]):
+        console.print(f"held: its route runs in shadow mode; `dicom-node jobs release {report['id']}` sends them")
 
 
 @jobs.command("retry")
@@ -147,3 +154,31 @@ def resend(ctx: click.Context, job_id: int) -> None:
     with _db(ctx) as db, _audit(ctx) as audit:
         deliveries = workflow.resend_job(db, audit, job_id, actor=os_user())
     click.echo(f"{len(deliveries)} deliveries of job {job_id} queued again")
+
+
+@jobs.command("release")
+@click.argument("job_id", type=int, required=False)
+@click.option("--since", type=Moment(), help="Jobs finished from this time (ISO 8601, UTC unless it "
+              "says otherwise, or an age: 24h, 7d).")
+@click.option("--until", type=Moment(), help="Jobs finished before this time (default: now).")
+@click.pass_context
+@node_errors_as_click
+def release(ctx: click.Context, job_id: int | None, since: datetime | None, until: datetime | None) -> None:
+    """Send the results a shadow route held: of JOB_ID, or of the jobs finished in --since/--until;
+    audited per result."""
+    if (job_id is None) == (since is None):
+        raise click.UsageError("give either JOB_ID or --since (with --until), not both")
+    if job_id is not None and until is not None:
+        raise click.UsageError("--until goes with --since, not with JOB_ID")
+    with _db(ctx) as db, _audit(ctx) as audit:
+        if job_id is not None:
+            released = workflow.release_job(db, audit, job_id, actor=os_user())
+        elif since is not None:
+            try:
+                released = workflow.release_finished_between(
+                    db, audit, since, until or datetime.now(UTC), actor=os_user())
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from exc
+    jobs_released = sorted({d.job_id for d in released})
+    click.echo(f"{len(released)} held deliveries of {len(jobs_released)} job(s) released"
+               + (f": {', '.join(map(str, jobs_released))}" if jobs_released else ""))

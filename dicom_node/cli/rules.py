@@ -43,4 +43,5 @@ def test(ctx: click.Context, files: tuple[Path, ...], calling_ae: str) -> None:
         else:
             pipelines = ", ".join(decision.pipelines) or "none (kept, not analysed)"
             destinations = ", ".join(d.name for d in decision.destinations) or "none"
-            click.echo(f"  => route {decision.route}: pipelines {pipelines}; destinations {destinations}")
+            shadow = " (shadow: results held until `jobs release`)" if decision.shadow else ""
+            click.echo(f"  => route {decision.route}: pipelines {pipelines}; destinations {destinations}{shadow}")
