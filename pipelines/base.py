@@ -189,6 +189,8 @@ class OutputDescription:
     anywhere in particular. A flagged finding's region is a segment of
     ``region_type`` drawn in ``region_colour``. ``heatmap_name`` names the heat-maps in
     the banner (``Grad-CAM``). ``caveat_notices`` gives the banner wording of the gate's caveats.
+    ``show_experimental`` puts experimental heads' scores on the overlay's banner too (a site's
+    choice); by default they are in the SR and the results only.
     """
 
     description_prefix: str
@@ -204,6 +206,7 @@ class OutputDescription:
     render: OverlayRenderer
     finding_site: Code | None = None
     caveat_notices: Mapping[str, str] = field(default_factory=dict)
+    show_experimental: bool = False
 
     def __post_init__(self) -> None:
         names = self.segment_names()

@@ -27,8 +27,9 @@ NOTICE = "AI result, not for diagnosis; research model, not for clinical use"
 
 def _write(image: ImageInput, result: ImageResult, algorithm: AlgorithmIdentity, caveats: Sequence[str],
            out: Path, stem: str) -> dict[str, Any]:
-    """Write the overlay (as the SC shows it, banner and notices included), the pipeline's masks,
-    heat-maps and flagged regions of one image; return its JSON record."""
+    """Write the overlay (as the SC shows it: banner and notices included, heat of flagged findings
+    only), the pipeline's masks, every finding's raw heat-map (grey, scaled to its own peak) and
+    the flagged regions of one image; return its JSON record."""
     flagged = result.flagged
     Image.fromarray(overlay_pixels(result, image.display, algorithm, caveats)).save(out / f"{stem}.overlay.png")
     for name, mask in result.masks.items():
@@ -81,7 +82,7 @@ def _summary(record: dict[str, Any]) -> str:
 def analyze(ctx: click.Context, paths: tuple[Path, ...], out: Path, fmt: str, weights: Path | None,
             device: str, pipeline_name: str | None) -> None:
     """Analyse DICOM (or, where the pipeline reads them, PNG/JPEG) FILES and folders locally with the
-    configured pipeline: overlay PNG, masks and JSON findings per image."""
+    configured pipeline: overlay PNG (as the SC shows it), masks, raw heat-maps and JSON findings per image."""
     settings = settings_from(ctx)
     try:
         plugin, pipeline = build_pipeline(settings, pipeline_name, device=device, manifest=weights)

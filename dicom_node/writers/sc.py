@@ -4,6 +4,11 @@ pipeline's: the Grad-CAM heat-map of the flagged findings and the lung and regio
 contours), between burned-in text bands above and below; and the short "not
 analysed" note.
 
+Colour means "flagged": only flagged findings' heat-maps are drawn, and the banner's
+legend says so, also when there is none. The banner lists experimental heads' scores
+only where the site turns them on (the output description's ``show_experimental``);
+the SR and the results always carry them.
+
 Modality is the source's when the pipeline analyses that modality (CR, DX): OHIF
 starts its cine player over the top of any OT or US image.
 """
@@ -47,18 +52,23 @@ def _finding_item(finding: Finding) -> str:
     return f"{finding.display_name} {finding.probability:.2f} (threshold {finding.threshold:.2f}): {verdict}"
 
 
+def _listed(result: ImageResult, output: OutputDescription) -> list[Finding]:
+    """Return the findings the banner lists, flagged first, then by score: experimental heads' only
+    where the site shows them (``output.show_experimental``); the SR always has them."""
+    shown = [f for f in result.findings if output.show_experimental or not f.experimental]
+    return sorted(shown, key=lambda f: (not f.flagged, f.experimental, -f.probability))
+
+
 def banner_text(result: ImageResult, algorithm: AlgorithmIdentity, caveats: Sequence[str] = ()) -> BannerText:
-    """Return the banner of ``result``: the flag, each finding (flagged first, then by score), model, marking
-    and the gate's caveats."""
+    """Return the banner of ``result``: the flag, the findings listed (see :func:`_listed`), model,
+    what the colours mean and the gate's caveats."""
     output = algorithm.output
-    findings = sorted(result.findings, key=lambda f: (not f.flagged, f.experimental, -f.probability))
-    _, heat_legend = _shown_heat(result, output)
-    legend = [*([heat_legend] if heat_legend else []), *(s.legend for s in output.segments),
+    legend = [_shown_heat(result, output)[1], *(s.legend for s in output.segments),
               *([output.region_legend] if result.flagged else [])]
     return BannerText(
         headline=flag_headline(result, output),
         alert=bool(result.flagged),
-        items=[_finding_item(f) for f in findings],
+        items=[_finding_item(f) for f in _listed(result, output)],
         notices=[AI_DISCLAIMER, *(caveat_notice(c, output) for c in caveats)],
         # one item per model, so that lines wrap between them rather than the text shrinking
         footer=[f"Model: {algorithm.software_versions[0]}", *algorithm.software_versions[1:], *legend],
@@ -66,21 +76,23 @@ def banner_text(result: ImageResult, algorithm: AlgorithmIdentity, caveats: Sequ
 
 
 def _shown_heat(result: ImageResult, output: OutputDescription) -> tuple[np.ndarray | None, str]:
-    """Return the heat-map to blend in and its legend.
+    """Return the heat-map to blend in (None: none) and the legend that says what colour means.
 
-    The pixel-wise maximum of the flagged findings' heat-maps; with none flagged, the
-    heat-map of the highest-scoring non-experimental finding, so a reader always sees
-    where the model looked. (None, "") when there is no such heat-map.
+    The pixel-wise maximum of the flagged findings' heat-maps only: each is scaled to its own
+    peak, so an unflagged finding's (COVID-19 at 0.12 against a threshold of 0.91) would look
+    as hot as a flagged one's and draw the eye to what the model does not suspect.
     """
-    maps = [f.heatmap for f in result.flagged if f.heatmap is not None]
-    if maps:
-        heat = np.maximum.reduce([np.asarray(m, np.float32) for m in maps])
-        return heat, f"Colour: {output.heatmap_name} of flagged findings"
-    scored = [f for f in result.findings if not f.experimental and f.heatmap is not None]
-    if not scored:
-        return None, ""
-    top = max(scored, key=lambda f: f.probability)
-    return np.asarray(top.heatmap, np.float32), f"Colour: {output.heatmap_name} of {top.display_name} (not flagged)"
+    maps = [np.asarray(f.heatmap, np.float32) for f in result.flagged if f.heatmap is not None]
+    if not maps:
+        return None, f"No colour: {output.heatmap_name} is shown for flagged findings only"
+    return np.maximum.reduce(maps), f"Colour: {output.heatmap_name} of flagged findings only"
+
+
+def _sc_content(result: ImageResult, output: OutputDescription, caveats: Sequence[str] = ()) -> tuple[str, ...]:
+    """Return what decides the SC's content, for its UIDs: :func:`content_inputs`, how heat is shown
+    and whether experimental heads' scores are on the banner."""
+    experimental = "shown" if output.show_experimental else "hidden"
+    return (*content_inputs(result, caveats), f"heat=flagged only, experimental scores {experimental}")
 
 
 def _source_image_item(source: Dataset) -> Dataset:
@@ -144,7 +156,7 @@ def build_sc(source: Dataset, result: ImageResult, display: np.ndarray, algorith
     check_result(source, result, algorithm.output, display)
     rgb = overlay_pixels(result, display, algorithm, caveats)
     sc = _sc_image(source, rgb, algorithm, OutputKind.SC, flag_headline(result, algorithm.output),
-                   content_inputs(result, caveats), shows_source=True)
+                   _sc_content(result, algorithm.output, caveats), shows_source=True)
     logger.debug("SC %s for %s", sc.SOPInstanceUID, source.SOPInstanceUID)
     return sc
 

@@ -5,6 +5,7 @@ findings, "AI CXR")."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ class ChestXrayOptions(PipelineOptions):
     unknown_age: UnknownAge = UnknownAge.ANALYSE
     enable_flags: tuple[str, ...] = Field(
         (), description="experimental findings a site has validated and allows to be flagged")
+    show_experimental: bool = Field(
+        False, description="also show experimental heads' scores on the overlay's banner (always in the SR)")
 
     @property
     def manifest_path(self) -> Path:
@@ -93,6 +96,10 @@ class ChestXrayPlugin(PipelinePlugin):
                   if key in ChestXrayOptions.model_fields}
         legacy = {**gate, "manifest": (settings.get("pipeline") or {}).get("manifest")}
         return ChestXrayOptions.model_validate({**legacy, **self.own_settings(settings)})
+
+    def configure(self, options: ChestXrayOptions) -> None:
+        """Take whether the overlay's banner shows experimental heads' scores into :attr:`output`."""
+        self.output = replace(type(self).output, show_experimental=options.show_experimental)
 
     def verify_weights(self, options: ChestXrayOptions) -> None:
         """Check the manifest's lung, content check and finding weights against their sha256."""
