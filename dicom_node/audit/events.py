@@ -57,6 +57,7 @@ class AuditEvent(enum.StrEnum):
     CHAIN_HEAD_KEYED = "chain-head-keyed"
     CHAIN_HEAD_UNSIGNED = "chain-head-unsigned"
     SCHEMA_UPGRADED = "schema-upgraded"
+    CALIBRATION_WRITTEN = "calibration-written"
 
     @property
     def dicom_event_id(self) -> DicomCode:
@@ -100,6 +101,7 @@ _EVENT_IDS: dict[AuditEvent, DicomCode] = {
     AuditEvent.CHAIN_HEAD_KEYED: SECURITY_ALERT,  # the trail's protection changed
     AuditEvent.CHAIN_HEAD_UNSIGNED: SECURITY_ALERT,  # the trail was altered: rows may be missing
     AuditEvent.SCHEMA_UPGRADED: SECURITY_ALERT,  # EventTypeCode 110131 Software Configuration
+    AuditEvent.CALIBRATION_WRITTEN: SECURITY_ALERT,  # EventTypeCode 110131 Software Configuration: new thresholds
 }
 
 _ACTIONS: dict[AuditEvent, str] = {
@@ -123,6 +125,7 @@ _ACTIONS: dict[AuditEvent, str] = {
     AuditEvent.AUDIT_QUERIED: "R",
     AuditEvent.CHAIN_HEAD_KEYED: "U",
     AuditEvent.SCHEMA_UPGRADED: "U",
+    AuditEvent.CALIBRATION_WRITTEN: "U",
 }
 
 
