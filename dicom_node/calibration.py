@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import yaml
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from dicom_node.audit import AuditEvent, AuditTrail
@@ -236,7 +237,7 @@ def _scored_instances(settings: Settings, pipeline: str, finding: str, key_colum
             key = instance.sop_instance_uid if key_column == "sop_instance_uid" else str(
                 dcmread(instance.path, stop_before_pixels=True, specific_tags=["AccessionNumber"])
                 .get("AccessionNumber", "")).strip()
-        except (OSError, ValueError):  # purged by retention, or never written: not a case
+        except (OSError, ValueError, InvalidDicomError):  # purged by retention, or never written: not a case
             continue
         scored = [f for f in summary.get("findings", []) if f.get("name") == finding]
         if key in keys and scored:
