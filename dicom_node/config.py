@@ -432,6 +432,14 @@ class RetentionSettings(Section):
     )
 
 
+class CalibrationSettings(Section):
+    """What ``dicom-node calibrate`` needs before it proposes a threshold (see dicom_node.calibration)."""
+
+    min_positives: int = Field(20, ge=1, description="fewer labelled positive cases: refused")
+    min_negatives: int = Field(20, ge=1, description="fewer labelled negative cases: refused")
+    resamples: int = Field(2000, ge=200, description="bootstrap resamples of each 95 % confidence interval")
+
+
 Risk = Literal["scp-open", "audit-disabled", "tls-unverified"]
 RISKY_SETTINGS: dict[str, str] = {
     "scp-open": "scp.accept_any_peer: true admits every calling AE from every host",
@@ -472,6 +480,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     acknowledged_risks: list[Risk] = Field(
         default_factory=list, description="settings that weaken the node, confirmed on purpose")
 

@@ -59,6 +59,7 @@ class AuditEvent(enum.StrEnum):
     CHAIN_HEAD_KEYED = "chain-head-keyed"
     CHAIN_HEAD_UNSIGNED = "chain-head-unsigned"
     SCHEMA_UPGRADED = "schema-upgraded"
+    CALIBRATION_WRITTEN = "calibration-written"
 
     @property
     def dicom_event_id(self) -> DicomCode:
@@ -104,6 +105,7 @@ _EVENT_IDS: dict[AuditEvent, DicomCode] = {
     AuditEvent.CHAIN_HEAD_KEYED: SECURITY_ALERT,  # the trail's protection changed
     AuditEvent.CHAIN_HEAD_UNSIGNED: SECURITY_ALERT,  # the trail was altered: rows may be missing
     AuditEvent.SCHEMA_UPGRADED: SECURITY_ALERT,  # EventTypeCode 110131 Software Configuration
+    AuditEvent.CALIBRATION_WRITTEN: SECURITY_ALERT,  # EventTypeCode 110131 Software Configuration: new thresholds
 }
 
 _ACTIONS: dict[AuditEvent, str] = {
@@ -129,6 +131,7 @@ _ACTIONS: dict[AuditEvent, str] = {
     AuditEvent.AUDIT_QUERIED: "R",
     AuditEvent.CHAIN_HEAD_KEYED: "U",
     AuditEvent.SCHEMA_UPGRADED: "U",
+    AuditEvent.CALIBRATION_WRITTEN: "U",
 }
 
 

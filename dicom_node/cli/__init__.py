@@ -10,6 +10,7 @@ import click
 from dicom_node import __version__
 from dicom_node.cli.analyze import analyze
 from dicom_node.cli.audit import audit
+from dicom_node.cli.calibrate import calibrate
 from dicom_node.cli.config import config
 from dicom_node.cli.db import db
 from dicom_node.cli.jobs import jobs
@@ -35,5 +36,5 @@ def main(ctx: click.Context, config: Path | None) -> None:
     ctx.call_on_close(lambda: os.umask(previous))
 
 
-for command in (serve, worker, status, jobs, echo, send, config, rules, audit, analyze, db):
+for command in (serve, worker, status, jobs, echo, send, config, rules, audit, analyze, db, calibrate):
     main.add_command(command)

@@ -25,6 +25,8 @@ from pipelines.base import (
 )
 from pipelines.chest_xray.gate import AGE_UNKNOWN, PROJECTION_MODALITIES, UnknownAge, is_chest
 from pipelines.chest_xray.legend import LUNG_COLOUR, LUNGS, REGION_COLOUR
+from pipelines.errors import WeightsError
+from pipelines.site_override import newest_override, override_folder, read_override
 
 #: The bundled weights manifest: ``weights/`` of the source tree, linked here so that the wheel carries it.
 DEFAULT_MANIFEST = Path(__file__).resolve().parent / "weights" / "manifest.yaml"
@@ -47,6 +49,9 @@ class ChestXrayOptions(PipelineOptions):
         (), description="experimental findings a site has validated and allows to be flagged")
     show_experimental: bool = Field(
         False, description="also show experimental heads' scores on the overlay's banner (always in the SR)")
+    site_override: Path | None = Field(
+        None, description="the site's thresholds (dicom-node calibrate --write); default: the newest "
+        "state_dir/site/<pipeline>/override-vN.yaml, null: the manifest's")
 
     @property
     def manifest_path(self) -> Path:
@@ -91,10 +96,13 @@ class ChestXrayPlugin(PipelinePlugin):
 
     def options(self, settings: Mapping[str, Any]) -> ChestXrayOptions:
         """Return the options of ``pipelines.chest_xray``, over the defaults of the node's ``gate``
-        section and ``pipeline.manifest``. Raises pydantic's ValidationError."""
+        section, ``pipeline.manifest`` and the newest site override in ``state_dir`` (see
+        :mod:`pipelines.site_override`). Raises pydantic's ValidationError."""
         gate = {key: value for key, value in (settings.get("gate") or {}).items()
                   if key in ChestXrayOptions.model_fields}
         legacy = {**gate, "manifest": (settings.get("pipeline") or {}).get("manifest")}
+        if settings.get("state_dir") is not None:
+            legacy["site_override"] = newest_override(override_folder(Path(settings["state_dir"]), self.name))
         return ChestXrayOptions.model_validate({**legacy, **self.own_settings(settings)})
 
     def configure(self, options: ChestXrayOptions) -> None:
@@ -108,15 +116,29 @@ class ChestXrayPlugin(PipelinePlugin):
         manifest = read_manifest(options.manifest_path)
         for entry in [manifest["lung"], manifest.get("content_check") or {}, *manifest["findings"]]:
             verified_path(entry, options.manifest_path.parent)
+        if options.site_override is not None:
+            read_override(options.site_override)
 
     def build(self, options: ChestXrayOptions, runtime: Runtime) -> Pipeline:
-        """Return the :class:`ChestXrayPipeline` of the manifest, its weights checked and loaded."""
+        """Return the :class:`ChestXrayPipeline` of the manifest, its weights checked and loaded, with
+        the thresholds of the site override when there is one. Raises :class:`WeightsError`, also for
+        an override of other weights or of a finding the manifest lacks."""
         from pipelines.chest_xray.pipeline import ChestXrayPipeline  # torch: only when a pipeline is built
 
-        return ChestXrayPipeline.from_manifest(
+        pipeline = ChestXrayPipeline.from_manifest(
             options.manifest_path, device=runtime.device, min_age_years=options.min_patient_age_years,
             unknown_age=options.unknown_age, enable_flags=options.enable_flags,
             max_megapixels=runtime.max_megapixels)
+        if options.site_override is not None:
+            override = read_override(options.site_override)
+            override.check_models(pipeline.model_versions)
+            classifiers = {classifier.name: classifier for classifier in pipeline.classifiers}
+            unknown = sorted(set(override.thresholds) - set(classifiers))
+            if unknown:
+                raise WeightsError(f"site override {override.path} names findings the manifest lacks: {unknown}")
+            for name, threshold in override.thresholds.items():
+                classifiers[name].threshold = threshold
+        return pipeline
 
     def addresses(self, dataset: Dataset) -> bool:
         """Return whether ``dataset`` says it shows the chest (a skipped one then gets a note)."""
