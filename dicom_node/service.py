@@ -28,6 +28,7 @@ from dicom_node.db import NodeDatabase
 from dicom_node.lost_messages import requeue_lost
 from dicom_node.metrics import serve_metrics
 from dicom_node.plugins import kept_sop_classes, verify_weights
+from dicom_node.quality import DriftGauges, pipeline_references
 from dicom_node.routing import Router
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import StorageSCP
@@ -141,6 +142,9 @@ class Node:
         )
         self.workers = [WorkerSupervisor(config_file, overrides or {}, lane) for lane in ("analysis", "delivery")
                         ] if run_worker else []
+        # The drift gauges are worth their reads only where they are scraped.
+        self.drift = (DriftGauges(self.db, settings.results_dir, pipeline_references(settings))
+                      if settings.metrics.serve_port is not None else None)
         self._last_housekeeping = time.monotonic()
         self._last_retention = time.monotonic() - RETENTION_INTERVAL_S + HOUSEKEEPING_INTERVAL_S
         self._last_lost_check = time.monotonic()
@@ -206,3 +210,5 @@ class Node:
         if now - self._last_retention >= RETENTION_INTERVAL_S:
             self._last_retention = now
             retention.sweep(self.settings, self.audit, self.db)
+        if self.drift is not None:
+            self.drift.update()

@@ -15,6 +15,7 @@ from dicom_node.cli.config import config
 from dicom_node.cli.db import db
 from dicom_node.cli.jobs import jobs
 from dicom_node.cli.network import echo, send
+from dicom_node.cli.report import report
 from dicom_node.cli.rules import rules
 from dicom_node.cli.serve import serve, worker
 from dicom_node.cli.status import status
@@ -36,5 +37,5 @@ def main(ctx: click.Context, config: Path | None) -> None:
     ctx.call_on_close(lambda: os.umask(previous))
 
 
-for command in (serve, worker, status, jobs, echo, send, config, rules, audit, analyze, db, calibrate):
+for command in (serve, worker, status, jobs, echo, send, config, rules, audit, analyze, db, calibrate, report):
     main.add_command(command)
