@@ -24,6 +24,7 @@ from dicom_node.arrivals import Arrivals
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.config import CONFIG_FILE_ENV, ENV_PREFIX, Settings
 from dicom_node.db import NodeDatabase
+from dicom_node.feedback.app import FeedbackServer
 from dicom_node.lost_messages import requeue_lost
 from dicom_node.metrics import serve_metrics
 from dicom_node.plugins import kept_sop_classes, verify_weights
@@ -135,6 +136,7 @@ class Node:
             force_complete_s=settings.scheduler.force_complete_s, router=Router.from_settings(settings),
             housekeeping=self._housekeeping,
         )
+        self.feedback = FeedbackServer(settings, self.db, self.audit) if settings.feedback.enabled else None
         self.workers = [WorkerSupervisor(config_file, overrides or {}, lane) for lane in ("analysis", "delivery")
                         ] if run_worker else []
         self._last_housekeeping = time.monotonic()
@@ -153,6 +155,8 @@ class Node:
         self.scheduler.start()
         for worker in self.workers:
             worker.start()
+        if self.feedback:
+            self.feedback.start()
         self.audit.record(AuditEvent.NODE_STARTED, actor=getpass.getuser(),
                           detail=f"AE {self.settings.scp.ae_title} port {self.scp.port}")
 
@@ -169,6 +173,8 @@ class Node:
 
     def stop(self) -> None:
         logger.info("Stopping: no new associations; finishing those in flight")
+        if self.feedback:
+            self.feedback.stop()
         self.scp.stop()
         self.scheduler.stop()
         for worker in self.workers:

@@ -12,6 +12,7 @@ from dicom_node.cli.analyze import analyze
 from dicom_node.cli.audit import audit
 from dicom_node.cli.config import config
 from dicom_node.cli.db import db
+from dicom_node.cli.feedback import feedback
 from dicom_node.cli.jobs import jobs
 from dicom_node.cli.network import echo, send
 from dicom_node.cli.rules import rules
@@ -35,5 +36,5 @@ def main(ctx: click.Context, config: Path | None) -> None:
     ctx.call_on_close(lambda: os.umask(previous))
 
 
-for command in (serve, worker, status, jobs, echo, send, config, rules, audit, analyze, db):
+for command in (serve, worker, status, jobs, echo, send, config, rules, audit, analyze, db, feedback):
     main.add_command(command)
