@@ -150,13 +150,13 @@ class Node:
         if discarded:
             logger.warning("Discarded %d partial file(s) never acknowledged", discarded)
         serve_metrics(self.settings.metrics.host, self.settings.metrics.serve_port)
+        if self.feedback:  # before the SCP: a page that cannot listen stops the start with nothing running
+            self.feedback.start()
         self.scp.start()
         self._announce_exposure()
         self.scheduler.start()
         for worker in self.workers:
             worker.start()
-        if self.feedback:
-            self.feedback.start()
         self.audit.record(AuditEvent.NODE_STARTED, actor=getpass.getuser(),
                           detail=f"AE {self.settings.scp.ae_title} port {self.scp.port}")
 

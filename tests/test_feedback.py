@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -316,6 +317,18 @@ def test_the_page_over_tls_sends_secure_cookies_only(tmp_path: Path, certificate
         db.dispose()
     cookie = answer.headers["set-cookie"].lower()
     assert answer.status_code == 200 and "secure" in cookie and "samesite=strict" in cookie and "httponly" in cookie
+
+
+def test_serve_stops_when_the_page_cannot_listen(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        node: NodeProcess = node_factory({"worker": {"embedded": False}, "feedback": {"enabled": True, "port": port}})
+        with pytest.raises(pytest.fail.Exception, match="serve exited with 1"):
+            node.start()
+    log = node.log.read_text()
+    assert f"the feedback page cannot listen on http://127.0.0.1:{port}" in log and "SCP DICOM_NODE listening" not in log
 
 
 def playwright_core() -> Path:
