@@ -212,10 +212,15 @@ def test_login_refused_with_a_wrong_password_allowed_with_the_right_one(
         page: tuple[TestClient, Settings, list[int]]) -> None:
     client, settings, _ = page
     assert log_in(client, "not the password") == 401
+    assert client.post("/login", data={"user": "hunter2-typed-as-name", "password": PASSWORD,
+                                       "csrf": csrf(client)}).status_code == 401
     assert client.get("/").headers["location"] == "/login"
     assert log_in(client) == 303
     assert client.get("/").status_code == 200
-    assert audited(settings, AuditEvent.FEEDBACK_LOGIN, "outcome", "actor", "remote") == [("minor-failure", "dr.house", "127.0.0.1"), ("success", "dr.house", "127.0.0.1")]
+    assert audited(settings, AuditEvent.FEEDBACK_LOGIN, "outcome", "actor", "remote", "detail") == [
+        ("minor-failure", "dr.house", "127.0.0.1", "feedback page login refused: wrong password"),
+        ("minor-failure", None, "127.0.0.1", "feedback page login refused: unknown user"),
+        ("success", "dr.house", "127.0.0.1", "feedback page login")]
 
 
 def test_nothing_is_reachable_without_a_login(page: tuple[TestClient, Settings, list[int]],
@@ -260,8 +265,9 @@ def test_page_lists_jobs_and_records_agree_and_disagree_with_a_reason(
     assert [(r.job_id, r.finding, r.verdict.value, r.reason, r.user) for r in verdicts(settings)] == [
         (flagged_job, "covid19", "agree", None, "dr.house"),
         (quiet_job, "covid19", "disagree", "ground glass, left base", "dr.house")]
-    assert audited(settings, AuditEvent.FEEDBACK_RECORDED, "actor", "remote", "job_id", "detail") == [("dr.house", "127.0.0.1", flagged_job, "covid19: agree"),
-                        ("dr.house", "127.0.0.1", quiet_job, "covid19: disagree with a reason")]
+    assert audited(settings, AuditEvent.FEEDBACK_RECORDED, "actor", "remote", "job_id", "detail") == [
+        ("dr.house", "127.0.0.1", flagged_job, "covid19: agree"),
+        ("dr.house", "127.0.0.1", quiet_job, "covid19: disagree with a reason")]
     html = client.get("/").text
     assert "you: agree" in html and "you: disagree</span> <q>ground glass, left base</q>" in html
 

@@ -50,7 +50,7 @@ from dicom_node.feedback.store import (
     overlay_png,
     record_verdict,
 )
-from dicom_node.feedback.users import USER_NAME, authenticate, load_users, users_file
+from dicom_node.feedback.users import authenticate, load_users, users_file
 
 logger = logging.getLogger(__name__)
 
@@ -252,11 +252,14 @@ class FeedbackApp:
         accepted = await run_in_threadpool(authenticate, self.users, name, password)
         if not accepted:
             self._throttled(str(remote), failed=True)
+        # The actor is a known user's name only: what else was typed as a name may be a password.
+        known = name in load_users(self.users)
         await run_in_threadpool(
             self.audit.record, AuditEvent.FEEDBACK_LOGIN,
             outcome=Outcome.SUCCESS if accepted else Outcome.MINOR_FAILURE,
-            actor=name if USER_NAME.match(name) else None, remote=remote,
-            detail="feedback page login" if accepted else "feedback page login refused: wrong user or password")
+            actor=name if known else None, remote=remote,
+            detail="feedback page login" if accepted else
+            "feedback page login refused: wrong password" if known else "feedback page login refused: unknown user")
         if not accepted:
             return _login_form(request, "Wrong user name or password.", 401)
         request.session.clear()
