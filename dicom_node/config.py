@@ -7,6 +7,7 @@ naming it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -438,6 +439,51 @@ class CalibrationSettings(Section):
     min_positives: int = Field(20, ge=1, description="fewer labelled positive cases: refused")
     min_negatives: int = Field(20, ge=1, description="fewer labelled negative cases: refused")
     resamples: int = Field(2000, ge=200, description="bootstrap resamples of each 95 % confidence interval")
+class FeedbackTls(Section):
+    """HTTPS for the feedback page: this node's certificate and private key (PEM)."""
+
+    certificate: Path
+    private_key: Path
+
+
+class FeedbackSettings(Section):
+    """Radiologists' feedback web page (see :mod:`dicom_node.feedback`): off by default; when on,
+    reachable from loopback only unless ``allowed_networks`` lists more, and then only over TLS."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8480, ge=1, le=65535)
+    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list, description="CIDRs of the clients admitted besides loopback; any but loopback "
+        "needs tls (passwords and session cookies would otherwise cross the network in clear)")
+    users_file: Path | None = Field(
+        None, description="user name -> scrypt password hash, written by `dicom-node feedback add-user`; "
+        "default: state_dir/feedback-users")
+    session_key_file: Path | None = Field(
+        None, description="key that signs the session cookies; default: state_dir/feedback.key, generated once")
+    session_hours: float = Field(8, gt=0, le=24 * 7, description="a login lasts this long")
+    recent_jobs: int = Field(50, ge=1, le=1000, description="finished jobs the page lists, newest first")
+    tls: FeedbackTls | None = None
+
+    @model_validator(mode="after")
+    def _clear_text_stays_local(self) -> FeedbackSettings:
+        if self.tls is None and any(not network.is_loopback for network in self.allowed_networks):
+            raise ValueError("allowed_networks beyond loopback need feedback.tls: without it passwords and "
+                             "session cookies cross the network in clear")
+        if self.tls is None and not _is_loopback_host(self.host):
+            raise ValueError("a host other than loopback needs feedback.tls: without it passwords and "
+                             "session cookies cross the network in clear")
+        return self
+
+
+def _is_loopback_host(host: str) -> bool:
+    """Return whether ``host`` names this machine's loopback only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 Risk = Literal["scp-open", "audit-disabled", "tls-unverified"]
@@ -481,6 +527,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     acknowledged_risks: list[Risk] = Field(
         default_factory=list, description="settings that weaken the node, confirmed on purpose")
 

@@ -25,6 +25,7 @@ from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.audit.syslog_export import SyslogExporter
 from dicom_node.config import CONFIG_FILE_ENV, ENV_PREFIX, Settings
 from dicom_node.db import NodeDatabase
+from dicom_node.feedback.app import FeedbackServer
 from dicom_node.lost_messages import requeue_lost
 from dicom_node.metrics import serve_metrics
 from dicom_node.plugins import kept_sop_classes, verify_weights
@@ -140,6 +141,7 @@ class Node:
             force_complete_s=settings.scheduler.force_complete_s, router=Router.from_settings(settings),
             housekeeping=self._housekeeping,
         )
+        self.feedback = FeedbackServer(settings, self.db, self.audit) if settings.feedback.enabled else None
         self.workers = [WorkerSupervisor(config_file, overrides or {}, lane) for lane in ("analysis", "delivery")
                         ] if run_worker else []
         # The drift gauges are worth their reads only where they are scraped.
@@ -159,6 +161,8 @@ class Node:
         if discarded:
             logger.warning("Discarded %d partial file(s) never acknowledged", discarded)
         serve_metrics(self.settings.metrics.host, self.settings.metrics.serve_port)
+        if self.feedback:  # before the SCP: a page that cannot listen stops the start with nothing running
+            self.feedback.start()
         self.scp.start()
         self._announce_exposure()
         self.scheduler.start()
@@ -180,6 +184,8 @@ class Node:
 
     def stop(self) -> None:
         logger.info("Stopping: no new associations; finishing those in flight")
+        if self.feedback:
+            self.feedback.stop()
         self.scp.stop()
         self.scheduler.stop()
         for worker in self.workers:

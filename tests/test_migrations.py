@@ -139,7 +139,7 @@ def test_databases_of_the_release_before_migrations_are_upgraded(node_factory, t
     assert "made before migrations, stamped node_0001" in upgraded.stdout
     assert [detail for _, detail in audit_rows(node.state_dir, "schema-upgraded")] == [
         "audit store: made before migrations, stamped audit_0002, upgraded to audit_0003",
-        "node database: made before migrations, stamped node_0001, upgraded to node_0003"]
+        "node database: made before migrations, stamped node_0001, upgraded to node_0004"]
     status = dicom_node(node.config, "db", "status")
     assert status.returncode == 0 and status.stdout.count(", current") == 2, status.stdout
     again = dicom_node(node.config, "db", "upgrade")
@@ -184,7 +184,7 @@ def test_a_database_of_a_newer_revision_is_refused(tmp_path):
     with sqlite3.connect(tmp_path / "node.db") as connection:
         connection.execute(f"UPDATE {migrations.NODE.version_table} SET version_num = 'node_0099'")
     with pytest.raises(SchemaVersionError, match="at revision node_0099, which this dicom-node does "
-                                                 "not know \\(its newest is node_0003\\)"):
+                                                 "not know \\(its newest is node_0004\\)"):
         NodeDatabase(url)
 
 
@@ -203,7 +203,7 @@ def test_db_upgrade_creates_both_databases_in_one_postgresql_database(tmp_path, 
     upgraded = dicom_node(config, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
     assert "audit store postgresql" in upgraded.stdout and "created at audit_0003" in upgraded.stdout
-    assert "node database postgresql" in upgraded.stdout and "created at node_0003" in upgraded.stdout
+    assert "node database postgresql" in upgraded.stdout and "created at node_0004" in upgraded.stdout
     status = dicom_node(config, "db", "status")
     assert status.returncode == 0 and status.stdout.count(", current") == 2, status.stdout
     NodeDatabase(postgres_url).dispose()

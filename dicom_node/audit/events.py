@@ -60,6 +60,10 @@ class AuditEvent(enum.StrEnum):
     CHAIN_HEAD_UNSIGNED = "chain-head-unsigned"
     SCHEMA_UPGRADED = "schema-upgraded"
     CALIBRATION_WRITTEN = "calibration-written"
+    FEEDBACK_RECORDED = "feedback-recorded"
+    FEEDBACK_EXPORTED = "feedback-exported"
+    FEEDBACK_LOGIN = "feedback-login"
+    FEEDBACK_USER_SET = "feedback-user-set"
 
     @property
     def dicom_event_id(self) -> DicomCode:
@@ -106,6 +110,10 @@ _EVENT_IDS: dict[AuditEvent, DicomCode] = {
     AuditEvent.CHAIN_HEAD_UNSIGNED: SECURITY_ALERT,  # the trail was altered: rows may be missing
     AuditEvent.SCHEMA_UPGRADED: SECURITY_ALERT,  # EventTypeCode 110131 Software Configuration
     AuditEvent.CALIBRATION_WRITTEN: SECURITY_ALERT,  # EventTypeCode 110131 Software Configuration: new thresholds
+    AuditEvent.FEEDBACK_RECORDED: INSTANCES_ACCESSED,  # a radiologist's verdict on a result
+    AuditEvent.FEEDBACK_EXPORTED: EXPORT,
+    AuditEvent.FEEDBACK_LOGIN: USER_AUTHENTICATION,  # EventTypeCode 110122 Login
+    AuditEvent.FEEDBACK_USER_SET: SECURITY_ALERT,  # EventTypeCode 110137 User Security Attributes Changed
 }
 
 _ACTIONS: dict[AuditEvent, str] = {
@@ -132,6 +140,9 @@ _ACTIONS: dict[AuditEvent, str] = {
     AuditEvent.CHAIN_HEAD_KEYED: "U",
     AuditEvent.SCHEMA_UPGRADED: "U",
     AuditEvent.CALIBRATION_WRITTEN: "U",
+    AuditEvent.FEEDBACK_RECORDED: "C",
+    AuditEvent.FEEDBACK_EXPORTED: "R",
+    AuditEvent.FEEDBACK_USER_SET: "U",
 }
 
 

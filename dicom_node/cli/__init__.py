@@ -13,6 +13,7 @@ from dicom_node.cli.audit import audit
 from dicom_node.cli.calibrate import calibrate
 from dicom_node.cli.config import config
 from dicom_node.cli.db import db
+from dicom_node.cli.feedback import feedback
 from dicom_node.cli.jobs import jobs
 from dicom_node.cli.network import echo, send
 from dicom_node.cli.report import report
@@ -37,5 +38,6 @@ def main(ctx: click.Context, config: Path | None) -> None:
     ctx.call_on_close(lambda: os.umask(previous))
 
 
-for command in (serve, worker, status, jobs, echo, send, config, rules, audit, analyze, db, calibrate, report):
+for command in (serve, worker, status, jobs, echo, send, config, rules, audit, analyze, db, calibrate, report,
+                feedback):
     main.add_command(command)
