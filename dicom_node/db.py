@@ -167,6 +167,29 @@ class Delivery(Base):
     commit_requests: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
+class FeedbackVerdict(enum.StrEnum):
+    """A radiologist's verdict on one finding (see :mod:`dicom_node.feedback`)."""
+
+    AGREE = "agree"
+    DISAGREE = "disagree"
+
+
+class Feedback(Base):
+    """One user's verdict on one finding of one analysed instance; kept when retention deletes its
+    job (``job_id`` then null), deleted with the instance's subject (GDPR erasure)."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    finding: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[FeedbackVerdict] = mapped_column(_enum(FeedbackVerdict))
+    reason: Mapped[str | None] = mapped_column(Text)
+    user: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
 class Task(enum.StrEnum):
     """What an outbox message asks a worker to do with its target: the one vocabulary of
     ``outbox.task`` (the target is a job, a delivery or, to notify, an instance id)."""

@@ -10,12 +10,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.audit.query import EventFilter, plain, read_events
 from dicom_node.config import Settings
-from dicom_node.db import Instance, NodeDatabase
+from dicom_node.db import Feedback, Instance, NodeDatabase
 from dicom_node.retention import Removed, delete_instance_data, delete_instance_records
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ def export_subject(trail: AuditTrail, db: NodeDatabase, patient_id: str,
 def erase_subject(settings: Settings, trail: AuditTrail, db: NodeDatabase, patient_id: str,
                   issuer: str | None = None, *, actor: str) -> Erasure:
     """Delete the person's spooled images and results, every node row that names their
-    instances (instances, their deliveries and outbox messages, jobs of theirs alone), then
-    their pseudonym.
+    instances (instances, their deliveries and outbox messages, jobs of theirs alone, feedback on
+    them), then their pseudonym.
 
     The node database's write-ahead log is then emptied, so that with SQLite's secure delete
     the erased UIDs are in neither file. Past audit events stay, unchanged, but can no longer
@@ -79,6 +79,8 @@ def erase_subject(settings: Settings, trail: AuditTrail, db: NodeDatabase, patie
             select(Instance).where(Instance.patient_pseudonym == pseudonym)).all()
         for instance in instances:
             removed += delete_instance_data(settings, instance)
+        # Radiologists' verdicts on the person's images go too: a reason is free text.
+        session.execute(delete(Feedback).where(Feedback.sop_instance_uid.in_([i.sop_instance_uid for i in instances])))
         removed += delete_instance_records(session, instances)
     db.truncate_log()
     trail.forget_pseudonym(pseudonym)  # last: a failure above leaves the person findable

@@ -39,7 +39,7 @@ from dicom_node.config import Settings, TlsSettings, load_settings
 from dicom_node.db import Instance, InstanceVerdict, Job, JobStatus, NodeDatabase
 from dicom_node.errors import ConfigError
 from dicom_node.feedback.app import AddressGate, FeedbackServer, create_app
-from dicom_node.feedback.store import Feedback
+from dicom_node.db import Feedback
 from dicom_node.results import result_dir, save_result
 from dicom_node.writers.sc import build_sc
 from tests.audit_fixtures import PATIENT_ID, PATIENT_NAME, make_node

@@ -7,15 +7,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from dicom_node.audit import AuditEvent
-from dicom_node.db import Instance, NodeDatabase
+from dicom_node.db import Feedback, FeedbackVerdict, Instance, NodeDatabase
 from dicom_node.errors import DataRemovalError
 from dicom_node.subjects import erase_subject
 from tests.audit_fixtures import (
     ISSUER,
     PATIENT_ID,
     PATIENT_NAME,
+    SERIES_UID,
     Node,
     make_node,
     patient_dataset,
@@ -76,6 +78,9 @@ def test_erase_unlinks_events_and_deletes_images_and_results(node: Node,
         record_reception(node.trail, patient_dataset(sop_suffix=number))
         files.append(store_instance(node, db, patient_dataset(sop_suffix=number)))
     pseudonym = node.trail.lookup_pseudonym(PATIENT_ID, ISSUER)
+    with db.session() as session:  # a radiologist's verdicts on both persons' images
+        session.add_all([Feedback(sop_instance_uid=sop, finding="covid19", verdict=FeedbackVerdict.DISAGREE,
+                                  reason="free text", user="dr") for sop in (f"{SERIES_UID}.1", f"{SERIES_UID}.9")])
     events_before = node.cli_json("audit", "list", "--patient", "--issuer", ISSUER,
                                   input=f"{PATIENT_ID}\n")
     assert len(events_before) == 2
@@ -98,6 +103,8 @@ def test_erase_unlinks_events_and_deletes_images_and_results(node: Node,
     for spooled, results in files:
         assert not spooled.exists() and not results.exists()
     assert kept[0].exists() and kept[1].exists() and instance_count(db) == 1
+    with db.session() as session:  # the erased person's feedback is gone, the other's kept
+        assert list(session.scalars(select(Feedback.sop_instance_uid))) == [f"{SERIES_UID}.9"]
     assert node.cli("audit", "verify").exit_code == 0
 
     again = node.cli("audit", "subject", "export", "--issuer", ISSUER, input=f"{PATIENT_ID}\n")

@@ -13,7 +13,8 @@ import click
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.cli.common import node_errors_as_click, os_user, settings_from
 from dicom_node.db import NodeDatabase
-from dicom_node.feedback.store import Verdict, export_csv, record_verdict
+from dicom_node.db import FeedbackVerdict
+from dicom_node.feedback.store import export_csv, record_verdict
 from dicom_node.feedback.users import set_user, users_file
 
 
@@ -22,7 +23,7 @@ def feedback() -> None:
     """Radiologists' verdicts on findings, their export, and the feedback page's users."""
 
 
-def _record(ctx: click.Context, verdict: Verdict, job_id: int, finding: str, reason: str | None,
+def _record(ctx: click.Context, verdict: FeedbackVerdict, job_id: int, finding: str, reason: str | None,
             instance: str | None) -> None:
     settings = settings_from(ctx)
     db, audit = NodeDatabase(settings.node_database_url), AuditTrail.from_settings(settings)
@@ -35,7 +36,7 @@ def _record(ctx: click.Context, verdict: Verdict, job_id: int, finding: str, rea
     click.echo(f"job {job_id} {finding} ({row.sop_instance_uid}): {verdict.value} recorded")
 
 
-def _verdict_command(verdict: Verdict) -> click.Command:
+def _verdict_command(verdict: FeedbackVerdict) -> click.Command:
     @click.argument("job_id", type=int)
     @click.argument("finding")
     @click.option("--reason", help="Why (free text; no patient names or IDs).")
@@ -49,8 +50,8 @@ def _verdict_command(verdict: Verdict) -> click.Command:
     return feedback.command(verdict.value)(command)
 
 
-agree = _verdict_command(Verdict.AGREE)
-disagree = _verdict_command(Verdict.DISAGREE)
+agree = _verdict_command(FeedbackVerdict.AGREE)
+disagree = _verdict_command(FeedbackVerdict.DISAGREE)
 
 
 @feedback.command("export")

@@ -10,7 +10,6 @@ patient's name or ID.
 from __future__ import annotations
 
 import csv
-import enum
 import io
 import json
 import logging
@@ -23,19 +22,18 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import Enum, ForeignKey, Integer, String, Text, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.db import (
-    Base,
+    Feedback,
+    FeedbackVerdict,
     Instance,
     InstanceVerdict,
     Job,
     JobStatus,
     NodeDatabase,
-    UTCDateTime,
-    utcnow,
 )
 from dicom_node.errors import NodeError, NoSuchJobError
 from dicom_node.results import result_dir
@@ -51,27 +49,6 @@ class FeedbackError(NodeError):
     """A verdict that cannot be recorded, or an overlay that is not there."""
 
 
-class Verdict(enum.StrEnum):
-    AGREE = "agree"
-    DISAGREE = "disagree"
-
-
-class Feedback(Base):
-    """One user's verdict on one finding of one analysed instance."""
-
-    __tablename__ = "feedback"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    finding: Mapped[str] = mapped_column(String(64))
-    verdict: Mapped[Verdict] = mapped_column(Enum(Verdict, values_callable=lambda members: [m.value for m in members],
-                                                  native_enum=False, length=16))
-    reason: Mapped[str | None] = mapped_column(Text)
-    user: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
-
-
 @dataclass
 class ReviewedFinding:
     """A finding as the page shows it, with the viewing user's newest verdict."""
@@ -82,7 +59,7 @@ class ReviewedFinding:
     threshold: float
     flagged: bool
     experimental: bool
-    verdict: Verdict | None = None
+    verdict: FeedbackVerdict | None = None
     reason: str | None = None
 
 
@@ -136,7 +113,7 @@ def _analysed(session: Session, job_id: int) -> list[Instance]:
 
 
 def record_verdict(db: NodeDatabase, audit: AuditTrail, results_root: Path, *, job_id: int, finding: str,
-                   verdict: Verdict | str, user: str, reason: str | None = None, sop_uid: str | None = None,
+                   verdict: FeedbackVerdict | str, user: str, reason: str | None = None, sop_uid: str | None = None,
                    remote: str | None = None) -> Feedback:
     """Store and audit ``user``'s verdict on ``finding`` of job ``job_id``; return the row.
 
@@ -145,7 +122,7 @@ def record_verdict(db: NodeDatabase, audit: AuditTrail, results_root: Path, *, j
     instance of the job has (or several, without ``sop_uid``) or a reason longer than
     :data:`MAX_REASON`, ``ValueError`` for an unknown verdict.
     """
-    verdict = Verdict(verdict)
+    verdict = FeedbackVerdict(verdict)
     reason = (reason or "").strip() or None
     if reason is not None and len(reason) > MAX_REASON:
         raise FeedbackError(f"a reason is at most {MAX_REASON} characters")
