@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from sqlalchemy import func, select
 
-from dicom_node.db import Delivery, Instance, InstanceVerdict, NodeDatabase, utcnow
+from dicom_node.db import (
+    Delivery,
+    Feedback,
+    FeedbackVerdict,
+    Instance,
+    InstanceVerdict,
+    NodeDatabase,
+    utcnow,
+)
 from dicom_node.metrics import FLAG_RATE, SCORE_PSI, WINDOW_SCORES
 from dicom_node.plugins import pipeline_plugin, plugin_options
 from dicom_node.results import result_dir
@@ -267,6 +275,38 @@ def collect(db: NodeDatabase, results_root: Path, references: Mapping[str, Mappi
         volume_by_ae=Counter(i.calling_ae for i in instances),
         latencies=sorted((received[iid], (at - received[iid]).total_seconds()) for iid, at in delivered.items()),
     )
+
+
+@dataclass(frozen=True)
+class ReaderAgreement:
+    """A reader's agreement with one finding's result of one image (from the feedback records)."""
+
+    pipeline: str
+    finding: str
+    flagged: bool
+    agrees: bool
+
+
+def reader_agreements(db: NodeDatabase, results_root: Path, *, since: datetime,
+                      until: datetime | None = None) -> list[ReaderAgreement]:
+    """Return each reader's newest verdict, given from ``since`` to ``until``, on a finding of an image
+    whose results are still there (the finding's flag read from them); older ones are left out."""
+    until = until or utcnow()
+    with db.session() as session:
+        rows = session.execute(
+            select(Feedback, Instance.study_instance_uid)
+            .join(Instance, Instance.sop_instance_uid == Feedback.sop_instance_uid)
+            .where(Feedback.created_at >= since, Feedback.created_at < until)
+            .order_by(Feedback.id)).all()
+    newest = {(f.user, f.sop_instance_uid, f.finding): (f, study) for f, study in rows}
+    agreements = []
+    for feedback, study in newest.values():
+        for pipeline, entries in scores_of(result_dir(results_root, study, feedback.sop_instance_uid)).items():
+            for entry in entries:
+                if entry["name"] == feedback.finding:
+                    agreements.append(ReaderAgreement(pipeline, feedback.finding, entry["flagged"],
+                                                      feedback.verdict is FeedbackVerdict.AGREE))
+    return agreements
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from html import escape
 
@@ -21,6 +20,7 @@ from dicom_node.quality import (
     PSI_MAJOR,
     PSI_MODERATE,
     FindingFigures,
+    ReaderAgreement,
     Window,
     bin_shares,
     percentile,
@@ -51,16 +51,6 @@ th:first-child, td:first-child, td.text { text-align: left; }
 .major { background: #f6c6c0; } .moderate { background: #fbe6b8; }
 .note { font-size: 12px; color: #555; } figure { margin: 8px 0; }
 """
-
-
-@dataclass(frozen=True)
-class FeedbackVerdict:
-    """A reader's agreement with one finding's result of one image (from the feedback records)."""
-
-    pipeline: str
-    finding: str
-    flagged: bool
-    agrees: bool
 
 
 def psi_reading(value: float | None) -> str:
@@ -191,11 +181,11 @@ def volume_section(window: Window) -> str:
         + "</figure>"
 
 
-def feedback_section(rows: Sequence[FeedbackVerdict]) -> str:
+def feedback_section(rows: Sequence[ReaderAgreement]) -> str:
     """Return the agreement of the readers' verdicts per finding, or :data:`NO_FEEDBACK`."""
     if not rows:
         return f"<p>{NO_FEEDBACK}</p>"
-    by_finding: dict[tuple[str, str], list[FeedbackVerdict]] = defaultdict(list)
+    by_finding: dict[tuple[str, str], list[ReaderAgreement]] = defaultdict(list)
     for row in rows:
         by_finding[(row.pipeline, row.finding)].append(row)
     table = []
@@ -209,7 +199,7 @@ def feedback_section(rows: Sequence[FeedbackVerdict]) -> str:
     return _table(["finding", "verdicts", "agreement", "on flagged images", "on unflagged images"], table)
 
 
-def render(window: Window, feedback: Sequence[FeedbackVerdict] = (), *, previous: Window | None = None,
+def render(window: Window, feedback: Sequence[ReaderAgreement] = (), *, previous: Window | None = None,
            generated_at: datetime) -> str:
     """Return the report of ``window`` as one HTML page, with the drift from the ``previous`` window
     and the readers' ``feedback`` of it."""

@@ -19,10 +19,20 @@ from sqlalchemy import select
 
 from dicom_node.cli import main
 from dicom_node.config import Settings, load_settings
-from dicom_node.db import Delivery, DeliveryStatus, Instance, InstanceVerdict, Job, JobStatus, NodeDatabase, utcnow
+from dicom_node.db import (
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    InstanceVerdict,
+    Job,
+    JobStatus,
+    NodeDatabase,
+    utcnow,
+)
 from dicom_node.quality import (
     DriftGauges,
     FindingFigures,
+    ReaderAgreement,
     Score,
     bin_shares,
     collect,
@@ -30,7 +40,7 @@ from dicom_node.quality import (
     psi,
     reference_of,
 )
-from dicom_node.report import SECTIONS, FeedbackVerdict, feedback_section
+from dicom_node.report import SECTIONS, feedback_section
 from dicom_node.results import result_dir, save_result
 from dicom_node.service import HOUSEKEEPING_INTERVAL_S, Node
 from pipelines.base import Finding, ImageResult
@@ -251,8 +261,8 @@ def test_unreadable_results_are_left_out_and_a_bad_out_path_is_refused(tmp_path:
 
 
 def test_feedback_agreement_per_finding():
-    rows = [FeedbackVerdict("chest_xray", "covid19", True, True), FeedbackVerdict("chest_xray", "covid19", True, False),
-            FeedbackVerdict("chest_xray", "covid19", False, True), FeedbackVerdict("chest_xray", "covid19", False, True)]
+    rows = [ReaderAgreement("chest_xray", "covid19", True, True), ReaderAgreement("chest_xray", "covid19", True, False),
+            ReaderAgreement("chest_xray", "covid19", False, True), ReaderAgreement("chest_xray", "covid19", False, True)]
     html = feedback_section(rows)
     assert "<td>covid19 (chest_xray)</td><td>4</td><td>75.0 %</td><td>50.0 %</td><td>100.0 %</td>" in html
     assert "No feedback recorded" in feedback_section([])
@@ -260,3 +270,17 @@ def test_feedback_agreement_per_finding():
 
 def section(html: str, key: str) -> str:
     return html.split(f'<section id="{key}">', 1)[1].split("</section>", 1)[0]
+
+
+def test_the_report_shows_the_readers_newest_verdicts_from_the_feedback_records(tmp_path: Path):
+    config, settings = node_settings(tmp_path)
+    seed(settings, at_reference)  # image 0 scores 0.95 (flagged), image 1 0.2 (not)
+    flagged, unflagged = f"{STUDY}.2", f"{STUDY}.3"
+    for verdict, sop in (("disagree", flagged), ("agree", flagged), ("disagree", unflagged)):
+        recorded = CliRunner().invoke(main, ["-c", str(config), "feedback", verdict, "1", "covid19", "--instance", sop])
+        assert recorded.exit_code == 0, recorded.output
+    out = tmp_path / "report.html"
+    assert CliRunner().invoke(main, ["-c", str(config), "report", "--out", str(out)]).exit_code == 0
+    # The reader's newest verdict on the flagged image (agree) counts, not the one it replaced.
+    assert ("<td>covid19 (chest_xray)</td><td>2</td><td>50.0 %</td><td>100.0 %</td><td>0.0 %</td>"
+            in section(out.read_text(), "feedback"))

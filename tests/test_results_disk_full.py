@@ -12,7 +12,7 @@ from sqlalchemy import select
 from dicom_node.analysis import Analyzer
 from dicom_node.audit import AuditTrail
 from dicom_node.db import Delivery, Instance, Job, JobStatus, NodeDatabase, OutboxMessage, utcnow
-from dicom_node.config import Destination
+from dicom_node.config import DimseDestination
 from dicom_node.routing import Router
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
 from pipelines.chest_xray.plugin import ChestXrayPlugin
@@ -42,7 +42,7 @@ def test_a_full_results_disk_defers_the_job_until_there_is_room(small_results_di
                              size_bytes=source.stat().st_size, calling_ae="TESTSCU", job_id=job.id))
         job_id = job.id
     pipeline = ChestXrayPipeline.from_manifest(MANIFEST, device="cpu")
-    destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=11113)
+    destination = DimseDestination(name="pacs", ae_title="PACS", host="127.0.0.1", port=11113)
     analyzer = Analyzer(db, audit, {"chest_xray": (ChestXrayPlugin(), pipeline)},
                         Router([], "chest_xray", [destination]), small_results_disk, worker="test-worker")
 

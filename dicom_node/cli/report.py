@@ -10,7 +10,7 @@ import click
 from dicom_node.cli.audit import Moment
 from dicom_node.cli.common import node_errors_as_click, settings_from
 from dicom_node.db import NodeDatabase
-from dicom_node.quality import collect, pipeline_references
+from dicom_node.quality import collect, pipeline_references, reader_agreements
 from dicom_node.report import render
 
 
@@ -35,10 +35,11 @@ def report(ctx: click.Context, since: datetime, until: datetime | None, out: Pat
     try:
         window = collect(db, settings.results_dir, references, since=since, until=until)
         previous = collect(db, settings.results_dir, references, since=since - (until - since), until=since)
+        feedback = reader_agreements(db, settings.results_dir, since=since, until=until)
     finally:
         db.dispose()
     try:
-        out.write_text(render(window, previous=previous, generated_at=now))
+        out.write_text(render(window, feedback, previous=previous, generated_at=now))
     except OSError as exc:
         raise click.ClickException(f"cannot write {out}: {exc.strerror}") from exc
     click.echo(f"Wrote {out}: {sum(window.verdicts.values())} instance(s), {len(window.findings)} finding(s)")
