@@ -38,7 +38,7 @@ from sqlalchemy import select
 
 from dicom_node.audit import AuditEvent, AuditTrail
 from dicom_node.config import Settings
-from dicom_node.db import Instance, InstanceVerdict, NodeDatabase
+from dicom_node.db import Feedback, FeedbackVerdict, Instance, InstanceVerdict, NodeDatabase
 from dicom_node.errors import NodeError
 from dicom_node.results import result_dir
 from pipelines.site_override import (
@@ -246,13 +246,45 @@ def _scored_instances(settings: Settings, pipeline: str, finding: str, key_colum
     return found
 
 
-def site_cases(settings: Settings, pipeline: str, finding: str, labels_file: Path) -> SiteCases:
-    """Return the cases of ``labels_file`` among ``pipeline``'s results of ``finding``, scored by the
-    model version of the newest result (results of other versions are left out and counted).
+def feedback_labels(settings: Settings, pipeline: str, finding: str) -> dict[str, int]:
+    """Return a label by SOP Instance UID from the readers' feedback on ``finding``: the newest verdict
+    on each image, an agreement keeping ``pipeline``'s flag of it, a disagreement reversing it (images
+    whose results are gone are left out)."""
+    db = NodeDatabase(settings.node_database_url)
+    try:
+        with db.session() as session:
+            rows = session.execute(
+                select(Feedback.sop_instance_uid, Feedback.verdict, Instance.study_instance_uid)
+                .join(Instance, Instance.sop_instance_uid == Feedback.sop_instance_uid)
+                .where(Feedback.finding == finding).order_by(Feedback.id)).all()
+    finally:
+        db.dispose()
+    newest = {sop: (verdict, study) for sop, verdict, study in rows}
+    labels = {}
+    for sop, (verdict, study) in newest.items():
+        try:
+            summary = json.loads((result_dir(settings.results_dir, study, sop, pipeline) / "findings.json").read_text())
+        except (OSError, ValueError):
+            continue
+        flags = [bool(f.get("flagged")) for f in summary.get("findings", []) if f.get("name") == finding]
+        if flags:
+            labels[sop] = int(flags[0] == (verdict is FeedbackVerdict.AGREE))
+    return labels
 
-    Raises :class:`CalibrationError` for a bad labels file or when no labelled case has a score.
+
+def feedback_digest(labels: Mapping[str, int]) -> str:
+    """Return the sha256 of feedback labels, recorded in the override as a labels file's would be."""
+    return hashlib.sha256("".join(f"{sop},{label}\n" for sop, label in sorted(labels.items())).encode()).hexdigest()
+
+
+def site_cases(settings: Settings, pipeline: str, finding: str, key_column: str,
+               labels: Mapping[str, int]) -> SiteCases:
+    """Return the cases ``labels`` names (by ``key_column``: sop_instance_uid or accession_number) among
+    ``pipeline``'s results of ``finding``, scored by the model version of the newest result (results
+    of other versions are left out and counted).
+
+    Raises :class:`CalibrationError` when no labelled case has a score.
     """
-    key_column, labels = read_labels(labels_file)
     scored = _scored_instances(settings, pipeline, finding, key_column, labels)
     if not scored:
         raise CalibrationError(f"none of the {len(labels)} labelled cases has a {pipeline} result with a "

@@ -17,7 +17,7 @@ from dicom_node.audit import AuditEvent
 from dicom_node.calibration import assess
 from dicom_node.cli.common import os_user
 from dicom_node.config import load_settings
-from dicom_node.db import Instance, InstanceVerdict, NodeDatabase
+from dicom_node.db import Feedback, FeedbackVerdict, Instance, InstanceVerdict, NodeDatabase
 from dicom_node.plugins import build_pipeline
 from dicom_node.results import result_dir, save_result
 from dicom_node.writers import AlgorithmIdentity, OutputKind, write_results
@@ -159,3 +159,35 @@ def test_an_override_of_other_weights_stops_the_start(chest: tuple[PipelinePlugi
     other.write_text(yaml.safe_dump({"model_version": "chest_xray 1 (lung UNet 00000000)", "thresholds": {FINDING: 0.5}}))
     with pytest.raises(WeightsError, match="calibrated on other weights"):
         read_override(other).check_models(chest[1].model_versions)
+
+
+def test_the_readers_feedback_labels_the_cases_as_a_labels_file_would(
+        tmp_path: Path, chest: tuple[PipelinePlugin, Pipeline]) -> None:
+    """Each reader's verdict turns the result's flag into a label (agree: as flagged, disagree: the other
+    way); the newest verdict on an image counts. Calibrated from that feedback, the figures are those of
+    the same labels given as a file."""
+    node = make_node(tmp_path)
+    scores, labels = draw_site(5, 120)
+    labels_file = analysed_site(node, scores, labels, AlgorithmIdentity.of(chest[1], chest[0]).label,
+                                "sop_instance_uid")
+    truth = dict(line.split(",") for line in labels_file.read_text().split()[1:])
+    db = NodeDatabase(node.settings.node_database_url)
+    try:
+        with db.session() as session:
+            for (sop, label), score in zip(truth.items(), scores, strict=True):
+                agrees = (score >= 0.9146) == (label == "1")
+                newest = FeedbackVerdict.AGREE if agrees else FeedbackVerdict.DISAGREE
+                older = FeedbackVerdict.DISAGREE if agrees else FeedbackVerdict.AGREE  # changed their mind
+                session.add_all([Feedback(sop_instance_uid=sop, finding=FINDING, verdict=verdict, user="dr-a")
+                                 for verdict in (older, newest)])
+    finally:
+        db.dispose()
+    figures = {}
+    for source in (["--labels", str(labels_file)], ["--from-feedback"]):
+        result = node.cli("calibrate", "--finding", FINDING, *source, "--target-sensitivity", "0.9", "--format", "json")
+        assert result.exit_code == 0, result.output
+        figures[source[0]] = {key: value for key, value in yaml.safe_load(result.output).items()
+                              if key in ("positives", "negatives", "auroc", "proposed")}
+    assert figures["--from-feedback"] == figures["--labels"] and figures["--labels"]["positives"] == labels.sum()
+    refused = node.cli("calibrate", "--finding", FINDING, "--target-sensitivity", "0.9")
+    assert refused.exit_code == 2 and "give either --labels FILE or --from-feedback" in refused.output

@@ -14,7 +14,10 @@ from dicom_node.calibration import (
     Assessment,
     OperatingPoint,
     assess,
+    feedback_digest,
+    feedback_labels,
     labels_digest,
+    read_labels,
     site_cases,
     write_override,
 )
@@ -40,20 +43,32 @@ def _report(assessment: Assessment) -> str:
 @click.command("calibrate")
 @click.option("--pipeline", help="The pipeline whose results are calibrated (default: pipeline.name).")
 @click.option("--finding", required=True, help="The finding's name, as in its results (e.g. covid19).")
-@click.option("--labels", "labels_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV with a 'label' column (1 positive, 0 negative) and a 'sop_instance_uid' or "
                    "'accession_number' column.")
+@click.option("--from-feedback", is_flag=True,
+              help="Label each image by the readers' newest verdict on the finding instead: an agreement "
+                   "keeps its flag, a disagreement reverses it.")
 @click.option("--target-sensitivity", required=True, type=float, help="The sensitivity the threshold must meet.")
 @click.option("--write", is_flag=True, help="Write the proposed threshold as the next site override version.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @click.pass_context
 @node_errors_as_click
-def calibrate(ctx: click.Context, pipeline: str | None, finding: str, labels_file: Path,
-              target_sensitivity: float, write: bool, fmt: str) -> None:
-    """Assess a finding on the site's labelled cases and propose its threshold."""
+def calibrate(ctx: click.Context, pipeline: str | None, finding: str, labels_file: Path | None,
+              from_feedback: bool, target_sensitivity: float, write: bool, fmt: str) -> None:
+    """Assess a finding on the site's labelled cases (a labels file, or the readers' feedback) and
+    propose its threshold."""
+    if (labels_file is not None) == from_feedback:
+        raise click.UsageError("give either --labels FILE or --from-feedback")
     settings = settings_from(ctx)
     pipeline = pipeline or settings.pipeline.name
-    cases = site_cases(settings, pipeline, finding, labels_file)
+    if labels_file is not None:
+        key_column, labels = read_labels(labels_file)
+        digest = labels_digest(labels_file)
+    else:
+        key_column, labels = "sop_instance_uid", feedback_labels(settings, pipeline, finding)
+        digest = feedback_digest(labels)
+    cases = site_cases(settings, pipeline, finding, key_column, labels)
     assessment = assess(cases.pairs, target_sensitivity=target_sensitivity,
                         current_threshold=cases.current_threshold, min_positives=settings.calibration.min_positives,
                         min_negatives=settings.calibration.min_negatives, resamples=settings.calibration.resamples)
@@ -61,7 +76,7 @@ def calibrate(ctx: click.Context, pipeline: str | None, finding: str, labels_fil
     if write:
         try:
             written = write_override(settings, pipeline, finding, assessment, cases,
-                                     labels_sha256=labels_digest(labels_file), actor=os_user())
+                                     labels_sha256=digest, actor=os_user())
         except WeightsError as exc:
             raise click.ClickException(str(exc)) from exc
     counts = {"labelled": cases.labelled, "unmatched": cases.unmatched,
