@@ -26,7 +26,7 @@ import yaml
 from sqlalchemy import select
 
 from dicom_node.db import Job, JobStatus, NodeDatabase
-from latency import free_port, make_study
+from latency import free_port, make_studies
 
 TARGET_RATIO = 1.8
 
@@ -41,12 +41,12 @@ class Bench:
         settings = {
             "state_dir": str(root / "state"), "log_level": "WARNING",
             "scp": {"host": "127.0.0.1", "port": self.port, "min_free_disk_mb": 100},
-            "scheduler": {"poll_seconds": 0.1}, "worker": {"device": "cpu", "embedded": False},
+            "scheduler": {"poll_seconds": 0.1},
+            "worker": {"device": "cpu", "embedded": False, "torch_threads": threads},
             **({"broker": {"url": broker_url}} if broker_url else {}),
         }
         self.config.write_text(yaml.safe_dump(settings))
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")} | {
-            "OMP_NUM_THREADS": str(threads)}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
         self.node = self._dicom_node("serve", "--no-worker")
         self.db = NodeDatabase(f"sqlite:///{root / 'state' / 'node.db'}")
         self.sent = 0
@@ -57,7 +57,7 @@ class Bench:
 
     def send(self, count: int) -> list[str]:
         """Send ``count`` new one-image studies in one association; return their Study Instance UIDs."""
-        studies = [make_study(self.root, self.sent + i) for i in range(count)]
+        studies = make_studies(self.root / f"batch-{self.sent}", count)
         self.sent += count
         while subprocess.run(["/usr/bin/echoscu", "-aec", "DICOM_NODE", "127.0.0.1", str(self.port)],
                              capture_output=True).returncode != 0:
