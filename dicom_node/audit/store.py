@@ -79,6 +79,13 @@ chain = Table(
     Column("head_mac", String(64)),
 )
 
+export_cursors = Table(
+    "audit_export_cursors", metadata,
+    # How far each exporter (the ATNA syslog export) has sent the events: the last id taken.
+    Column("exporter", String(32), primary_key=True),
+    Column("last_id", Integer, nullable=False),
+)
+
 GENESIS_HASH = "0" * 64
 """Where chains made before the head was keyed start; new chains start from a keyed hash."""
 HEAD_KEYED = "head keyed"

@@ -29,11 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
-    Column,
     Connection,
-    Integer,
-    String,
-    Table,
     func,
     insert,
     select,
@@ -65,13 +61,6 @@ TCP_CLOSE_WAIT = 8
 ORDERLY, ABORTED = "orderly", "aborted"
 TCP_INFO_BYTES_ACKED = 120  # offset of tcpi_bytes_acked in struct tcp_info (Linux 4.1+)
 
-export_cursors = Table(
-    "audit_export_cursors", store.metadata,
-    Column("exporter", String(32), primary_key=True),
-    Column("last_id", Integer, nullable=False),
-)
-
-
 def syslog_message(row: Mapping[str, Any], source: AuditSource, hostname: str) -> bytes:
     """Return one ``audit_events`` row as an RFC 5424 message, framed by its octet count."""
     outcome = Outcome(row["outcome"])
@@ -85,7 +74,7 @@ def syslog_message(row: Mapping[str, Any], source: AuditSource, hostname: str) -
 def unexported_since(connection: Connection) -> datetime | None:
     """Return the time of the oldest event an exporter has yet to send; None when every event
     was exported or no exporter has ever run on this store."""
-    cursor = connection.execute(select(func.min(export_cursors.c.last_id))).scalar()
+    cursor = connection.execute(select(func.min(store.export_cursors.c.last_id))).scalar()
     if cursor is None:
         return None
     return connection.execute(
@@ -247,7 +236,7 @@ class SyslogExporter:
             return
         cursor = self.cursor
         self.trail.write(lambda connection: connection.execute(
-            update(export_cursors).where(export_cursors.c.exporter == EXPORTER)
+            update(store.export_cursors).where(store.export_cursors.c.exporter == EXPORTER)
             .values(last_id=cursor)))
         self._saved = cursor
 
@@ -369,10 +358,10 @@ class _Link:
 
 
 def _read_or_create_cursor(connection: Connection) -> int:
-    found = connection.execute(select(export_cursors.c.last_id)
-                               .where(export_cursors.c.exporter == EXPORTER)).scalar()
+    found = connection.execute(select(store.export_cursors.c.last_id)
+                               .where(store.export_cursors.c.exporter == EXPORTER)).scalar()
     if found is None:
-        connection.execute(insert(export_cursors).values(exporter=EXPORTER, last_id=0))
+        connection.execute(insert(store.export_cursors).values(exporter=EXPORTER, last_id=0))
         return 0
     return found
 
