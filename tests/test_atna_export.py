@@ -22,7 +22,8 @@ from sqlalchemy import select
 from dicom_node.audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.audit.chain import verify_chain
 from dicom_node.audit.store import events
-from dicom_node.audit.syslog_export import SyslogExporter, export_cursors
+from dicom_node.audit.store import export_cursors
+from dicom_node.audit.syslog_export import SyslogExporter
 from dicom_node.config import load_settings
 from dicom_node.retention import purge_audit
 from tests.conftest import dcmtk_tool, free_port, run_tool, wait_for
