@@ -55,8 +55,10 @@ def test_association_limit(start_scp, tmp_path):
 
 
 def test_the_limit_counts_accepted_associations_not_negotiating_ones(start_scp):
-    """Five peers that connect and say nothing yet (still negotiating) take none of the 10 slots."""
-    scp = start_scp(max_associations=10, max_associations_per_peer=10, max_pending_per_host=6)
+    """Five peers that connect and say nothing yet (still negotiating) take none of the 10 slots. (The
+    per-host pending limit is set well above them: this is about the association limit, and a stray
+    client of an earlier test reconnecting to a reused port must not close one of the five at accept.)"""
+    scp = start_scp(max_associations=10, max_associations_per_peer=10, max_pending_per_host=20)
     silent = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(5)]
     try:
         wait_for(lambda: len(scp.ae.active_associations) >= 5, 10, "the silent connections to be counted by pynetdicom")
