@@ -16,6 +16,7 @@ its results with. The node and its writers import this module only::
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +50,15 @@ def pixel_spacing(dataset: Dataset) -> tuple[float, float] | None:
         if len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values):
             return values[0], values[1]
     return None
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex sha256 of the file at ``path`` (a weights file checked against its manifest)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def resolve_device(device: str | Any) -> Any:

@@ -14,7 +14,8 @@ import yaml
 from monai.networks.nets import DenseNet121
 from pydicom.data import get_testdata_file
 
-from pipelines.chest_xray.models import load_network, sha256_file, torchvision_densenet_to_monai
+from pipelines.base import sha256_file
+from pipelines.chest_xray.models import load_network, torchvision_densenet_to_monai
 from pipelines.chest_xray.pipeline import ChestXrayPipeline
 from pipelines.errors import WeightsError
 

@@ -9,7 +9,6 @@ mapped onto MONAI's ``DenseNet121``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Mapping
@@ -21,21 +20,13 @@ import yaml
 from monai.networks.nets import DenseNet, DenseNet121, UNet
 from torch import nn
 
+from pipelines.base import sha256_file
 from pipelines.errors import WeightsError
 
 logger = logging.getLogger(__name__)
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"UNet": UNet, "DenseNet": DenseNet, "DenseNet121": DenseNet121}
 FORMATS = {"monai", "torchvision-densenet121"}
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of the file at ``path``."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_network(architecture: Mapping[str, Any]) -> nn.Module:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.sr.coding import Code
 
+from pipelines.base import sha256_file
 from pipelines.errors import WeightsError
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -265,15 +266,6 @@ class Manifest(Strict):
                         ("Dice", metrics.dice)] if figure is not None]
             lines.append(f"{name}: {', '.join(figures)}"[:64])
         return lines
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of the file at ``path``."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _problems(error: ValidationError) -> str:

@@ -18,7 +18,9 @@ import torch
 from pydicom import Dataset
 from pydicom.pixels import apply_modality_lut
 
-from pipelines.base import Finding, GateVerdict, ImageInput, ImageResult, Runtime, pixel_spacing, resolve_device
+from pipelines.base import (
+    Finding, GateVerdict, ImageInput, ImageResult, Runtime, pixel_spacing, resolve_device, sha256_file,
+)
 from pipelines.errors import InputError, WeightsError
 from pipelines.site_model.manifest import (
     ASSESSED,
@@ -27,7 +29,6 @@ from pipelines.site_model.manifest import (
     Normalize,
     model_input,
     read_manifest,
-    sha256_file,
     verify_files,
 )
 
