@@ -17,27 +17,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from dicom_node.audit.events import AuditEvent, DicomCode, Outcome
-
-APPLICATION = DicomCode("110150", "DCM", "Application")
-DESTINATION = DicomCode("110152", "DCM", "Destination Role ID")
-SOURCE = DicomCode("110153", "DCM", "Source Role ID")
-APPLICATION_SERVER = DicomCode("4", "DCM", "Application Server Process Tier in a Multi-tier System")
-PATIENT_NUMBER = DicomCode("2", "RFC-3881", "Patient Number")
-STUDY_INSTANCE_UID = DicomCode("110180", "DCM", "Study Instance UID")
-URI = DicomCode("12", "RFC-3881", "URI")
-
-#: EventTypeCode (CID 401 to 403) of the events whose EventID asks for one.
-EVENT_TYPES: dict[AuditEvent, DicomCode] = {
-    AuditEvent.NODE_STARTED: DicomCode("110120", "DCM", "Application Start"),
-    AuditEvent.NODE_STOPPED: DicomCode("110121", "DCM", "Application Stop"),
-    AuditEvent.ASSOCIATION_ACCEPTED: DicomCode("110122", "DCM", "Login"),
-    AuditEvent.ASSOCIATION_REJECTED: DicomCode("110126", "DCM", "Node Authentication"),
-    AuditEvent.CONFIG_LOADED: DicomCode("110131", "DCM", "Software Configuration"),
-    AuditEvent.SCHEMA_UPGRADED: DicomCode("110131", "DCM", "Software Configuration"),
-    AuditEvent.CHAIN_HEAD_KEYED: DicomCode("110129", "DCM", "Security Configuration"),
-    AuditEvent.CHAIN_HEAD_UNSIGNED: DicomCode("110135", "DCM", "Object Security Attributes Changed"),
-}
+from dicom_node.audit.events import (
+    APPLICATION, APPLICATION_SERVER, DESTINATION, EVENT_TYPES, PATIENT_NUMBER, SOURCE, STUDY_INSTANCE_UID, URI,
+    AuditEvent, DicomCode, Outcome,
+)
 
 #: Events in which the peer sent to the node (it is the source and the requestor) ...
 INBOUND = frozenset({AuditEvent.ASSOCIATION_ACCEPTED, AuditEvent.ASSOCIATION_REJECTED,

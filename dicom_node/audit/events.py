@@ -23,6 +23,14 @@ EXPORT = DicomCode("110106", "DCM", "Export")
 PATIENT_RECORD = DicomCode("110110", "DCM", "Patient Record")
 SECURITY_ALERT = DicomCode("110113", "DCM", "Security Alert")
 USER_AUTHENTICATION = DicomCode("110114", "DCM", "User Authentication")
+# Participant roles, source type and object types of the A.5 messages (dicom_node.audit.atna).
+APPLICATION = DicomCode("110150", "DCM", "Application")
+DESTINATION = DicomCode("110152", "DCM", "Destination Role ID")
+SOURCE = DicomCode("110153", "DCM", "Source Role ID")
+APPLICATION_SERVER = DicomCode("4", "DCM", "Application Server Process Tier in a Multi-tier System")
+PATIENT_NUMBER = DicomCode("2", "RFC-3881", "Patient Number")
+STUDY_INSTANCE_UID = DicomCode("110180", "DCM", "Study Instance UID")
+URI = DicomCode("12", "RFC-3881", "URI")
 
 
 class AuditEvent(enum.StrEnum):
@@ -158,3 +166,16 @@ class Outcome(enum.StrEnum):
     def dicom_indicator(self) -> int:
         """Return the EventOutcomeIndicator: 0, 4, 8 or 12."""
         return 4 * list(Outcome).index(self)
+
+
+#: EventTypeCode (CID 401 to 403) of the events whose EventID asks for one.
+EVENT_TYPES: dict[AuditEvent, DicomCode] = {
+    AuditEvent.NODE_STARTED: DicomCode("110120", "DCM", "Application Start"),
+    AuditEvent.NODE_STOPPED: DicomCode("110121", "DCM", "Application Stop"),
+    AuditEvent.ASSOCIATION_ACCEPTED: DicomCode("110122", "DCM", "Login"),
+    AuditEvent.ASSOCIATION_REJECTED: DicomCode("110126", "DCM", "Node Authentication"),
+    AuditEvent.CONFIG_LOADED: DicomCode("110131", "DCM", "Software Configuration"),
+    AuditEvent.SCHEMA_UPGRADED: DicomCode("110131", "DCM", "Software Configuration"),
+    AuditEvent.CHAIN_HEAD_KEYED: DicomCode("110129", "DCM", "Security Configuration"),
+    AuditEvent.CHAIN_HEAD_UNSIGNED: DicomCode("110135", "DCM", "Object Security Attributes Changed"),
+}
