@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
-import pydicom
 import pytest
 from pydicom.uid import DigitalMammographyXRayImageStorageForPresentation, generate_uid
 
@@ -19,13 +18,8 @@ from tests.conftest import dcmtk_tool, run_tool, wait_for
 from tests.dicom_factory import write_cr, write_mg
 from tests.plugins.bright import BrightPlugin
 from tests.receiving_scp import ReceivingSCP
-from tests.writers_fixtures import dciodvfy
+from tests.writers_fixtures import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, SEGMENTATION, received_results
 
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-#: dciodvfy's warnings about the source's own attributes copied verbatim, and the private scheme.
-ACCEPTED_WARNINGS = ("Unrecognized defined term <99DCMNODE>",)
 
 
 def test_the_chest_pipeline_is_found_by_its_entry_point():
@@ -70,12 +64,7 @@ def test_a_second_pipeline_runs_end_to_end_through_serve(bright_installed, node_
         assert chest.SOPInstanceUID in ignored
     finally:
         pacs.stop()
-    assert sorted(pacs.stored.values()) == sorted([SECONDARY_CAPTURE, SEGMENTATION, COMPREHENSIVE_3D_SR])
-    received = {uid_class: pydicom.dcmread(pacs.folder / f"{uid}.dcm") for uid, uid_class in pacs.stored.items()}
-    for uid in pacs.stored:
-        errors, warnings = dciodvfy(pacs.folder / f"{uid}.dcm")
-        assert errors == [], uid
-        assert [w for w in warnings if not any(a in w for a in ACCEPTED_WARNINGS)] == [], uid
+    received = received_results(pacs.folder, pacs.stored)
 
     sc = received[SECONDARY_CAPTURE]
     assert sc.Modality == "MG" and sc.StudyInstanceUID == study

@@ -30,14 +30,9 @@ from pipelines.site_model.plugin import SiteModelOptions, SiteModelPlugin
 from tests.conftest import dcmtk_tool, run_tool, wait_for
 from tests.dicom_factory import CR_IMAGE_STORAGE, make_cr
 from tests.receiving_scp import ReceivingSCP
-from tests.writers_fixtures import dciodvfy
+from tests.writers_fixtures import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, SEGMENTATION, received_results
 
 ROOT = Path(__file__).resolve().parent.parent
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-#: dciodvfy's warning about the node's private scheme (its flag and experimental concepts).
-ACCEPTED_WARNING = "Unrecognized defined term <99DCMNODE>"
 PNEUMOTHORAX = "36118008"
 #: The test image: 128 x 128, zero but for a bright 64 x 32 block (an eighth of the image).
 BLOCK = (slice(32, 96), slice(16, 48))
@@ -320,12 +315,7 @@ def test_a_site_model_runs_end_to_end_through_serve(bundle_manifest, node_factor
                  and all(d.status is DeliveryStatus.DELIVERED for d in rows), 60, "SC, SEG and SR delivered")
     finally:
         pacs.stop()
-    assert sorted(pacs.stored.values()) == sorted([SECONDARY_CAPTURE, SEGMENTATION, COMPREHENSIVE_3D_SR])
-    received = {uid_class: pydicom.dcmread(pacs.folder / f"{uid}.dcm") for uid, uid_class in pacs.stored.items()}
-    for uid in pacs.stored:
-        errors, warnings = dciodvfy(pacs.folder / f"{uid}.dcm")
-        assert errors == [], uid
-        assert [w for w in warnings if ACCEPTED_WARNING not in w] == [], uid
+    received = received_results(pacs.folder, pacs.stored)
 
     sc = received[SECONDARY_CAPTURE]
     assert sc.SeriesDescription.startswith("AI TINY-PTX: SUSPECTED PNEUMOTHORAX (0.1")

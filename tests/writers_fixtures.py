@@ -94,3 +94,23 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     run = subprocess.run([program, str(path)], capture_output=True, text=True, timeout=120, check=False)
     lines = (run.stdout + run.stderr).splitlines()
     return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
+
+
+#: SOP classes of the three results of an analysed image.
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+#: dciodvfy's warning about codes of the node's private scheme.
+LOCAL_SCHEME_WARNING = "Unrecognized defined term <99DCMNODE>"
+
+
+def received_results(folder: Path, stored: dict[str, str]) -> dict[str, pydicom.Dataset]:
+    """Return the SC, SEG and SR a test destination stored under ``folder`` (``stored``: SOP Instance UID
+    to SOP Class UID), by SOP class, asserting there are exactly those three and that dciodvfy finds no
+    error and no warning but :data:`LOCAL_SCHEME_WARNING` in any."""
+    assert sorted(stored.values()) == sorted([SECONDARY_CAPTURE, SEGMENTATION, COMPREHENSIVE_3D_SR])
+    for uid in stored:
+        errors, warnings = dciodvfy(folder / f"{uid}.dcm")
+        assert errors == [], uid
+        assert [line for line in warnings if LOCAL_SCHEME_WARNING not in line] == [], uid
+    return {sop_class: pydicom.dcmread(folder / f"{uid}.dcm") for uid, sop_class in stored.items()}
