@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STORESCU, ECHOSCU = "/usr/bin/storescu", "/usr/bin/echoscu"
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 #: The node's stages in the order of the data flow (dicom_node/metrics.py).
-STAGES = ["store", "audit", "complete", "decode", "pipeline", "writers", "deliver"]
+STAGES = ["store", "audit", "complete", "decode", "inference_wait", "pipeline", "writers", "deliver"]
 
 
 def free_port() -> int:

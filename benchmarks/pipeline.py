@@ -1,6 +1,6 @@
-"""Time the chest X-ray pipeline stage by stage on CPU, on pydicom-data's RG1_UNCI.dcm (1955 × 1841 CR).
+"""Time the chest X-ray pipeline stage by stage on CPU or GPU, on pydicom-data's RG1_UNCI.dcm (1955 × 1841 CR).
 
-    python benchmarks/pipeline.py [--repeats 5] [--threads N] [--json]
+    python benchmarks/pipeline.py [--device cpu|cuda] [--repeats 5] [--threads N] [--json]
 
 Reports the median per-image time of decode (read + pixel data), preprocess
 (Modality/VOI LUT, inversion), segmentation, the gate's content check, classification and Grad-CAM (all
@@ -42,6 +42,8 @@ def _median_s(action: Callable[[], Any], repeats: int) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         action()
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # a GPU's work is timed to its end, not to its launch
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -85,6 +87,7 @@ def measure(pipeline: ChestXrayPipeline, path: str, repeats: int) -> dict[str, A
     per_image = {size: _median_s(lambda size=size: end_to_end(size), max(repeats // size, 2)) / size for size in (1, 8)}
     return {
         "image": Path(path).name,
+        "device": str(pipeline.segmenter.device),
         "shape": list(image.display.shape),
         "threads": torch.get_num_threads(),
         "stages_s": {k: round(v, 4) for k, v in stages.items()},
@@ -104,16 +107,20 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=Path("weights/manifest.yaml"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "benchmarks/pipeline.py: --device cuda, but torch sees no CUDA device here\n")
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipeline = ChestXrayPipeline.from_manifest(args.weights, device="cpu")
+    pipeline = ChestXrayPipeline.from_manifest(args.weights, device=args.device)
     report = measure(pipeline, get_testdata_file("RG1_UNCI.dcm"), args.repeats)
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{report['image']} {report['shape'][0]}x{report['shape'][1]}, {report['threads']} CPU threads")
+    print(f"{report['image']} {report['shape'][0]}x{report['shape'][1]} on {report['device']}, "
+          f"{report['threads']} CPU threads")
     for stage, seconds in report["stages_s"].items():
         print(f"  {stage:<15} {seconds * 1000:8.1f} ms")
     print(f"  {'end to end':<15} {report['end_to_end_s_per_image'] * 1000:8.1f} ms/image (target ≤ {TARGET_S:.1f} s)")

@@ -1,14 +1,18 @@
-"""Analysis throughput with one and with two inference workers, in the same run on the same machine.
+"""Analysis throughput of one worker running one job at a time, of one worker overlapping jobs, and of two
+workers, in the same run on the same machine.
 
-One `serve --no-worker` receives; `dicom-node worker --lane analysis` processes are started beside it,
-one, then two. Each phase first sends one-image warm-up studies until every worker of the phase has
+One `serve --no-worker` receives; `dicom-node worker --lane analysis` processes are started beside it in
+three phases: one worker with the solo pool and batches of one image (one job at a time: read, decode,
+model, write, then the next); one worker on its defaults (three jobs at once on the threads pool, their
+reading, decoding and writing overlapping the model's batched runs); two such workers. Each phase first sends one-image warm-up studies until every worker of the phase has
 analysed one (its model loaded, its consumer running), then a burst of N one-image studies (copies of
 RG1_UNCI.dcm with new UIDs) in one association. Throughput is N over the time from the burst's first job
 start to its last job end (the jobs' own timestamps). No destination is configured: results are written,
-not sent. Each worker gets ``--threads`` torch threads (default: the cores divided by two), in both phases,
-so that two workers do not oversubscribe the machine. Target: two workers ≥ 1.8 × one.
+not sent. Each worker stands for a host of half the machine: it is pinned to its own half of the cores
+(``--no-pin``: all workers share all cores) and gets that many torch threads (``--threads``). Target: two
+workers ≥ 1.8 × one (on its defaults).
 
-    python benchmarks/scale.py --count 20 [--threads N] [--broker-url redis://127.0.0.1:6379/12]
+    python benchmarks/scale.py --count 20 [--threads N] [--no-pin] [--broker-url redis://127.0.0.1:6379/12]
 """
 
 from __future__ import annotations
@@ -29,13 +33,17 @@ from dicom_node.db import Job, JobStatus, NodeDatabase
 from latency import free_port, make_studies
 
 TARGET_RATIO = 1.8
+ONE_JOB_AT_A_TIME = {"DICOM_NODE_WORKER__POOL": "solo", "DICOM_NODE_WORKER__BATCH_SIZE": "1"}
 
 
 class Bench:
     """The node (`serve --no-worker`), its workers and the studies sent to it, under ``root``."""
 
-    def __init__(self, root: Path, broker_url: str | None, threads: int) -> None:
+    def __init__(self, root: Path, broker_url: str | None, threads: int, pin: bool) -> None:
         self.root = root
+        cores = sorted(os.sched_getaffinity(0))
+        half = max(1, len(cores) // 2)
+        self.hosts = [set(cores[:half]), set(cores[half:half * 2] or cores[:half])] if pin else [set(cores)] * 2
         self.port = free_port()
         self.config = root / "node.yaml"
         settings = {
@@ -51,9 +59,12 @@ class Bench:
         self.db = NodeDatabase(f"sqlite:///{root / 'state' / 'node.db'}")
         self.sent = 0
 
-    def _dicom_node(self, *args: str) -> subprocess.Popen[bytes]:
+    def _dicom_node(self, *args: str, env: dict[str, str] | None = None,
+                    cores: set[int] | None = None) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "dicom_node", "--config", str(self.config), *args],
-                                env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                env={**self.env, **(env or {})}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
 
     def send(self, count: int) -> list[str]:
         """Send ``count`` new one-image studies in one association; return their Study Instance UIDs."""
@@ -77,9 +88,11 @@ class Bench:
             time.sleep(0.1)
         raise RuntimeError(f"{len(studies)} studies not analysed within {timeout:.0f} s")
 
-    def images_per_s(self, workers: int, count: int) -> float:
-        """Start ``workers`` analysis workers, warm them up, time a burst of ``count``; stop them."""
-        processes = [self._dicom_node("worker", "--lane", "analysis") for _ in range(workers)]
+    def images_per_s(self, workers: int, count: int, settings: dict[str, str] | None = None) -> float:
+        """Start ``workers`` analysis workers (with ``settings`` in their environment), warm them up, time
+        a burst of ``count``; stop them."""
+        processes = [self._dicom_node("worker", "--lane", "analysis", env=settings, cores=self.hosts[index])
+                     for index in range(workers)]
         try:
             warmed: set[str] = set()
             while len(warmed) < workers:  # every worker has analysed an image: all of them consume
@@ -103,25 +116,31 @@ class Bench:
 
 
 def main() -> None:
-    """Parse the command line, measure one and two workers, print both and their ratio."""
+    """Parse the command line, measure the three phases, print them and their ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=20, help="one-image studies in each phase's burst")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="torch CPU threads per worker (default: cores / 2)")
     parser.add_argument("--broker-url", help="default: the node's own (SQLite in the state folder)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let every worker use every core (default: each its own half)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
-        bench = Bench(Path(tmp), args.broker_url, args.threads)
+        bench = Bench(Path(tmp), args.broker_url, args.threads, args.pin)
         try:
+            sequential = bench.images_per_s(1, args.count, ONE_JOB_AT_A_TIME)
             one, two = (bench.images_per_s(workers, args.count) for workers in (1, 2))
         finally:
             bench.close()
     ratio = two / one
     print(f"{args.count} one-image studies (RG1, 1955x1841 CR) per phase, {args.threads} torch thread(s) "
-          f"per worker, {os.cpu_count()} CPU cores, broker {args.broker_url or 'SQLite (default)'}")
-    print(f"  1 worker   {one:6.2f} images/s")
-    print(f"  2 workers  {two:6.2f} images/s")
-    print(f"  ratio      {ratio:6.2f} x (target >= {TARGET_RATIO:.1f} x: {'met' if ratio >= TARGET_RATIO else 'not met'})")
+          f"per worker, {os.cpu_count()} CPU cores, "
+          f"{'each worker on its own half of them' if args.pin else 'every worker on all of them'}, "
+          f"broker {args.broker_url or 'SQLite (default)'}")
+    print(f"  1 worker, one job at a time    {sequential:6.2f} images/s")
+    print(f"  1 worker, jobs overlapped      {one:6.2f} images/s  ({one / sequential:.2f} x one job at a time)")
+    print(f"  2 workers, jobs overlapped     {two:6.2f} images/s  ({ratio:.2f} x one worker; target >= "
+          f"{TARGET_RATIO:.1f} x: {'met' if ratio >= TARGET_RATIO else 'not met'})")
 
 
 if __name__ == "__main__":

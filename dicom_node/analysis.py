@@ -13,10 +13,13 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -33,10 +36,11 @@ from dicom_node.results import findings_summary, result_dir, save_result
 from dicom_node.workflow import (
     claim_job, defer_job, finish_job, queue_results, renew_job_lease, requeue_interrupted_jobs,
 )
+from dicom_node.inference import InferenceBatcher
 from dicom_node.writers import AlgorithmIdentity, OutputKind, write_not_analysed, write_results
 from dicom_node.plugins import build_pipelines
 from dicom_node.routing import NO_ROUTE_REASON, RouteDecision, Router
-from pipelines.base import Pipeline, PipelinePlugin
+from pipelines.base import GateVerdict, ImageInput, ImageResult, Pipeline, PipelinePlugin
 from pipelines.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +62,10 @@ class InstanceOutcome:
     reason: str
 
 
+Finish = Callable[[], InstanceOutcome]
+"""Waits for a started instance (or one pipeline's part of it) and returns its outcome."""
+
+
 @dataclass(frozen=True)
 class RoutedPipeline:
     """A pipeline the routes run: its plug-in, the pipeline, and the identity its results carry."""
@@ -72,16 +80,26 @@ class RoutedPipeline:
 
 
 class Analyzer:
-    """Runs jobs through the routes, the quality gate and the pipelines in one worker process."""
+    """Runs jobs through the routes, the quality gate and the pipelines in one worker process.
+
+    Each pipeline's model runs on its :class:`~dicom_node.inference.InferenceBatcher`'s thread, on the
+    images of every job the worker runs at once; within a job, up to ``batch_size`` images are read and
+    decoded ahead of the one whose results are being written.
+    """
 
     def __init__(self, db: NodeDatabase, audit: AuditTrail,
                  pipelines: Mapping[str, tuple[PipelinePlugin, Pipeline]], router: Router,
                  results_root: Path, *, worker: str, note_skipped: bool = False,
-                 job_lease: timedelta = timedelta(seconds=30)) -> None:
+                 job_lease: timedelta = timedelta(seconds=30), batch_size: int = 1,
+                 batch_wait_s: float = 0.0) -> None:
         self.db = db
         self.job_lease = job_lease
         self.audit = audit
         self.pipelines = {name: RoutedPipeline.of(*built) for name, built in pipelines.items()}
+        self.batchers = {name: InferenceBatcher(pipeline, name=name, batch_size=batch_size,
+                                                batch_wait_s=batch_wait_s)
+                         for name, (_, pipeline) in pipelines.items()}
+        self.read_ahead = batch_size
         self.router = router
         self.results_root = results_root
         self.worker = worker
@@ -94,7 +112,8 @@ class Analyzer:
         :class:`pipelines.errors.WeightsError` if any is bad (ConfigError for an unknown pipeline)."""
         return cls(db, audit, build_pipelines(settings), Router.from_settings(settings), settings.results_dir,
                    worker=worker, note_skipped=settings.outputs.not_analysed_note,
-                   job_lease=timedelta(seconds=settings.worker.job_lease_s))
+                   job_lease=timedelta(seconds=settings.worker.job_lease_s),
+                   batch_size=settings.worker.batch_size, batch_wait_s=settings.worker.batch_wait_ms / 1000)
 
     def requeue_interrupted(self) -> list[int]:
         """Queue again the jobs dead workers left, this worker's name included (see
@@ -121,15 +140,13 @@ class Analyzer:
                           pseudonym=instances[0].patient_pseudonym if instances else None,
                           detail=f"{len(instances)} instance(s)")
         outcomes = []
-        for instance in instances:
+        for instance, finish in self._started(job_id, instances):
+            try:
+                outcome = finish()
+            except ResultsDiskFull as exc:
+                return self._defer(job, instance, exc)
             if instance.verdict is None:
-                try:
-                    outcome = self._analyse_instance(job_id, instance)
-                except ResultsDiskFull as exc:
-                    return self._defer(job, instance, exc)
                 self._record_verdict(instance, outcome)
-            else:  # decided before this job was interrupted: keep it, audited once
-                outcome = InstanceOutcome(instance.verdict, instance.verdict_reason or "")
             self._audit_verdict(job_id, instance, outcome)
             outcomes.append(outcome)
         status, reason = _job_status(outcomes)
@@ -149,55 +166,81 @@ class Analyzer:
                           detail=f"{error}; queued to run again")
         return JobStatus.QUEUED
 
-    def _analyse_instance(self, job_id: int, instance: Instance) -> InstanceOutcome:
-        """Route one instance and run it through each pipeline of its route; return its verdict:
-        failed when a pipeline failed, else analysed when one analysed it, else skipped.
+    def _started(self, job_id: int, instances: Sequence[Instance]) -> Iterator[tuple[Instance, Finish]]:
+        """Yield each instance in order with the call that finishes it, having started up to
+        ``read_ahead`` instances (read, gated, decoded, handed to inference) by then."""
+        started: deque[tuple[Instance, Finish]] = deque()
+        for instance in instances:
+            started.append((instance, self._start_instance(job_id, instance)))
+            if len(started) >= self.read_ahead:
+                yield started.popleft()
+        yield from started
 
-        Raises :class:`ResultsDiskFull` when its results do not fit on the disk (nothing of them is kept).
+    def _start_instance(self, job_id: int, instance: Instance) -> Finish:
+        """Route one instance and start it through each pipeline of its route; return the call that
+        waits for them and returns its verdict: failed when a pipeline failed, else analysed when one
+        analysed it, else skipped. An instance decided before its job was interrupted keeps its verdict.
+
+        The call raises :class:`ResultsDiskFull` when the results do not fit on the disk (nothing of them is kept).
         """
+        if instance.verdict is not None:
+            return partial(InstanceOutcome, instance.verdict, instance.verdict_reason or "")
         try:
             dataset = dcmread(instance.path)
             decision = self.router.route(dataset, instance.calling_ae)
         except Exception as exc:
-            return self._failed(job_id, instance, exc, "reading the instance")
+            return partial(self._failed, job_id, instance, exc, "reading the instance")
         if decision is None or not decision.pipelines:
             reason = NO_ROUTE_REASON if decision is None else f"route {decision.route} runs no pipeline"
-            return InstanceOutcome(InstanceVerdict.SKIPPED, reason)
-        outcomes = {name: self._run_pipeline(job_id, instance, dataset, self.pipelines[name], decision)
-                    for name in decision.pipelines}
-        return _instance_outcome(outcomes)
+            return partial(InstanceOutcome, InstanceVerdict.SKIPPED, reason)
+        runs = {name: self._start_pipeline(job_id, instance, dataset, name, decision) for name in decision.pipelines}
+        return lambda: _instance_outcome({name: finish() for name, finish in runs.items()})
 
-    def _run_pipeline(self, job_id: int, instance: Instance, dataset: Dataset, routed: RoutedPipeline,
-                      decision: RouteDecision) -> InstanceOutcome:
-        """Gate (tags, then image content), analyse and write the outputs of one instance with one
-        pipeline; return its verdict. Raises :class:`ResultsDiskFull`."""
-        pipeline = routed.pipeline
-        folder = result_dir(self.results_root, instance.study_instance_uid, instance.sop_instance_uid,
-                            routed.plugin.name)
+    def _start_pipeline(self, job_id: int, instance: Instance, dataset: Dataset, name: str,
+                        decision: RouteDecision) -> Finish:
+        """Gate one instance for one pipeline (tags), decode it and hand it to the pipeline's model;
+        return the call that waits for the result, writes the outputs and returns the verdict."""
+        routed = self.pipelines[name]
         stage = "the quality gate"
         try:
-            verdict = pipeline.accepts(dataset)
-            if not verdict.accepted:
-                stage = "the not-analysed note"
-                return self._skip(job_id, instance, dataset, folder, routed, decision, verdict.reason)
+            gate = routed.pipeline.accepts(dataset)
+            if not gate.accepted:
+                return partial(self._finish_pipeline, job_id, instance, dataset, routed, decision, gate, None, None)
             stage = "the pipeline"
             with STAGE_SECONDS.labels("decode").time():
-                image = pipeline.load(dataset)
-            with STAGE_SECONDS.labels("pipeline").time():
-                result = pipeline.run([image])[0]
-            if not result.verdict.accepted:
+                image = routed.pipeline.load(dataset)
+            result = self.batchers[name].submit(image)
+        except Exception as exc:
+            return partial(self._failed, job_id, instance, exc, stage)
+        return partial(self._finish_pipeline, job_id, instance, dataset, routed, decision, gate, image, result)
+
+    def _finish_pipeline(self, job_id: int, instance: Instance, dataset: Dataset, routed: RoutedPipeline,
+                         decision: RouteDecision, gate: GateVerdict, image: ImageInput | None,
+                         result: Future[ImageResult] | None) -> InstanceOutcome:
+        """Return one instance's verdict for one pipeline once its model answered (the image
+        content check included), its outputs or "not analysed" note written and queued for delivery.
+        Raises :class:`ResultsDiskFull`."""
+        folder = result_dir(self.results_root, instance.study_instance_uid, instance.sop_instance_uid,
+                            routed.plugin.name)
+        stage = "the not-analysed note"
+        try:
+            if image is None or result is None:
+                return self._skip(job_id, instance, dataset, folder, routed, decision, gate.reason)
+            stage = "the pipeline"
+            answer = result.result()
+            if not answer.verdict.accepted:
                 stage = "the not-analysed note"
-                return self._skip(job_id, instance, dataset, folder, routed, decision, result.verdict.reason)
+                return self._skip(job_id, instance, dataset, folder, routed, decision, answer.verdict.reason)
             stage = "the writers"
             with STAGE_SECONDS.labels("writers").time():
-                outputs = write_results(dataset, result, image.display, routed.algorithm, caveats=verdict.caveats)
+                outputs = write_results(dataset, answer, image.display, routed.algorithm, caveats=gate.caveats)
                 with _disk_full_deferred(folder):
-                    save_result(folder, result, routed.algorithm.label)
+                    save_result(folder, answer, routed.algorithm.label)
                 self._queue_outputs(job_id, instance, folder, outputs, decision)
-            notify_flagged(self.db, instance, result)
+            notify_flagged(self.db, instance, answer)
             scores = ", ".join(f"{f['name']}={f['probability']:.2f}{' FLAGGED' if f['flagged'] else ''}"
-                               for f in findings_summary(result))
-            return InstanceOutcome(InstanceVerdict.ANALYSED, "; ".join([scores, *verdict.caveats]))
+                               for f in findings_summary(answer))
+            return InstanceOutcome(InstanceVerdict.ANALYSED, "; ".join([scores, *gate.caveats]))
         except ResultsDiskFull:
             raise
         except Exception as exc:

@@ -355,8 +355,16 @@ class BrokerSettings(Section):
 
 class WorkerSettings(Section):
     embedded: bool = Field(True, description="serve starts and supervises an analysis and a delivery worker")
-    pool: Literal["solo", "threads"] = "solo"
-    concurrency: int = Field(1, ge=1)
+    pool: Literal["solo", "threads"] = Field(
+        "threads", description="the analysis lane's: threads runs `concurrency` jobs at once, their reading, "
+        "decoding and writing overlapping the model's runs; solo one job at a time. Never a forking pool: "
+        "torch is loaded")
+    concurrency: int = Field(3, ge=1, description="jobs an analysis worker runs at once (threads pool)")
+    batch_size: int = Field(
+        4, ge=1, le=256, description="images per model call, gathered across the jobs a worker runs at once "
+        "and read ahead within a job; 1: one image at a time")
+    batch_wait_ms: float = Field(
+        5, ge=0, le=1000, description="how long the first image of a model call waits for others to join it")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(
         None, ge=1, description="torch's CPU threads in an analysis worker; null: torch's default (all "

@@ -20,6 +20,13 @@ STAGE_SECONDS = Histogram(
     "dicom_node_stage_seconds", "Seconds spent per stage", ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
+"""Stages in the order of the data flow: store (a C-STORE written), audit (an event recorded), complete
+(association release to job), decode (an image's pixels, per pipeline), inference_wait (an image waiting for
+its model), pipeline (one model call on a batch), writers (an image's results written), deliver (a send)."""
+INFERENCE_BATCH_IMAGES = Histogram(
+    "dicom_node_inference_batch_images", "Images per model call of a pipeline", ["pipeline"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 
 # Set by serve's housekeeping from the instances received over the last week (dicom_node.quality).
 SCORE_PSI = Gauge("dicom_node_score_psi", "Population stability index of a finding's scores over the drift "
