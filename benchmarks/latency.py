@@ -4,11 +4,12 @@ on release, Orthanc's stable-study trigger, and the bare analysis, all measured 
 Each of N one-image studies (copies of RG1_UNCI.dcm, 1955 x 1841 CR, with new UIDs) is sent
 by DCMTK storescu, one after another, as a PACS would:
 
-- **node, quiet period only** (``scheduler.release_grace_s: null``, the 5 s quiet period: how
-  the node completed studies before) and **node, on release** (the defaults): the *trigger* is
-  the time from storescu's acknowledgement to the study's job being made (node.db); *arrival to
-  result* the time from the acknowledgement to a pynetdicom destination's receipt of all three
-  results (SC, SEG, SR);
+- **the node before** (``scheduler.release_grace_s: null``: the 5 s quiet period; the solo pool and
+  batches of one image: one job at a time), **on release, one job at a time**, and **after** (the
+  defaults: complete on release, jobs overlapped, batched inference): the *trigger* is the time
+  from storescu's acknowledgement to the study's job being made (node.db); *arrival to result* the
+  time from the acknowledgement to a pynetdicom destination's receipt of all three results (SC,
+  SEG, SR); the mean of each stage (the node's metrics) over the studies after the first;
 - **Orthanc** (Debian's, default ``StableAge``): the trigger is the time from the
   acknowledgement to the study's ``StableStudy`` change, which is when an Orthanc-based
   set-up starts its analysis (run in a network namespace: Orthanc 1.10 cannot bind loopback
@@ -51,6 +52,12 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 ROOT = Path(__file__).resolve().parent.parent
 STORESCU, ECHOSCU = "/usr/bin/storescu", "/usr/bin/echoscu"
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+ONE_JOB_AT_A_TIME = {"pool": "solo", "batch_size": 1}
+BEFORE, AFTER = "node, quiet period, one job at a time (before)", "node, on release, jobs overlapped (after)"
+CONFIGURATIONS = [(BEFORE, {"release_grace_s": None}, ONE_JOB_AT_A_TIME),
+                  ("node, on release, one job at a time", {}, ONE_JOB_AT_A_TIME),
+                  (AFTER, {}, {})]
+"""(name, scheduler settings, worker settings): the node as it was, completion on release alone, the defaults."""
 #: The node's stages in the order of the data flow (dicom_node/metrics.py).
 STAGES = ["store", "audit", "complete", "decode", "inference_wait", "pipeline", "writers", "deliver"]
 
@@ -135,26 +142,37 @@ def wait(what: str, probe, timeout: float = 600):  # type: ignore[no-untyped-def
     return value
 
 
-def stage_means(ports: list[int]) -> dict[str, float]:
-    """Return the mean seconds per stage from the processes' Prometheus metrics."""
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
+def stage_totals(ports: list[int]) -> dict[str, tuple[float, float]]:
+    """Return each stage's (seconds, count) so far from the processes' Prometheus metrics."""
+    totals: dict[str, tuple[float, float]] = {}
     for port in ports:
         text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         for line in text.splitlines():
-            for suffix, into in (("_sum", sums), ("_count", counts)):
+            for index, suffix in enumerate(("_sum", "_count")):
                 prefix = f"dicom_node_stage_seconds{suffix}{{stage=\""
                 if line.startswith(prefix):
                     stage, value = line[len(prefix):].split('"}', 1)
-                    into[stage] = into.get(stage, 0.0) + float(value)
-    return {stage: sums[stage] / counts[stage] for stage in sums if counts.get(stage)}
+                    total = list(totals.get(stage, (0.0, 0.0)))
+                    total[index] += float(value)
+                    totals[stage] = (total[0], total[1])
+    return totals
 
 
-def run_node(root: Path, studies: list[tuple[Path, str]],
-             scheduler: dict) -> tuple[list[float], list[float], dict[str, float]]:
-    """Send ``studies`` to a node with ``scheduler`` settings; return (trigger, arrival to result) per
-    study but the first (which also waits for the worker to load its models), and the mean seconds
-    of each stage over all studies."""
+def stage_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Return each stage's mean seconds between two :func:`stage_totals`."""
+    means = {}
+    for stage, (seconds, count) in after.items():
+        seconds_before, count_before = before.get(stage, (0.0, 0.0))
+        if count > count_before:
+            means[stage] = (seconds - seconds_before) / (count - count_before)
+    return means
+
+
+def run_node(root: Path, studies: list[tuple[Path, str]], scheduler: dict,
+             worker: dict) -> tuple[list[float], list[float], dict[str, float]]:
+    """Send ``studies`` to a node with ``scheduler`` and ``worker`` settings; return (trigger, arrival to
+    result) per study but the first (which also waits for the worker to load its models), and the mean
+    seconds of each stage over those studies."""
     destination = Destination()
     port = free_port()
     metrics = {"serve_port": free_port(), "worker_port": free_port(), "delivery_port": free_port()}
@@ -163,7 +181,7 @@ def run_node(root: Path, studies: list[tuple[Path, str]],
         "state_dir": str(root / "state"), "log_level": "WARNING",
         "scp": {"host": "127.0.0.1", "port": port, "min_free_disk_mb": 100,
                 "allowed_peers": [{"ae_title": "STORESCU"}, {"ae_title": "ECHOSCU"}]},
-        "scheduler": scheduler, "worker": {"device": "cpu"}, "metrics": metrics,
+        "scheduler": scheduler, "worker": {"device": "cpu", **worker}, "metrics": metrics,
         "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": destination.port}],
     }))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
@@ -174,14 +192,17 @@ def run_node(root: Path, studies: list[tuple[Path, str]],
         wait("the node to listen", lambda: subprocess.run(
             [ECHOSCU, "-aet", "ECHOSCU", "-aec", "DICOM_NODE", "127.0.0.1", str(port)],
             capture_output=True).returncode == 0 or None, 120)
+        warmed: dict[str, tuple[float, float]] = {}
         for index, (path, study) in enumerate(studies):
+            if index == 1:
+                warmed = stage_totals(list(metrics.values()))
             acknowledged = send(port, path)
             done = wait("the results", lambda s=study: destination.complete(s))
             made = wait("the job", lambda s=study: job_made_at(root / "state" / "node.db", s))
             if index:
                 triggers.append(made - acknowledged)
                 results.append(done - acknowledged)
-        stages = stage_means(list(metrics.values()))
+        stages = stage_means(warmed, stage_totals(list(metrics.values())))
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(120)
@@ -268,10 +289,9 @@ def main() -> None:
         root = Path(tmp)
         reference = reference_seconds(make_studies(root / "reference", 1)[0][0])
         nodes = {}
-        for name, scheduler in (("node, quiet period only (before)", {"release_grace_s": None}),
-                                ("node, on release (after)", {})):
-            folder = root / name.split(",")[1].split()[0]
-            nodes[name] = run_node(folder, make_studies(folder / "studies", args.count + 1), scheduler)
+        for index, (name, scheduler, worker) in enumerate(CONFIGURATIONS):
+            folder = root / f"node-{index}"
+            nodes[name] = run_node(folder, make_studies(folder / "studies", args.count + 1), scheduler, worker)
         orthanc = None if args.no_orthanc else run_orthanc(root / "orthanc-run",
                                                             make_studies(root / "orthanc-studies", args.count))
     print(f"{args.count} one-image studies per configuration (RG1, 1955x1841 CR), sent one after another")
@@ -285,8 +305,8 @@ def main() -> None:
             stages.items(), key=lambda item: STAGES.index(item[0]) if item[0] in STAGES else len(STAGES))))
     if orthanc:
         print(f"Orthanc, acknowledged -> StableStudy:          {summary(orthanc)}")
-    after_triggers, after_results, _ = nodes["node, on release (after)"]
-    before_triggers, before_results, _ = nodes["node, quiet period only (before)"]
+    after_triggers, after_results, _ = nodes[AFTER]
+    before_triggers, before_results, _ = nodes[BEFORE]
     print(f"trigger, after / before: {statistics.median(after_triggers) / statistics.median(before_triggers):.3f}")
     print(f"arrival to result, after / before: {statistics.median(after_results) / statistics.median(before_results):.3f}")
     if orthanc:

@@ -32,7 +32,7 @@ from dicom_node.config import Settings
 from dicom_node.db import Instance, InstanceVerdict, Job, JobStatus, NodeDatabase
 from dicom_node.metrics import JOBS, STAGE_SECONDS
 from dicom_node.notifications import notify_flagged
-from dicom_node.results import findings_summary, result_dir, save_result
+from dicom_node.results import findings_summary, result_dir, save_findings
 from dicom_node.workflow import (
     claim_job, defer_job, finish_job, queue_results, renew_job_lease, requeue_interrupted_jobs,
 )
@@ -235,7 +235,7 @@ class Analyzer:
             with STAGE_SECONDS.labels("writers").time():
                 outputs = write_results(dataset, answer, image.display, routed.algorithm, caveats=gate.caveats)
                 with _disk_full_deferred(folder):
-                    save_result(folder, answer, routed.algorithm.label)
+                    save_findings(folder, answer, routed.algorithm.label)
                 self._queue_outputs(job_id, instance, folder, outputs, decision)
             notify_flagged(self.db, instance, answer)
             scores = ", ".join(f"{f['name']}={f['probability']:.2f}{' FLAGGED' if f['flagged'] else ''}"

@@ -367,8 +367,9 @@ class WorkerSettings(Section):
         5, ge=0, le=1000, description="how long the first image of a model call waits for others to join it")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(
-        None, ge=1, description="torch's CPU threads in an analysis worker; null: torch's default (all "
-        "cores); several workers on one host each take their share")
+        None, ge=1, description="torch's CPU threads in an analysis worker; null: half the cores this process "
+        "may use (at least one), the other half left to reading, decoding and writing; several workers on "
+        "one host each take their share")
     job_lease_s: float = Field(
         30, ge=3, description="a running job's lease, renewed by its worker every third of it; a job "
         "whose lease lapsed (its worker died, on any host) is queued again and taken over")

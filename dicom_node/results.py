@@ -1,8 +1,7 @@
 """Where an analysed instance's results live: ``results/<study>/<sop>/<pipeline>/``.
 
-``findings.json`` (scores, thresholds, flags; no patient data), ``masks.npz``
-(the pipeline's masks as ``mask_<segment>``, heat-maps, regions) and, once
-written, one DICOM file per output kind.
+``findings.json`` (scores, thresholds, flags; no patient data) and, once written, one DICOM file
+per output kind: the masks and regions are in the SEG, the heat-maps in the SC.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 
 from pipelines.base import ImageResult
 
@@ -31,16 +29,9 @@ def findings_summary(result: ImageResult) -> list[dict[str, object]]:
     ]
 
 
-def save_result(folder: Path, result: ImageResult, model_version: str) -> None:
-    """Write ``result`` into ``folder`` (created, replaced when it exists)."""
+def save_findings(folder: Path, result: ImageResult, model_version: str) -> None:
+    """Write the findings of ``result`` into ``folder`` (created, replaced when it exists)."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    arrays: dict[str, np.ndarray] = {f"mask_{name}": mask.astype(bool) for name, mask in result.masks.items()}
-    for finding in result.findings:
-        if finding.heatmap is not None:
-            arrays[f"heatmap_{finding.name}"] = finding.heatmap.astype(np.float16)
-        if finding.region is not None:
-            arrays[f"region_{finding.name}"] = finding.region.astype(bool)
-    np.savez_compressed(folder / "masks.npz", **arrays)
     summary = {"sop_instance_uid": result.sop_instance_uid, "model_version": model_version,
                "findings": findings_summary(result)}
     (folder / "findings.json").write_text(json.dumps(summary, indent=2))

@@ -9,6 +9,7 @@ torch must never be initialised in a process that forks.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,8 +173,7 @@ def start_worker(settings: Settings, *, lane: str = "both", name: str | None = N
 
         from dicom_node.analysis import Analyzer
 
-        if settings.worker.torch_threads is not None:
-            torch.set_num_threads(settings.worker.torch_threads)
+        torch.set_num_threads(settings.worker.torch_threads or max(1, len(os.sched_getaffinity(0)) // 2))
 
         try:
             analyzer = Analyzer.from_settings(settings, db, audit, worker=name)

@@ -19,7 +19,7 @@ from dicom_node.cli.common import os_user
 from dicom_node.config import load_settings
 from dicom_node.db import Feedback, FeedbackVerdict, Instance, InstanceVerdict, NodeDatabase
 from dicom_node.plugins import build_pipeline
-from dicom_node.results import result_dir, save_result
+from dicom_node.results import result_dir, save_findings
 from dicom_node.writers import AlgorithmIdentity, OutputKind, write_results
 from pipelines.base import Finding, ImageResult, Pipeline, PipelinePlugin
 from pipelines.errors import WeightsError
@@ -67,7 +67,7 @@ def analysed_site(node: Node, scores: np.ndarray, labels: np.ndarray, label: str
                     transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, path=str(spooled),
                     size_bytes=1, calling_ae="PACS", verdict=InstanceVerdict.ANALYSED))
                 finding = Finding(FINDING, "COVID-19", float(score), 0.9146, bool(score >= 0.9146), False)
-                save_result(result_dir(node.settings.results_dir, ds.StudyInstanceUID, ds.SOPInstanceUID, "chest_xray"),
+                save_findings(result_dir(node.settings.results_dir, ds.StudyInstanceUID, ds.SOPInstanceUID, "chest_xray"),
                             ImageResult(ds.SOPInstanceUID, {}, [finding]), label)
                 rows.append(f"{ds.AccessionNumber if key == 'accession_number' else ds.SOPInstanceUID},{positive}")
     finally:

@@ -40,7 +40,7 @@ from dicom_node.db import Instance, InstanceVerdict, Job, JobStatus, NodeDatabas
 from dicom_node.errors import ConfigError
 from dicom_node.feedback.app import AddressGate, FeedbackServer, create_app
 from dicom_node.db import Feedback
-from dicom_node.results import result_dir, save_result
+from dicom_node.results import result_dir, save_findings
 from dicom_node.writers.sc import build_sc
 from tests.audit_fixtures import PATIENT_ID, PATIENT_NAME, make_node
 from tests.conftest import NodeProcess, free_port
@@ -82,7 +82,7 @@ def add_job(settings: Settings, item: Analysed) -> int:
     spooled.parent.mkdir(parents=True, exist_ok=True)
     source.save_as(spooled)
     folder = result_dir(settings.results_dir, source.StudyInstanceUID, source.SOPInstanceUID, "chest_xray")
-    save_result(folder, synthetic_result(source, flagged=item.flagged), "test 1.0")
+    save_findings(folder, synthetic_result(source, flagged=item.flagged), "test 1.0")
     item.sc.save_as(folder / "sc.dcm", enforce_file_format=True)
     db = NodeDatabase(settings.node_database_url)
     try:

@@ -17,7 +17,7 @@ from dicom_node.db import Delivery, DeliveryStatus, Instance, Job, JobStatus, No
 from dicom_node.delivery import Deliverer
 from dicom_node.errors import ConfigError
 from dicom_node.notifications import Notifier, notify_flagged
-from dicom_node.results import result_dir, save_result
+from dicom_node.results import result_dir, save_findings
 from dicom_node.senders.base import Disposition
 from dicom_node.writers import OutputKind, write_results
 from tests.http_receiver import HttpReceiver
@@ -89,7 +89,7 @@ def test_a_flagged_finding_is_posted_and_retried_after_a_503(node, webhook, anal
     settings, db, _ = node
     source, result, _ = analysed
     instance = add_instance(db, source)
-    save_result(result_dir(settings.results_dir, instance.study_instance_uid, instance.sop_instance_uid),
+    save_findings(result_dir(settings.results_dir, instance.study_instance_uid, instance.sop_instance_uid),
                 result, "test")
     notify_flagged(db, instance, result)
     [queued] = messages(db, Task.NOTIFY_FLAGGED)

@@ -1,5 +1,5 @@
 """The quality report and the drift gauges, on a node state with synthetic results: real SQLite
-files, ``findings.json`` files written by the node's own :func:`~dicom_node.results.save_result`,
+files, ``findings.json`` files written by the node's own :func:`~dicom_node.results.save_findings`,
 and the bundled weights manifest (or a copy of it given a score histogram)."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from dicom_node.quality import (
     reference_of,
 )
 from dicom_node.report import SECTIONS, feedback_section
-from dicom_node.results import result_dir, save_result
+from dicom_node.results import result_dir, save_findings
 from dicom_node.service import HOUSEKEEPING_INTERVAL_S, Node
 from pipelines.base import Finding, ImageResult
 from pipelines.chest_xray.plugin import DEFAULT_MANIFEST
@@ -88,7 +88,7 @@ def seed(settings: Settings, covid: Callable[[int], float]) -> None:
             score = covid(max(i, 0))
             findings = [Finding("covid19", "COVID-19 pattern", score, COVID_THRESHOLD, score >= COVID_THRESHOLD, False),
                         Finding("pneumothorax", "Pneumothorax", 0.05 + 0.01 * (i % 10), 0.5, False, True)]
-            save_result(result_dir(settings.results_dir, STUDY, sop, "chest_xray"),
+            save_findings(result_dir(settings.results_dir, STUDY, sop, "chest_xray"),
                         ImageResult(sop, {"lungs": np.zeros((4, 4), bool)}, findings), "chest_xray 0.1.0")
             session.add(instance(sop, received, "ORTHANC" if i % 2 == 0 else "MODALITY_A", job.id,
                                  InstanceVerdict.ANALYSED, "scores"))
@@ -241,7 +241,7 @@ def rerun(settings: Settings, db: NodeDatabase, *, score: float) -> None:
         for row in session.scalars(select(Instance).where(Instance.verdict == InstanceVerdict.ANALYSED)):
             folder = result_dir(settings.results_dir, STUDY, row.sop_instance_uid, "chest_xray")
             findings = [Finding("covid19", "COVID-19 pattern", score, COVID_THRESHOLD, True, False)]
-            save_result(folder, ImageResult(row.sop_instance_uid, {"lungs": np.zeros((4, 4), bool)}, findings),
+            save_findings(folder, ImageResult(row.sop_instance_uid, {"lungs": np.zeros((4, 4), bool)}, findings),
                         "chest_xray 0.1.0")
             row.verdict_reason = f"covid19={score:.2f} FLAGGED"
 
