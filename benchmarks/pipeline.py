@@ -1,6 +1,7 @@
-"""Time the chest X-ray pipeline stage by stage on CPU or GPU, on pydicom-data's RG1_UNCI.dcm (1955 × 1841 CR).
+"""Time the chest X-ray pipeline stage by stage on CPU or GPU, on pydicom-data's RG1_UNCI.dcm (1955 × 1841 CR)
+or another of its chest images (``--image RG1_J2KR.dcm``: the same image in lossless JPEG 2000).
 
-    python benchmarks/pipeline.py [--device cpu|cuda] [--repeats 5] [--threads N] [--json]
+    python benchmarks/pipeline.py [--device cpu|cuda] [--image RG1_UNCI.dcm] [--repeats 5] [--threads N] [--json]
 
 Reports the median per-image time of decode (read + pixel data), preprocess
 (Modality/VOI LUT, inversion), segmentation, the gate's content check, classification and Grad-CAM (all
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--image", default="RG1_UNCI.dcm", help="a pydicom-data file (default: RG1_UNCI.dcm)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -115,7 +117,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipeline = ChestXrayPipeline.from_manifest(args.weights, device=args.device)
-    report = measure(pipeline, get_testdata_file("RG1_UNCI.dcm"), args.repeats)
+    path = get_testdata_file(args.image)
+    if path is None:
+        parser.exit(2, f"benchmarks/pipeline.py: pydicom-data has no {args.image}\n")
+    report = measure(pipeline, path, args.repeats)
     if args.json:
         print(json.dumps(report, indent=2))
         return

@@ -359,7 +359,9 @@ class WorkerSettings(Section):
         "threads", description="the analysis lane's: threads runs `concurrency` jobs at once, their reading, "
         "decoding and writing overlapping the model's runs; solo one job at a time. Never a forking pool: "
         "torch is loaded")
-    concurrency: int = Field(3, ge=1, description="jobs an analysis worker runs at once (threads pool)")
+    concurrency: int | None = Field(
+        None, ge=1, description="jobs an analysis worker runs at once (threads pool); null: three, or as many as "
+        "the cores it may use when fewer (on one core, overlapping jobs only adds switching)")
     batch_size: int = Field(
         4, ge=1, le=256, description="images per model call, gathered across the jobs a worker runs at once "
         "and read ahead within a job; 1: one image at a time")
