@@ -332,7 +332,8 @@ class SchedulerSettings(Section):
         "even while instances keep arriving; null: never forced")
     poll_seconds: float = Field(0.5, gt=0)
     lost_message_after_s: float = Field(
-        120, gt=0, description="work queued this long while the broker holds none of its messages is queued again")
+        30, gt=0, description="work queued this long while the broker holds none of its messages is queued "
+        "again: a broker restarted without persistence lost it, or a worker host died holding it")
 
 
 class GateSettings(Section):

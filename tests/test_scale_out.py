@@ -5,7 +5,10 @@ bridge to this one, where the services, which listen on loopback only, are forwa
 bridge's address. A burst of real chest radiographs (RG1 with new UIDs, one study each) goes to the node;
 one worker is killed (SIGKILL) in the middle of an analysis once it has finished some; every image must be
 analysed exactly once, every result delivered once, the audit chain stay intact, and the killed worker's
-job be finished by the other."""
+job be finished by the other. Each worker runs two jobs at once and sends results beside them (`--lane
+both`), so the victim may also die holding a delivery's message: the survivor sends it once the node finds
+the message lost (short settings below keep that within the test's wait). The kill comes while no result
+is being sent."""
 
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from urllib.parse import urlsplit
 import pytest
 from sqlalchemy import select
 
-from dicom_node.db import Delivery, DeliveryStatus, Instance, InstanceVerdict, Job, JobStatus, NodeDatabase
+from dicom_node.db import (
+    Delivery, DeliveryStatus, Instance, InstanceVerdict, Job, JobStatus, NodeDatabase, utcnow,
+)
 from dicom_node.tasks import QUEUES
 from tests.conftest import dcmtk_tool, in_namespace, run_tool, wait_for
 from tests.dicom_factory import write_rg1_study
@@ -44,6 +49,13 @@ JOB_LEASE_S = 9
 """The workers' job lease: a killed worker's job is queued again this long after its last renewal."""
 TAKEOVER_S = 60
 """How long the surviving worker may take to finish the killed worker's job once the rest are done."""
+DELIVERY_TIMEOUT_S = 10
+"""The destination's timeout: a delivery a killed worker held is claimable again 2 × this + 30 s after."""
+LOST_MESSAGE_AFTER_S = 10
+"""A delivery whose message the killed worker took is queued again this long after it is due."""
+DELIVERED_S = 2 * DELIVERY_TIMEOUT_S + 30 + 2 * LOST_MESSAGE_AFTER_S + 60
+"""How long every result may take to be delivered once every job is done: the send lease, two lost-message
+checks and the sends themselves."""
 
 
 @pytest.fixture
@@ -218,12 +230,21 @@ class State:
         return [j for j in self.jobs if j.status.finished and worker in (None, j.worker)]
 
     def undecided_without_deliveries(self, worker: str) -> Job | None:
-        """Return the job ``worker`` is analysing, before its image has a verdict or its results
-        deliveries: a kill now loses no result that was already sent."""
+        """Return a job ``worker`` is analysing when every job it runs is before its image's verdict
+        and its results' deliveries, and no delivery is being sent (claimed, by either worker): a
+        kill now interrupts analyses only. (A job cut short after its results were queued runs again
+        and queues them again, and a send cut short after the destination stored the object is made
+        again: the destination would get those objects twice, under their one UIDs.)"""
+        now = utcnow()
+        if any(d.status in (DeliveryStatus.PENDING, DeliveryStatus.RETRYING) and d.next_attempt_at is not None
+               and d.next_attempt_at > now for d in self.deliveries):
+            return None
         queued = {d.job_id for d in self.deliveries}
         undecided = {i.job_id for i in self.instances if i.verdict is None}
-        return next((j for j in self.jobs if j.status is JobStatus.RUNNING and j.worker == worker
-                     and j.id in undecided and j.id not in queued), None)
+        running = [j for j in self.jobs if j.status is JobStatus.RUNNING and j.worker == worker]
+        if not running or any(j.id not in undecided or j.id in queued for j in running):
+            return None
+        return running[0]
 
 
 def state(db: NodeDatabase) -> State:
@@ -240,6 +261,8 @@ def test_two_worker_hosts_analyse_a_burst_exactly_once_and_take_over_a_killed_on
     node = node_factory({"broker": {"url": lan.url(broker_url)}, "database_url": lan.url(postgres_url),
                          "audit": {"database_url": lan.url(postgres_url)},
                          "worker": {"embedded": False, "torch_threads": 1, "job_lease_s": JOB_LEASE_S},
+                         "delivery": {"timeout_s": DELIVERY_TIMEOUT_S},
+                         "scheduler": {"lost_message_after_s": LOST_MESSAGE_AFTER_S},
                          "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": lan.address,
                                            "port": pacs.port}]})
     node.command.append("--no-worker")
@@ -281,7 +304,7 @@ def test_two_worker_hosts_analyse_a_burst_exactly_once_and_take_over_a_killed_on
         assert verdicts == Counter({i.sop_instance_uid: 1 for i in analysed})  # each image decided once
 
         delivered = wait_for(lambda: (now := state(db).deliveries) and len(now) == 3 * len(done) and all(
-            d.status is DeliveryStatus.DELIVERED for d in now) and now, 120, "every result to be delivered")
+            d.status is DeliveryStatus.DELIVERED for d in now) and now, DELIVERED_S, "every result to be delivered")
         assert pacs.received == Counter({d.sop_instance_uid: 1 for d in delivered})  # each sent once
         node.cli("audit", "verify")
         assert next(j for j in done if j.id == claimed.id).worker == survivor.name  # taken over
