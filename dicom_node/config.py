@@ -377,6 +377,11 @@ class WorkerSettings(Section):
         30, ge=3, description="a running job's lease, renewed by its worker every third of it; a job "
         "whose lease lapsed (its worker died, on any host) is queued again and taken over")
 
+    def threads_for(self, cores: int) -> tuple[int, int]:
+        """Return (torch's threads, jobs at once) of an analysis worker that may use ``cores`` cores:
+        the settings, or by default half the cores for torch and up to three jobs, no more than the cores."""
+        return self.torch_threads or max(1, cores // 2), self.concurrency or min(3, cores)
+
 
 class MetricsSettings(Section):
     """Prometheus endpoints; a port of null serves none."""

@@ -3,10 +3,10 @@
 A broker that restarts without persistence (Redis without an append-only file, a
 queue that was not durable) loses the messages it held, and a worker host that dies
 takes the messages it had reserved with it (Redis gives them back only after its
-visibility timeout, an hour), while the rows they were about still wait. When the broker holds no message of a task, each queued job and
-each delivery due for longer than the grace period whose message was published
-before it, with none waiting in the outbox, gets a new message: one per job and
-destination for deliveries. A message that was not lost after all makes a
+visibility timeout, an hour), while the rows they were about still wait. When the
+broker holds no message of a task, each queued job and each delivery due for longer
+than the grace period whose message was published before it, with none waiting in
+the outbox, gets a new message: one per job and destination for deliveries. A message that was not lost after all makes a
 duplicate, which the task ignores.
 """
 

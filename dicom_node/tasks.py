@@ -173,7 +173,7 @@ def start_worker(settings: Settings, *, lane: str = "both", name: str | None = N
 
         from dicom_node.analysis import Analyzer
 
-        torch.set_num_threads(settings.worker.torch_threads or max(1, _cores() // 2))
+        torch.set_num_threads(settings.worker.threads_for(_cores())[0])
 
         try:
             analyzer = Analyzer.from_settings(settings, db, audit, worker=name)
@@ -189,7 +189,7 @@ def start_worker(settings: Settings, *, lane: str = "both", name: str | None = N
         pool, concurrency = "threads", settings.delivery.threads
         serve_metrics(settings.metrics.host, settings.metrics.delivery_port)
     else:
-        pool, concurrency = settings.worker.pool, settings.worker.concurrency or min(3, _cores())
+        pool, concurrency = settings.worker.pool, settings.worker.threads_for(_cores())[1]
         serve_metrics(settings.metrics.host, settings.metrics.worker_port)
     app.worker_main([
         "--quiet", "worker", f"--pool={pool}", f"--concurrency={concurrency}", "--prefetch-multiplier=1",

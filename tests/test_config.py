@@ -7,7 +7,7 @@ import yaml
 from click.testing import CliRunner
 
 from dicom_node.cli import main
-from dicom_node.config import load_settings
+from dicom_node.config import WorkerSettings, load_settings
 from dicom_node.errors import ConfigError
 from dicom_node.plugins import configured_plugins, plugin_options
 
@@ -109,3 +109,13 @@ def test_config_check_fails_with_the_key_named(tmp_path):
     result = CliRunner().invoke(main, ["--config", config, "config", "check"])
     assert result.exit_code == 1
     assert "scp.port" in result.output
+
+
+@pytest.mark.parametrize(("worker", "cores", "expected"), [
+    ({}, 1, (1, 1)),   # one core: torch on it, one job at a time
+    ({}, 2, (1, 2)),
+    ({}, 16, (8, 3)),  # half the cores to torch, three jobs overlapped
+    ({"torch_threads": 4, "concurrency": 8}, 2, (4, 8)),  # what is set is kept
+])
+def test_an_analysis_workers_threads_follow_its_cores_unless_set(worker, cores, expected):
+    assert WorkerSettings(**worker).threads_for(cores) == expected
